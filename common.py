@@ -1,0 +1,444 @@
+"""Shared plumbing for the sslref method files: data, distributed start-up, gathers,
+backbones, checkpoints, metrics and probing (kNN + linear probe). Nothing method-specific."""
+import gzip
+import json
+import os
+import random
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from torchvision import transforms as T
+
+
+def fail(msg):
+    """Stop with a one-line error that says what to do (no traceback)."""
+    raise SystemExit(f"error: {msg}")
+
+
+# ---------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------
+DEFAULT_IMAGE_SIZE = {"imagefolder": 224, "stl10": 96, "cifar10": 32, "cifar100": 32, "fashion-mnist": 28}
+MEAN_STD = {  # per-channel statistics used by Normalize
+    "imagefolder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "stl10": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "fashion-mnist": ((0.2860,) * 3, (0.3530,) * 3),
+}
+DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+FASHION_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+                 "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
+
+
+def normalize(dataset):
+    mean, std = MEAN_STD[dataset]
+    return T.Normalize(mean, std)
+
+
+def eval_transform(dataset, image_size):
+    """Deterministic transform for probing: resize + center crop (256/224 ratio for large images)."""
+    resize = int(round(image_size * 256 / 224)) if image_size >= 128 else image_size
+    return T.Compose([T.Resize(resize), T.CenterCrop(image_size), T.ToTensor(), normalize(dataset)])
+
+
+class ArrayDataset(torch.utils.data.Dataset):
+    """uint8 images (N, H, W[, 3]) + labels -> (PIL RGB image, label)."""
+
+    def __init__(self, images, labels):
+        self.images, self.labels = images, [int(y) for y in labels]
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        from PIL import Image  # Pillow ships with torchvision
+        return Image.fromarray(self.images[i]).convert("RGB"), self.labels[i]
+
+
+def read_idx_gz(path):
+    """Read an idx file (the MNIST / Fashion-MNIST format) into a numpy array."""
+    with gzip.open(path, "rb") as f:
+        raw = f.read()
+    ndim = raw[3]
+    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def fashion_mnist(root, split):
+    """Zalando's idx .gz files from --data, torchvision's raw folder or Debian's package; else download."""
+    images_name, labels_name = FASHION_FILES[split]
+    for folder in [root, os.path.join(root or "", "FashionMNIST", "raw"), DEBIAN_FASHION_MNIST]:
+        if folder and os.path.isfile(os.path.join(folder, images_name)) and os.path.isfile(os.path.join(folder, labels_name)):
+            return ArrayDataset(read_idx_gz(os.path.join(folder, images_name)), read_idx_gz(os.path.join(folder, labels_name)))
+    ds = download(torchvision.datasets.FashionMNIST, root, f"{images_name} and {labels_name}", train=split == "train")
+    return ArrayDataset(ds.data.numpy(), ds.targets.tolist())
+
+
+def download(dataset_cls, root, files, **kwargs):
+    root = root or "./data"
+    try:
+        return dataset_cls(root, download=True, **kwargs)
+    except Exception as e:  # offline, or a partial/corrupt archive
+        fail(f"could not download {dataset_cls.__name__} into {root} ({type(e).__name__}: {e}); "
+             f"place {files} there by hand and rerun")
+
+
+def image_folder(root, split):
+    path = os.path.join(root or "", split)
+    if not os.path.isdir(path):
+        fail(f"no folder {path}: --dataset imagefolder expects DATA/train/<class>/*.jpg and DATA/val/<class>/*.jpg; "
+             "check --data or pick another --dataset")
+    try:
+        return torchvision.datasets.ImageFolder(path)
+    except (FileNotFoundError, RuntimeError) as e:
+        fail(f"{path} holds no images in class folders ({e})")
+
+
+def base_datasets(name, root):
+    """(pretrain, probe_train, probe_test) datasets yielding (PIL image, label), untransformed."""
+    D = torchvision.datasets
+    if name == "imagefolder":
+        train, test = image_folder(root, "train"), image_folder(root, "val")
+        return train, train, test
+    if name in ("cifar10", "cifar100"):
+        cls = D.CIFAR10 if name == "cifar10" else D.CIFAR100
+        files = f"the {cls.base_folder}.tar.gz archive ({cls.filename})"
+        train = download(cls, root, files, train=True)
+        return train, train, download(cls, root, files, train=False)
+    if name == "stl10":
+        files = f"{D.STL10.filename}"
+        # STL-10 pretrains on train+unlabeled (105k images), probes on the 5k labelled train
+        return (download(D.STL10, root, files, split="train+unlabeled"), download(D.STL10, root, files, split="train"),
+                download(D.STL10, root, files, split="test"))
+    if name == "fashion-mnist":
+        train = fashion_mnist(root, "train")
+        return train, train, fashion_mnist(root, "test")
+    fail(f"unknown --dataset {name}")
+
+
+class Transformed(torch.utils.data.Dataset):
+    """Applies `transform` and returns (x, label, index). A key (index, epoch) from EpochSampler
+    seeds the augmentation with (seed, epoch, index): the same sample gets the same views whatever
+    the number of workers or ranks, which is what makes --resume continue exactly."""
+
+    def __init__(self, base, transform, seed=0):
+        self.base, self.transform, self.seed = base, transform, seed
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, key):
+        index, epoch = key if isinstance(key, tuple) else (key, None)
+        if epoch is not None:
+            torch.manual_seed(hash((self.seed, epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF)
+        image, label = self.base[index]
+        return self.transform(image), label, index
+
+
+class EpochSampler(torch.utils.data.distributed.DistributedSampler):
+    """DistributedSampler that yields (index, epoch) keys and can start mid-epoch (for --resume)."""
+
+    start_step, batch_size = 0, 1
+
+    def __iter__(self):
+        indices = list(super().__iter__())[self.start_step * self.batch_size:]
+        return iter([(i, self.epoch) for i in indices])
+
+    def __len__(self):
+        return super().__len__() - self.start_step * self.batch_size
+
+
+def build_datasets(args, train_transform):
+    """Pretraining set (augmented, keyed by epoch) and the two probe sets (deterministic)."""
+    if args.dataset in ("imagefolder",) and not args.data:
+        fail("--data is required for --dataset imagefolder (a folder with train/ and val/)")
+    if args.data and args.dataset == "imagefolder" and not os.path.isdir(args.data):
+        fail(f"--data {args.data} does not exist; point it at a folder with train/ and val/")
+    pretrain, probe_train, probe_test = base_datasets(args.dataset, args.data)
+    if args.subset:
+        pretrain = torch.utils.data.Subset(pretrain, range(min(args.subset, len(pretrain))))
+        probe_train = torch.utils.data.Subset(probe_train, range(min(args.subset, len(probe_train))))
+    for split, ds in (("training", pretrain), ("probe test", probe_test)):
+        if len(ds) == 0:
+            fail(f"the {split} split of {args.dataset} at {args.data} is empty")
+    test_tf = eval_transform(args.dataset, args.image_size)
+    return (Transformed(pretrain, train_transform, args.seed), Transformed(probe_train, test_tf),
+            Transformed(probe_test, test_tf))
+
+
+def train_loader(dataset, args, world_size, rank):
+    sampler = EpochSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
+    sampler.batch_size = args.batch_size // world_size
+    if len(sampler) < sampler.batch_size:
+        fail(f"{len(dataset)} training images give no full batch of {args.batch_size}; lower --batch-size or raise --subset")
+    loader = torch.utils.data.DataLoader(dataset, batch_size=sampler.batch_size, sampler=sampler, drop_last=True,
+                                         num_workers=args.workers, pin_memory=torch.cuda.is_available(),
+                                         persistent_workers=args.workers > 0)
+    return loader, sampler
+
+
+def eval_loader(dataset, args, world_size, rank):
+    sampler = torch.utils.data.distributed.DistributedSampler(dataset, world_size, rank, shuffle=False)
+    return torch.utils.data.DataLoader(dataset, batch_size=max(1, args.batch_size // world_size), sampler=sampler,
+                                       num_workers=args.workers, pin_memory=torch.cuda.is_available())
+
+
+# ---------------------------------------------------------------------------------------
+# Distributed start-up and gathers
+# ---------------------------------------------------------------------------------------
+def init_distributed():
+    """(rank, world_size, device) from torchrun's environment; plain `python x.py` is world size 1."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rank, world_size, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size)
+    return rank, world_size, device
+
+
+def is_distributed():
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, x.contiguous())
+        return torch.cat(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        # every rank's loss used every slice: sum their gradients before taking ours (lightly#1528)
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        n = grad.shape[0] // dist.get_world_size()
+        return grad[dist.get_rank() * n:(dist.get_rank() + 1) * n]
+
+
+def gather_with_grad(x):
+    """All-gather along dim 0; backward sends each rank the sum of all ranks' gradients for its slice."""
+    return _GatherWithGrad.apply(x) if is_distributed() else x
+
+
+@torch.no_grad()
+def gather(x):
+    """All-gather along dim 0, no gradient."""
+    if not is_distributed():
+        return x
+    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def max_param_diff_across_ranks(model):
+    """Largest |w - w_rank0| over all parameters and ranks: 0.0 when DDP kept the replicas in step."""
+    flat = torch.cat([p.detach().float().flatten() for p in model.parameters()])
+    reference = flat.clone()
+    dist.broadcast(reference, 0)
+    diff = (flat - reference).abs().max()
+    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    return diff.item()
+
+
+def all_reduce_mean(x):
+    if is_distributed():
+        x = x.clone()
+        dist.all_reduce(x)
+        x /= dist.get_world_size()
+    return x
+
+
+# ---------------------------------------------------------------------------------------
+# Backbone
+# ---------------------------------------------------------------------------------------
+def resnet_tiny():
+    """BasicBlock ResNet, one block per stage, widths 16-32-64-128: for CPU smoke runs."""
+    from torchvision.models.resnet import BasicBlock
+    net = torchvision.models.ResNet(BasicBlock, [1, 1, 1, 1])
+    net.inplanes = 16
+    net.conv1, net.bn1 = nn.Conv2d(3, 16, 7, 2, 3, bias=False), nn.BatchNorm2d(16)
+    net.layer1 = net._make_layer(BasicBlock, 16, 1)
+    net.layer2 = net._make_layer(BasicBlock, 32, 1, stride=2)
+    net.layer3 = net._make_layer(BasicBlock, 64, 1, stride=2)
+    net.layer4 = net._make_layer(BasicBlock, 128, 1, stride=2)
+    net.fc = nn.Linear(128, 1000)
+    for m in net.modules():  # torchvision's own initialisation
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+    return net
+
+
+def build_backbone(arch, image_size):
+    """torchvision ResNet trunk with fc removed -> (trunk, feature width). Images of 64 px or less
+    get the CIFAR stem (3x3 conv, stride 1, no max-pool), as in SimCLR's CIFAR setup and solo-learn."""
+    if arch == "resnet-tiny":
+        net = resnet_tiny()
+    elif arch.startswith(("resnet", "wide_resnet", "resnext")) and hasattr(torchvision.models, arch):
+        net = getattr(torchvision.models, arch)()
+    else:
+        fail(f"unknown --arch {arch}: use a torchvision ResNet (resnet18, resnet50, ...) or resnet-tiny")
+    if image_size <= 64:
+        net.conv1 = nn.Conv2d(3, net.conv1.out_channels, 3, 1, 1, bias=False)
+        nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
+        net.maxpool = nn.Identity()
+    feat_dim = net.fc.in_features
+    net.fc = nn.Identity()
+    return net, feat_dim
+
+
+# ---------------------------------------------------------------------------------------
+# Checkpoints, seeding and metrics
+# ---------------------------------------------------------------------------------------
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state():
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_atomic(obj, path):
+    """torch.save to a temp file then rename: a crash mid-write never leaves a broken file."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    if not os.path.isfile(path):
+        fail(f"--resume {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        fail(f"cannot read checkpoint {path} ({type(e).__name__}); it is truncated or corrupt: "
+             "resume from another checkpoint or start afresh without --resume")
+
+
+class MetricLogger:
+    """Appends one JSON object per line to OUT/metrics.jsonl (rank 0 only)."""
+
+    def __init__(self, out_dir, rank):
+        self.path = os.path.join(out_dir, "metrics.jsonl") if rank == 0 else None
+
+    def log(self, **record):
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def progress_line(epoch, step, steps_per_epoch, loss, lr, img_per_s, eta_s):
+    return (f"epoch {epoch} step {step}/{steps_per_epoch} loss {loss:.4f} lr {lr:.4g} "
+            f"{img_per_s:.0f} img/s eta {time.strftime('%H:%M:%S', time.gmtime(eta_s))}")
+
+
+# ---------------------------------------------------------------------------------------
+# Probing: feature extraction, weighted kNN, linear probe
+# ---------------------------------------------------------------------------------------
+@torch.no_grad()
+def extract_features(trunk, loader, device, amp=False):
+    """Frozen trunk in eval mode over a deterministic loader; every rank gets all (features, labels)."""
+    was_training = trunk.training
+    trunk.eval()
+    feats, labels, indices = [], [], []
+    for x, y, i in loader:
+        x = x.to(device, non_blocking=True)
+        if device.type == "cuda":
+            x = x.to(memory_format=torch.channels_last)
+        with torch.autocast(device.type, torch.bfloat16, enabled=amp):
+            feats.append(trunk(x).float())
+        labels.append(y.to(device))
+        indices.append(i.to(device))
+    trunk.train(was_training)
+    feats, labels, indices = gather(torch.cat(feats)), gather(torch.cat(labels)), gather(torch.cat(indices))
+    # DistributedSampler pads the last ranks with repeats: write by index to drop them
+    n = len(loader.dataset)
+    out_f = feats.new_empty(n, feats.shape[1])
+    out_y = labels.new_empty(n)
+    out_f[indices], out_y[indices] = feats, labels
+    return out_f, out_y
+
+
+@torch.no_grad()
+def knn_classify(train_f, train_y, test_f, test_y, k=200, t=0.1, chunk=1024):
+    """Weighted kNN of Wu et al. 2018 (InstDisc): top-k cosine neighbours vote with exp(sim / t).
+    Returns top-1 accuracy in percent."""
+    num_classes = int(max(train_y.max(), test_y.max())) + 1
+    train_f, test_f = F.normalize(train_f, dim=1), F.normalize(test_f, dim=1)
+    k = min(k, len(train_f))
+    correct = 0
+    for s in range(0, len(test_f), chunk):
+        sim, idx = (test_f[s:s + chunk] @ train_f.T).topk(k, dim=1)  # (b, k)
+        votes = torch.zeros(len(sim), num_classes, device=sim.device)
+        votes.scatter_add_(1, train_y[idx], (sim / t).exp())
+        correct += (votes.argmax(1) == test_y[s:s + chunk]).sum().item()
+    return 100.0 * correct / len(test_f)
+
+
+def linear_probe(train_f, train_y, test_f, test_y, epochs=100, lr=0.1, batch_size=256, seed=0):
+    """Linear classifier on cached frozen features: standardised inputs (as MAE's parameter-free BN),
+    weights N(0, 0.01), bias 0, SGD momentum 0.9, cosine lr, no weight decay.
+    Returns (top-1, top-5) test accuracy in percent."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    num_classes = int(max(train_y.max(), test_y.max())) + 1
+    mean, std = train_f.mean(0), train_f.std(0) + 1e-6
+    train_f, test_f = (train_f - mean) / std, (test_f - mean) / std
+    head = nn.Linear(train_f.shape[1], num_classes).to(train_f.device)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(head.weight.shape, generator=g) * 0.01)
+        head.bias.zero_()
+    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9)
+    steps = max(1, epochs * ((len(train_f) + batch_size - 1) // batch_size))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    for _ in range(epochs):
+        perm = torch.randperm(len(train_f), generator=g).to(train_f.device)
+        for s in range(0, len(train_f), batch_size):
+            b = perm[s:s + batch_size]
+            loss = F.cross_entropy(head(train_f[b]), train_y[b])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    with torch.no_grad():
+        top5 = head(test_f).topk(min(5, num_classes), dim=1).indices
+    top1 = (top5[:, 0] == test_y).float().mean().item() * 100
+    top5 = (top5 == test_y[:, None]).any(1).float().mean().item() * 100
+    return top1, top5
+
+
+def evaluate(trunk, probe_train_loader, probe_test_loader, device, args, linear=True):
+    """kNN (and optionally linear-probe) accuracy of a frozen trunk; same result on every rank."""
+    train_f, train_y = extract_features(trunk, probe_train_loader, device, args.amp)
+    test_f, test_y = extract_features(trunk, probe_test_loader, device, args.amp)
+    results = {"knn_top1": knn_classify(train_f, train_y, test_f, test_y, args.knn_k, args.knn_t)}
+    if linear and args.probe_epochs > 0:
+        results["linear_top1"], results["linear_top5"] = linear_probe(train_f, train_y, test_f, test_y,
+                                                                      args.probe_epochs, seed=args.seed)
+    return results
+
+
+def print0(*a, rank=0):
+    if rank == 0:
+        print(*a, flush=True)

@@ -1,0 +1,273 @@
+# SimCLR: Chen, Kornblith, Norouzi, Hinton, "A Simple Framework for Contrastive Learning of Visual
+# Representations", ICML 2020 (arXiv:2002.05709); defaults follow google-research/simclr (v1).
+#
+# CIFAR recipe of the official README: --dataset cifar10 --arch resnet18 --batch-size 512 --epochs 1000
+#   --lr 1.0 --wd 1e-4 --temperature 0.5 --color-jitter-strength 0.5 (blur is off at <= 64 px).
+import argparse
+import math
+import os
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torchvision import transforms as T
+
+import common
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="SimCLR pretraining + kNN / linear evaluation")
+    # TRY NOT TO MODIFY: flags shared by every sslref method file
+    p.add_argument("--dataset", default="imagefolder", choices=list(common.DEFAULT_IMAGE_SIZE), help="dataset kind")
+    p.add_argument("--data", default="", help="dataset folder (imagefolder: DATA/train and DATA/val)")
+    p.add_argument("--arch", default="resnet50", help="torchvision ResNet name, or resnet-tiny for CPU runs")
+    p.add_argument("--epochs", type=int, default=100, help="pretraining epochs (paper: 100 to 800)")
+    p.add_argument("--batch-size", type=int, default=4096, help="GLOBAL batch size, split over ranks")
+    p.add_argument("--lr", type=float, default=0.3, help="base lr per 256 images; peak = lr * batch / 256")
+    p.add_argument("--wd", type=float, default=1e-6, help="weight decay (official default 1e-6)")
+    p.add_argument("--workers", type=int, default=8, help="data-loading workers per rank")
+    p.add_argument("--seed", type=int, default=0, help="seed of model init, data order and augmentations")
+    p.add_argument("--image-size", type=int, default=0, help="crop size (0: the dataset's default)")
+    p.add_argument("--subset", type=int, default=0, help="use only the first N training images (0: all)")
+    p.add_argument("--max-steps", type=int, default=0, help="stop (and checkpoint) after N steps in total (0: never)")
+    p.add_argument("--out", default="runs/simclr", help="output folder: metrics.jsonl, checkpoint.pth, backbone.pth")
+    p.add_argument("--resume", default="", help="checkpoint.pth to continue from (or backbone.pth with --eval-only)")
+    p.add_argument("--eval-only", action="store_true", help="only evaluate (the --resume weights, else random init)")
+    p.add_argument("--knn-k", type=int, default=200, help="neighbours of the weighted kNN monitor")
+    p.add_argument("--knn-t", type=float, default=0.1, help="temperature of the weighted kNN monitor")
+    p.add_argument("--probe-epochs", type=int, default=100, help="epochs of the linear probe (0: kNN only)")
+    p.add_argument("--eval-every", type=int, default=0, help="kNN monitor every N epochs (0: only at the end)")
+    p.add_argument("--print-freq", type=int, default=50, help="progress line every N steps")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on CUDA")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    # ALGO LOGIC: SimCLR hyper-parameters
+    p.add_argument("--temperature", type=float, default=0.1, help="NT-Xent temperature tau (ImageNet 0.1, CIFAR 0.5)")
+    p.add_argument("--warmup-epochs", type=float, default=10, help="linear lr warm-up before cosine decay")
+    p.add_argument("--color-jitter-strength", type=float, default=1.0, help="s of the colour distortion (CIFAR 0.5)")
+    p.add_argument("--proj-dim", type=int, default=128, help="output width of the projection head g")
+    args = p.parse_args(argv)
+    args.image_size = args.image_size or common.DEFAULT_IMAGE_SIZE[args.dataset]
+    return args
+
+
+# ALGO LOGIC: augmentations (paper Appendix A)
+def simclr_augmentation(args):
+    s, size = args.color_jitter_strength, args.image_size
+    # blur kernel is 10% of the side (odd); the CIFAR recipe drops blur for small images
+    blur = [] if size <= 64 else [T.RandomApply([T.GaussianBlur(2 * (size // 20) + 1, sigma=(0.1, 2.0))], p=0.5)]
+    return T.Compose([
+        T.RandomResizedCrop(size, scale=(0.08, 1.0)),
+        T.RandomHorizontalFlip(),
+        T.RandomApply([T.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=0.8),
+        T.RandomGrayscale(p=0.2),
+        *blur,
+        T.ToTensor(),
+        common.normalize(args.dataset),
+    ])
+
+
+class TwoViews:
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __call__(self, image):
+        return self.transform(image), self.transform(image)
+
+
+# ALGO LOGIC: model. h = f(x) is the ResNet trunk, z = g(h) the projection head (Sec. 2.1)
+class SimCLR(nn.Module):
+    def __init__(self, arch, image_size, proj_dim=128):
+        super().__init__()
+        self.encoder, dim = common.build_backbone(arch, image_size)
+        # g: 2-layer MLP with BN, hidden width = trunk width, output 128 (official num_nlh_layers=1)
+        self.projector = nn.Sequential(
+            nn.Linear(dim, dim, bias=False), nn.BatchNorm1d(dim), nn.ReLU(inplace=True),
+            nn.Linear(dim, proj_dim, bias=False), nn.BatchNorm1d(proj_dim))
+        self.projector[-1].bias.requires_grad_(False)  # official: last BN scales but does not centre
+
+    def forward(self, x):
+        return self.projector(self.encoder(x))
+
+
+# ALGO LOGIC: NT-Xent loss over the global batch (Sec. 2.1, Eq. 1; official objective.py)
+def nt_xent_loss(z1, z2, temperature):
+    """z1, z2: (n, d) this rank's projections of the two views. Anchors are the 2n local rows;
+    candidates are all 2N rows of the global batch, gathered with gradient. Each anchor's
+    positive is its other view, and every other row except itself is a negative (2N - 2).
+    Returns the mean over anchors, as Eq. 1 (the official code sums the two directions: 2x)."""
+    z1, z2 = F.normalize(z1.float(), dim=1), F.normalize(z2.float(), dim=1)  # cosine sim; fp32 logits
+    n = z1.shape[0]
+    rank = dist.get_rank() if common.is_distributed() else 0
+    all_z1, all_z2 = common.gather_with_grad(z1), common.gather_with_grad(z2)  # (N, d) each
+    N = all_z1.shape[0]
+    logits = torch.cat([z1, z2]) @ torch.cat([all_z1, all_z2]).T / temperature  # (2n, 2N)
+    mine = torch.arange(n, device=z1.device) + rank * n  # this rank's rows in the global batch
+    self_idx, positive_idx = torch.cat([mine, mine + N]), torch.cat([mine + N, mine])
+    logits = logits.masked_fill(F.one_hot(self_idx, 2 * N).bool(), float("-inf"))
+    return F.cross_entropy(logits, positive_idx)
+
+
+# ALGO LOGIC: LARS (You et al. 2017) as in the official lars_optimizer.py
+class LARS(torch.optim.Optimizer):
+    """SGD with classic momentum (lr inside the buffer) and a layer-wise trust ratio
+    eta * ||w|| / ||g + wd * w||. Groups with `exclude=True` get neither weight decay nor adaptation."""
+
+    def __init__(self, params, lr, weight_decay, momentum=0.9, eta=0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta, exclude=False))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                update = p.grad
+                if not group["exclude"]:
+                    update = update.add(p, alpha=group["weight_decay"])
+                    w_norm, u_norm = p.norm(), update.norm()
+                    trust = torch.where((w_norm > 0) & (u_norm > 0), group["eta"] * w_norm / u_norm, 1.0)
+                    update = update * trust
+                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                buf.mul_(group["momentum"]).add_(update, alpha=group["lr"])
+                p.sub_(buf)
+
+
+def lars_param_groups(model):
+    # biases and BN parameters (all the 1-d ones) skip weight decay and adaptation (official default)
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.ndim > 1]},
+            {"params": [p for p in params if p.ndim <= 1], "exclude": True}]
+
+
+def learning_rate(step, total_steps, warmup_steps, peak_lr):
+    """Linear warm-up then cosine decay to 0, per step (official learning_rate_schedule)."""
+    if step < warmup_steps:
+        return peak_lr * step / warmup_steps
+    return peak_lr * 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, total_steps - warmup_steps)))
+
+
+def main(argv=None):
+    # TRY NOT TO MODIFY: distributed start-up, seeding, data
+    args = parse_args(argv)
+    rank, world_size, device = common.init_distributed()
+    if args.batch_size % world_size:
+        common.fail(f"--batch-size {args.batch_size} is not divisible by the world size {world_size}; "
+                    f"use a multiple of {world_size}")
+    args.amp = args.amp and device.type == "cuda"
+    common.seed_everything(args.seed)
+    if rank == 0:
+        os.makedirs(args.out, exist_ok=True)
+    pretrain_set, probe_train_set, probe_test_set = common.build_datasets(args, TwoViews(simclr_augmentation(args)))
+    probe_train_loader = common.eval_loader(probe_train_set, args, world_size, rank)
+    probe_test_loader = common.eval_loader(probe_test_set, args, world_size, rank)
+    logger = common.MetricLogger(args.out, rank)
+
+    model = SimCLR(args.arch, args.image_size, args.proj_dim).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+        if world_size > 1:  # global BN: statistics over the whole batch, as the paper (Sec. 2.2)
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    elif world_size > 1:
+        common.print0("note: SyncBatchNorm needs CUDA; on CPU each rank normalises its own batch", rank=rank)
+    optimizer = LARS(lars_param_groups(model), lr=0.0, weight_decay=args.wd)
+
+    start_epoch, start_step = 0, 0
+    if args.resume:
+        ckpt = common.load_checkpoint(args.resume)
+        if "model" in ckpt:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            start_epoch, start_step = ckpt["epoch"], ckpt["step_in_epoch"]
+            if start_step and ckpt["world_size"] != world_size:
+                common.fail(f"{args.resume} stopped mid-epoch with {ckpt['world_size']} ranks; resume with that many")
+            common.set_rng_state(ckpt["rng"])
+        elif args.eval_only:  # a backbone.pth in torchvision layout
+            model.encoder.load_state_dict(ckpt)
+        else:
+            common.fail(f"{args.resume} is not a training checkpoint; pass OUT/checkpoint.pth (backbone.pth needs --eval-only)")
+
+    if args.eval_only:
+        results = common.evaluate(model.encoder, probe_train_loader, probe_test_loader, device, args)
+        logger.log(epoch=start_epoch, **results)
+        common.print0(results, rank=rank)
+        return results
+
+    loader, sampler = common.train_loader(pretrain_set, args, world_size, rank)
+    ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
+        if world_size > 1 else model
+    if args.compile:
+        ddp_model = torch.compile(ddp_model)
+    steps_per_epoch = len(sampler) // sampler.batch_size
+    total_steps = args.epochs * steps_per_epoch
+    warmup_steps = round(args.warmup_epochs * steps_per_epoch)
+    peak_lr = args.lr * args.batch_size / 256  # linear scaling (official learning_rate_scaling='linear')
+
+    def save(epoch, step_in_epoch):
+        if rank == 0:
+            common.save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                                "step_in_epoch": step_in_epoch, "world_size": world_size, "rng": common.rng_state(),
+                                "args": vars(args)}, os.path.join(args.out, "checkpoint.pth"))
+            common.save_atomic(model.encoder.state_dict(), os.path.join(args.out, "backbone.pth"))
+
+    # ALGO LOGIC: training loop
+    global_step = start_epoch * steps_per_epoch + start_step
+    epochs_done, stop = start_epoch, False
+    for epoch in range(start_epoch, args.epochs):
+        sampler.set_epoch(epoch)
+        sampler.start_step = start_step if epoch == start_epoch else 0  # skip what a resumed run already did
+        model.train()
+        tick, tick_step = time.time(), global_step
+        for step, ((x1, x2), _, _) in enumerate(loader, start=sampler.start_step):
+            lr = learning_rate(global_step, total_steps, warmup_steps, peak_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            x = torch.cat([x1, x2]).to(device, non_blocking=True)  # one forward: BN sees both views (official)
+            if device.type == "cuda":
+                x = x.to(memory_format=torch.channels_last)
+            with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
+                z1, z2 = ddp_model(x).chunk(2)
+            loss = nt_xent_loss(z1, z2, args.temperature)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            global_step += 1
+
+            if global_step % args.print_freq == 0 or step + 1 == steps_per_epoch:
+                loss_value = common.all_reduce_mean(loss.detach()).item()  # the only host sync, at print time
+                img_per_s = (global_step - tick_step) * args.batch_size / max(time.time() - tick, 1e-9)
+                eta = (total_steps - global_step) * args.batch_size / max(img_per_s, 1e-9)
+                common.print0(common.progress_line(epoch, step + 1, steps_per_epoch, loss_value, lr, img_per_s, eta), rank=rank)
+                logger.log(epoch=epoch, step=global_step, loss=loss_value, lr=lr, img_per_s=img_per_s)
+                tick, tick_step = time.time(), global_step
+            stop = bool(args.max_steps) and global_step >= args.max_steps
+            if stop:
+                break
+        if step + 1 < steps_per_epoch:  # stopped mid-epoch by --max-steps: resume from the next batch
+            save(epoch, step + 1)
+            break
+        epochs_done = epoch + 1
+        save(epochs_done, 0)
+        if args.eval_every and epochs_done % args.eval_every == 0 and epochs_done < args.epochs:
+            monitor = common.evaluate(model.encoder, probe_train_loader, probe_test_loader, device, args, linear=False)
+            logger.log(epoch=epochs_done, **monitor)
+            common.print0(f"epoch {epochs_done} kNN top-1 {monitor['knn_top1']:.2f}", rank=rank)
+        if stop:
+            break
+
+    # TRY NOT TO MODIFY: final evaluation and consistency check across ranks
+    results = common.evaluate(model.encoder, probe_train_loader, probe_test_loader, device, args)
+    if world_size > 1:
+        results["rank_weight_max_diff"] = common.max_param_diff_across_ranks(model)
+    logger.log(epoch=epochs_done, step=global_step, **results)
+    common.print0(" ".join(f"{k} {v:.4g}" for k, v in results.items()), rank=rank)
+    return results
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
