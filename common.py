@@ -135,8 +135,8 @@ class Transformed(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         index, epoch = key if isinstance(key, tuple) else (key, None)
-        if epoch is not None:
-            torch.manual_seed(hash((self.seed, epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF)
+        if epoch is not None:  # torchvision's random transforms draw from torch's CPU generator
+            torch.default_generator.manual_seed(hash((self.seed, epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF)
         image, label = self.base[index]
         return self.transform(image), label, index
 
@@ -144,7 +144,9 @@ class Transformed(torch.utils.data.Dataset):
 class EpochSampler(torch.utils.data.distributed.DistributedSampler):
     """DistributedSampler that yields (index, epoch) keys and can start mid-epoch (for --resume)."""
 
-    start_step, batch_size = 0, 1
+    def __init__(self, dataset, batch_size, **kwargs):
+        super().__init__(dataset, **kwargs)
+        self.batch_size, self.start_step = batch_size, 0
 
     def __iter__(self):
         indices = list(super().__iter__())[self.start_step * self.batch_size:]
@@ -173,8 +175,8 @@ def build_datasets(args, train_transform):
 
 
 def train_loader(dataset, args, world_size, rank):
-    sampler = EpochSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
-    sampler.batch_size = args.batch_size // world_size
+    sampler = EpochSampler(dataset, args.batch_size // world_size, num_replicas=world_size, rank=rank, shuffle=True,
+                           seed=args.seed, drop_last=True)
     if len(sampler) < sampler.batch_size:
         fail(f"{len(dataset)} training images give no full batch of {args.batch_size}; lower --batch-size or raise --subset")
     loader = torch.utils.data.DataLoader(dataset, batch_size=sampler.batch_size, sampler=sampler, drop_last=True,
