@@ -265,7 +265,7 @@ def all_reduce_mean(x):
 # ---------------------------------------------------------------------------------------
 # Backbone
 # ---------------------------------------------------------------------------------------
-def resnet_tiny():
+def resnet_tiny(zero_init_residual=False):
     """BasicBlock ResNet, one block per stage, widths 16-32-64-128: for CPU smoke runs."""
     from torchvision.models.resnet import BasicBlock
     net = torchvision.models.ResNet(BasicBlock, [1, 1, 1, 1])
@@ -279,16 +279,19 @@ def resnet_tiny():
     for m in net.modules():  # torchvision's own initialisation
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        if zero_init_residual and isinstance(m, BasicBlock):
+            nn.init.zeros_(m.bn2.weight)
     return net
 
 
-def build_backbone(arch, image_size):
-    """torchvision ResNet trunk with fc removed -> (trunk, feature width). Images of 64 px or less
-    get the CIFAR stem (3x3 conv, stride 1, no max-pool), as in SimCLR's CIFAR setup and solo-learn."""
+def build_backbone(arch, image_size, zero_init_residual=False):
+    """torchvision ResNet trunk with fc removed -> (trunk, feature width), torchvision's init (Kaiming
+    fan-out). Images of 64 px or less get the CIFAR stem (3x3 conv, stride 1, no max-pool), as in
+    SimCLR's CIFAR setup and solo-learn. zero_init_residual starts each block's last BN scale at 0."""
     if arch == "resnet-tiny":
-        net = resnet_tiny()
+        net = resnet_tiny(zero_init_residual)
     elif arch.startswith(("resnet", "wide_resnet", "resnext")) and hasattr(torchvision.models, arch):
-        net = getattr(torchvision.models, arch)()
+        net = getattr(torchvision.models, arch)(zero_init_residual=zero_init_residual)
     else:
         fail(f"unknown --arch {arch}: use a torchvision ResNet (resnet18, resnet50, ...) or resnet-tiny")
     if image_size <= 64:
@@ -311,7 +314,7 @@ def seed_everything(seed):
 
 def rng_state():
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}  # this rank's GPU only
 
 
 def set_rng_state(state):
@@ -319,7 +322,7 @@ def set_rng_state(state):
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def save_atomic(obj, path):

@@ -58,13 +58,15 @@ def simclr_augmentation(args):
     # blur kernel is 10% of the side (odd); the CIFAR recipe drops blur for small images
     blur = [] if size <= 64 else [T.RandomApply([T.GaussianBlur(2 * (size // 20) + 1, sigma=(0.1, 2.0))], p=0.5)]
     return T.Compose([
-        T.RandomResizedCrop(size, scale=(0.08, 1.0)),
+        # official: bicubic resize, up to 100 crop tries (torchvision tries 10, then centre-crops)
+        T.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC),
         T.RandomHorizontalFlip(),
+        # random order as official; torchvision's brightness is multiplicative (official v1: additive)
         T.RandomApply([T.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=0.8),
         T.RandomGrayscale(p=0.2),
         *blur,
         T.ToTensor(),
-        common.normalize(args.dataset),
+        common.normalize(args.dataset),  # official feeds [0, 1] pixels; mean/std scaling is a BN-neutral habit
     ])
 
 
@@ -80,11 +82,14 @@ class TwoViews:
 class SimCLR(nn.Module):
     def __init__(self, arch, image_size, proj_dim=128):
         super().__init__()
-        self.encoder, dim = common.build_backbone(arch, image_size)
+        # official ResNet starts each residual block's last BN scale at zero (resnet.py init_zero)
+        self.encoder, dim = common.build_backbone(arch, image_size, zero_init_residual=True)
         # g: 2-layer MLP with BN, hidden width = trunk width, output 128 (official num_nlh_layers=1)
         self.projector = nn.Sequential(
             nn.Linear(dim, dim, bias=False), nn.BatchNorm1d(dim), nn.ReLU(inplace=True),
             nn.Linear(dim, proj_dim, bias=False), nn.BatchNorm1d(proj_dim))
+        for layer in self.projector[0], self.projector[3]:
+            nn.init.normal_(layer.weight, std=0.01)  # official dense layers: N(0, 0.01)
         self.projector[-1].bias.requires_grad_(False)  # official: last BN scales but does not centre
 
     def forward(self, x):
@@ -129,7 +134,9 @@ class LARS(torch.optim.Optimizer):
                     w_norm, u_norm = p.norm(), update.norm()
                     trust = torch.where((w_norm > 0) & (u_norm > 0), group["eta"] * w_norm / u_norm, 1.0)
                     update = update * trust
-                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+                buf = self.state[p]["momentum_buffer"]
                 buf.mul_(group["momentum"]).add_(update, alpha=group["lr"])
                 p.sub_(buf)
 
@@ -180,8 +187,9 @@ def main(argv=None):
             model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
             start_epoch, start_step = ckpt["epoch"], ckpt["step_in_epoch"]
-            if start_step and ckpt["world_size"] != world_size:
-                common.fail(f"{args.resume} stopped mid-epoch with {ckpt['world_size']} ranks; resume with that many")
+            if start_step and (ckpt["world_size"], ckpt["args"]["batch_size"]) != (world_size, args.batch_size):
+                common.fail(f"{args.resume} stopped mid-epoch with {ckpt['world_size']} ranks and --batch-size "
+                            f"{ckpt['args']['batch_size']}; resume with the same")
             common.set_rng_state(ckpt["rng"])
         elif args.eval_only:  # a backbone.pth in torchvision layout
             model.encoder.load_state_dict(ckpt)
@@ -201,6 +209,7 @@ def main(argv=None):
         ddp_model = torch.compile(ddp_model)
     steps_per_epoch = len(sampler) // sampler.batch_size
     total_steps = args.epochs * steps_per_epoch
+    last_step = min(total_steps, args.max_steps or total_steps)
     warmup_steps = round(args.warmup_epochs * steps_per_epoch)
     peak_lr = args.lr * args.batch_size / 256  # linear scaling (official learning_rate_scaling='linear')
 
@@ -214,6 +223,8 @@ def main(argv=None):
     # ALGO LOGIC: training loop
     global_step = start_epoch * steps_per_epoch + start_step
     epochs_done, stop = start_epoch, False
+    if args.max_steps and global_step >= args.max_steps:  # resumed a run that already reached --max-steps
+        start_epoch = args.epochs
     for epoch in range(start_epoch, args.epochs):
         sampler.set_epoch(epoch)
         sampler.start_step = start_step if epoch == start_epoch else 0  # skip what a resumed run already did
@@ -223,12 +234,15 @@ def main(argv=None):
             lr = learning_rate(global_step, total_steps, warmup_steps, peak_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            x = torch.cat([x1, x2]).to(device, non_blocking=True)  # one forward: BN sees both views (official)
+            # one forward over both views, so BN normalises them together (official)
+            x = torch.cat([x1.to(device, non_blocking=True), x2.to(device, non_blocking=True)])
             if device.type == "cuda":
                 x = x.to(memory_format=torch.channels_last)
             with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
                 z1, z2 = ddp_model(x).chunk(2)
-            loss = nt_xent_loss(z1, z2, args.temperature)
+            # official objective sums the two directions (2x Eq. 1); under LARS this scale sets
+            # the steps of the non-adapted BN and bias parameters, so keep it
+            loss = 2 * nt_xent_loss(z1, z2, args.temperature)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -237,7 +251,7 @@ def main(argv=None):
             if global_step % args.print_freq == 0 or step + 1 == steps_per_epoch:
                 loss_value = common.all_reduce_mean(loss.detach()).item()  # the only host sync, at print time
                 img_per_s = (global_step - tick_step) * args.batch_size / max(time.time() - tick, 1e-9)
-                eta = (total_steps - global_step) * args.batch_size / max(img_per_s, 1e-9)
+                eta = (last_step - global_step) * args.batch_size / max(img_per_s, 1e-9)
                 common.print0(common.progress_line(epoch, step + 1, steps_per_epoch, loss_value, lr, img_per_s, eta), rank=rank)
                 logger.log(epoch=epoch, step=global_step, loss=loss_value, lr=lr, img_per_s=img_per_s)
                 tick, tick_step = time.time(), global_step

@@ -226,7 +226,9 @@ def test_simclr_beats_random_init_on_fashion_mnist(tmp_path):
     args = ["--dataset", "fashion-mnist", "--arch", "resnet-tiny", "--subset", "10000", "--batch-size", "256",
             "--workers", "2", "--probe-epochs", "0", "--print-freq", "20", "--seed", "0"]
     random_init = simclr.main(args + ["--eval-only", "--out", str(tmp_path / "random")])
-    trained = simclr.main(args + ["--epochs", "5", "--lr", "4.0", "--temperature", "0.5", "--warmup-epochs", "0.5",
+    trained = simclr.main(args + ["--epochs", "5", "--lr", "2.0", "--temperature", "0.1", "--warmup-epochs", "0.5",
                                   "--color-jitter-strength", "0.5", "--out", str(tmp_path / "simclr")])
     print(f"kNN top-1: random init {random_init['knn_top1']:.2f}, SimCLR {trained['knn_top1']:.2f}")
     assert trained["knn_top1"] >= random_init["knn_top1"] + 5
+    # and above what a random init reaches without zero-init residual BN (measured here: 66-68)
+    assert trained["knn_top1"] >= 70
