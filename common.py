@@ -57,8 +57,7 @@ class ArrayDataset(torch.utils.data.Dataset):
         return len(self.labels)
 
     def __getitem__(self, i):
-        from PIL import Image  # Pillow ships with torchvision
-        return Image.fromarray(self.images[i]).convert("RGB"), self.labels[i]
+        return T.functional.to_pil_image(self.images[i]).convert("RGB"), self.labels[i]
 
 
 def read_idx_gz(path):
@@ -108,11 +107,11 @@ def base_datasets(name, root):
         return train, train, test
     if name in ("cifar10", "cifar100"):
         cls = D.CIFAR10 if name == "cifar10" else D.CIFAR100
-        files = f"the {cls.base_folder}.tar.gz archive ({cls.filename})"
+        files = f"{cls.filename} (from {cls.url})"
         train = download(cls, root, files, train=True)
         return train, train, download(cls, root, files, train=False)
     if name == "stl10":
-        files = f"{D.STL10.filename}"
+        files = f"{D.STL10.filename} (from {D.STL10.url})"
         # STL-10 pretrains on train+unlabeled (105k images), probes on the 5k labelled train
         return (download(D.STL10, root, files, split="train+unlabeled"), download(D.STL10, root, files, split="train"),
                 download(D.STL10, root, files, split="test"))

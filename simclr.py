@@ -27,7 +27,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=4096, help="GLOBAL batch size, split over ranks")
     p.add_argument("--lr", type=float, default=0.3, help="base lr per 256 images; peak = lr * batch / 256")
     p.add_argument("--wd", type=float, default=1e-6, help="weight decay (official default 1e-6)")
-    p.add_argument("--workers", type=int, default=8, help="data-loading workers per rank")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data-loading workers per rank")
     p.add_argument("--seed", type=int, default=0, help="seed of model init, data order and augmentations")
     p.add_argument("--image-size", type=int, default=0, help="crop size (0: the dataset's default)")
     p.add_argument("--subset", type=int, default=0, help="use only the first N training images (0: all)")

@@ -1,7 +1,7 @@
 """Smoke and correctness tests on CPU with tiny data: `pytest -q test_all.py`."""
+import gzip
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import torchvision
 
 import common
 import simclr
@@ -22,7 +23,6 @@ TINY = ["--dataset", "imagefolder", "--arch", "resnet-tiny", "--image-size", "32
 @pytest.fixture(scope="session")
 def tiny_imagefolder(tmp_path_factory):
     """A real ImageFolder: DATA/{train,val}/{class}/*.png, two classes of different colour and texture."""
-    from PIL import Image
     root = tmp_path_factory.mktemp("tiny")
     rng = np.random.default_rng(0)
     for split, n in (("train", 32), ("val", 8)):
@@ -34,7 +34,7 @@ def tiny_imagefolder(tmp_path_factory):
                     img[::4, :, 0] = 255
                 else:
                     img[10:30, 10:30, 2] = 220
-                Image.fromarray(img).save(root / split / name / f"{i}.png")
+                torchvision.io.write_png(torch.from_numpy(img).permute(2, 0, 1), str(root / split / name / f"{i}.png"))
     return str(root)
 
 
@@ -171,7 +171,6 @@ def test_resume_reaches_the_same_weights(tiny_imagefolder, tmp_path):
 
 
 def test_backbone_loads_into_torchvision(tiny_imagefolder, tmp_path):
-    import torchvision
     out = str(tmp_path / "run")
     simclr.main(TINY + ["--data", tiny_imagefolder, "--arch", "resnet18", "--image-size", "96", "--subset", "8",
                         "--batch-size", "4", "--epochs", "1", "--max-steps", "1", "--probe-epochs", "0", "--out", out])
@@ -181,6 +180,37 @@ def test_backbone_loads_into_torchvision(tiny_imagefolder, tmp_path):
     assert sorted(missing) == ["fc.bias", "fc.weight"] and unexpected == []
     trained = torch.load(os.path.join(out, "checkpoint.pth"), weights_only=False)["model"]
     assert torch.equal(net.layer4[1].conv2.weight, trained["encoder.layer4.1.conv2.weight"])
+
+
+# ---------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------
+def write_idx_gz(path, array):
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_fashion_mnist_reads_zalando_idx_files_from_data(tmp_path):
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (12, 28, 28)), rng.integers(0, 10, 12)
+    for split in ("train", "test"):
+        images_name, labels_name = common.FASHION_FILES[split]
+        write_idx_gz(tmp_path / images_name, images)
+        write_idx_gz(tmp_path / labels_name, labels)
+    ds = common.fashion_mnist(str(tmp_path), "train")
+    image, label = ds[5]
+    assert len(ds) == 12 and label == labels[5] and image.mode == "RGB"
+    assert np.array_equal(np.asarray(image)[:, :, 1], images[5])
+
+
+def test_offline_download_says_what_to_place(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise OSError("Temporary failure in name resolution")
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", type("CIFAR10", (torchvision.datasets.CIFAR10,),
+                                                               {"__init__": offline}))
+    expect_error(TINY + ["--dataset", "cifar10", "--data", str(tmp_path), "--out", str(tmp_path)],
+                 "could not download CIFAR10", "cifar-10-python.tar.gz", str(tmp_path))
 
 
 # ---------------------------------------------------------------------------------------
