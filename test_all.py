@@ -34,7 +34,7 @@ def tiny_imagefolder(tmp_path_factory):
                     img[::4, :, 0] = 255
                 else:
                     img[10:30, 10:30, 2] = 220
-                torchvision.io.write_png(torch.from_numpy(img).permute(2, 0, 1), str(root / split / name / f"{i}.png"))
+                torchvision.transforms.functional.to_pil_image(img).save(root / split / name / f"{i}.png")
     return str(root)
 
 
