@@ -110,7 +110,8 @@ def nt_xent_loss(z1, z2, temperature):
     logits = torch.cat([z1, z2]) @ torch.cat([all_z1, all_z2]).T / temperature  # (2n, 2N)
     mine = torch.arange(n, device=z1.device) + rank * n  # this rank's rows in the global batch
     self_idx, positive_idx = torch.cat([mine, mine + N]), torch.cat([mine + N, mine])
-    logits = logits.masked_fill(F.one_hot(self_idx, 2 * N).bool(), float("-inf"))
+    self_mask = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, self_idx[:, None], True)
+    logits = logits.masked_fill(self_mask, float("-inf"))
     return F.cross_entropy(logits, positive_idx)
 
 

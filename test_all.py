@@ -172,8 +172,12 @@ def test_resume_reaches_the_same_weights(tiny_imagefolder, tmp_path):
 
 def test_backbone_loads_into_torchvision(tiny_imagefolder, tmp_path):
     out = str(tmp_path / "run")
-    simclr.main(TINY + ["--data", tiny_imagefolder, "--arch", "resnet18", "--image-size", "96", "--subset", "8",
-                        "--batch-size", "4", "--epochs", "1", "--max-steps", "1", "--probe-epochs", "0", "--out", out])
+    args = TINY + ["--data", tiny_imagefolder, "--arch", "resnet18", "--image-size", "96", "--subset", "8",
+                   "--batch-size", "4", "--probe-epochs", "0"]
+    final = simclr.main(args + ["--epochs", "1", "--max-steps", "1", "--out", out])
+    # evaluating the saved trunk again gives the run's own final kNN
+    again = simclr.main(args + ["--eval-only", "--resume", os.path.join(out, "backbone.pth"), "--out", out])
+    assert again["knn_top1"] == final["knn_top1"]
     state = torch.load(os.path.join(out, "backbone.pth"))
     net = torchvision.models.resnet18()
     missing, unexpected = net.load_state_dict(state, strict=False)
