@@ -434,6 +434,9 @@ def linear_probe(train_f, train_y, test_f, test_y, epochs=100, lr=0.1, batch_siz
 
 def evaluate(trunk, probe_train_loader, probe_test_loader, device, args, linear=True):
     """kNN (and optionally linear-probe) accuracy of a frozen trunk; same result on every rank."""
+    if is_distributed():  # BN running stats drift apart without SyncBN (CPU): use rank 0's, as DDP does
+        for buffer in trunk.buffers():
+            dist.broadcast(buffer, 0)
     train_f, train_y = extract_features(trunk, probe_train_loader, device, args.amp)
     test_f, test_y = extract_features(trunk, probe_test_loader, device, args.amp)
     results = {"knn_top1": knn_classify(train_f, train_y, test_f, test_y, args.knn_k, args.knn_t)}

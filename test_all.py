@@ -138,9 +138,16 @@ def test_linear_probe_learns_separable_and_not_random_labels():
 # ---------------------------------------------------------------------------------------
 def test_torchrun_two_ranks_stay_in_sync(tiny_imagefolder, tmp_path):
     out = str(tmp_path / "run")
-    r = torchrun("simclr.py", *TINY, "--data", tiny_imagefolder, "--batch-size", "16", "--epochs", "2", "--out", out)
+    r = torchrun("simclr.py", *TINY, "--data", tiny_imagefolder, "--batch-size", "16", "--epochs", "2",
+                 "--eval-every", "1", "--out", out)
     assert r.returncode == 0, r.stderr[-3000:]
-    final = read_metrics(out)[-1]
+    assert r.stdout.count("loss") == 8  # 64 images / 16 = 4 steps an epoch, a line each, from rank 0 only
+    metrics = read_metrics(out)
+    train_lines = [m for m in metrics if "loss" in m]
+    assert [m["step"] for m in train_lines] == list(range(1, 9))
+    assert all(m["img_per_s"] > 0 and m["lr"] >= 0 for m in train_lines)
+    assert [m["epoch"] for m in metrics if "knn_top1" in m] == [1, 2]  # the monitor after epoch 1, then the end
+    final = metrics[-1]
     assert final["rank_weight_max_diff"] == 0.0
     assert 0 <= final["knn_top1"] <= 100 and "linear_top1" in final
     assert torch.load(os.path.join(out, "checkpoint.pth"), weights_only=False)["epoch"] == 2
