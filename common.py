@@ -4,7 +4,6 @@ import gzip
 import json
 import os
 import random
-import time
 
 import numpy as np
 import torch
@@ -157,10 +156,8 @@ class EpochSampler(torch.utils.data.distributed.DistributedSampler):
 
 def build_datasets(args, train_transform):
     """Pretraining set (augmented, keyed by epoch) and the two probe sets (deterministic)."""
-    if args.dataset in ("imagefolder",) and not args.data:
-        fail("--data is required for --dataset imagefolder (a folder with train/ and val/)")
-    if args.data and args.dataset == "imagefolder" and not os.path.isdir(args.data):
-        fail(f"--data {args.data} does not exist; point it at a folder with train/ and val/")
+    if args.dataset == "imagefolder" and not os.path.isdir(args.data):
+        fail(f"--data '{args.data}' does not exist; point it at a folder with train/ and val/ (the ImageNet layout)")
     pretrain, probe_train, probe_test = base_datasets(args.dataset, args.data)
     if args.subset:
         pretrain = torch.utils.data.Subset(pretrain, range(min(args.subset, len(pretrain))))
@@ -327,7 +324,10 @@ def set_rng_state(state):
 def save_atomic(obj, path):
     """torch.save to a temp file then rename: a crash mid-write never leaves a broken file."""
     tmp = f"{path}.tmp.{os.getpid()}"
-    torch.save(obj, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())  # on disk before the rename makes it the checkpoint
     os.replace(tmp, path)
 
 
@@ -354,8 +354,9 @@ class MetricLogger:
 
 
 def progress_line(epoch, step, steps_per_epoch, loss, lr, img_per_s, eta_s):
+    hours, rest = divmod(int(eta_s), 3600)
     return (f"epoch {epoch} step {step}/{steps_per_epoch} loss {loss:.4f} lr {lr:.4g} "
-            f"{img_per_s:.0f} img/s eta {time.strftime('%H:%M:%S', time.gmtime(eta_s))}")
+            f"{img_per_s:.0f} img/s eta {hours}:{rest // 60:02d}:{rest % 60:02d}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -392,13 +393,13 @@ def knn_classify(train_f, train_y, test_f, test_y, k=200, t=0.1, chunk=1024):
     num_classes = int(max(train_y.max(), test_y.max())) + 1
     train_f, test_f = F.normalize(train_f, dim=1), F.normalize(test_f, dim=1)
     k = min(k, len(train_f))
-    correct = 0
+    correct = torch.zeros((), device=test_f.device)
     for s in range(0, len(test_f), chunk):
         sim, idx = (test_f[s:s + chunk] @ train_f.T).topk(k, dim=1)  # (b, k)
         votes = torch.zeros(len(sim), num_classes, device=sim.device)
         votes.scatter_add_(1, train_y[idx], (sim / t).exp())
-        correct += (votes.argmax(1) == test_y[s:s + chunk]).sum().item()
-    return 100.0 * correct / len(test_f)
+        correct += (votes.argmax(1) == test_y[s:s + chunk]).sum()
+    return 100.0 * correct.item() / len(test_f)
 
 
 def linear_probe(train_f, train_y, test_f, test_y, epochs=100, lr=0.1, batch_size=256, seed=0):
