@@ -19,9 +19,7 @@ def fail(msg):
     raise SystemExit(f"error: {msg}")
 
 
-# ---------------------------------------------------------------------------------------
-# Data
-# ---------------------------------------------------------------------------------------
+# ---- Data ------------------------------------------------------------------------------
 DEFAULT_IMAGE_SIZE = {"imagefolder": 224, "stl10": 96, "cifar10": 32, "cifar100": 32, "fashion-mnist": 28}
 MEAN_STD = {  # per-channel statistics used by Normalize
     "imagefolder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
@@ -187,9 +185,7 @@ def eval_loader(dataset, args, world_size, rank):
                                        num_workers=args.workers, pin_memory=torch.cuda.is_available())
 
 
-# ---------------------------------------------------------------------------------------
-# Distributed start-up and gathers
-# ---------------------------------------------------------------------------------------
+# ---- Distributed start-up and gathers --------------------------------------------------
 def init_distributed():
     """(rank, world_size, device) from torchrun's environment; plain `python x.py` is world size 1."""
     if "RANK" not in os.environ:
@@ -258,9 +254,7 @@ def all_reduce_mean(x):
     return x
 
 
-# ---------------------------------------------------------------------------------------
-# Backbone
-# ---------------------------------------------------------------------------------------
+# ---- Backbone --------------------------------------------------------------------------
 def resnet_tiny(zero_init_residual=False):
     """BasicBlock ResNet, one block per stage, widths 16-32-64-128: for CPU smoke runs."""
     from torchvision.models.resnet import BasicBlock
@@ -299,9 +293,7 @@ def build_backbone(arch, image_size, zero_init_residual=False):
     return net, feat_dim
 
 
-# ---------------------------------------------------------------------------------------
-# Checkpoints, seeding and metrics
-# ---------------------------------------------------------------------------------------
+# ---- Checkpoints, seeding and metrics --------------------------------------------------
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
@@ -359,9 +351,7 @@ def progress_line(epoch, step, steps_per_epoch, loss, lr, img_per_s, eta_s):
             f"{img_per_s:.0f} img/s eta {hours}:{rest // 60:02d}:{rest % 60:02d}")
 
 
-# ---------------------------------------------------------------------------------------
-# Probing: feature extraction, weighted kNN, linear probe
-# ---------------------------------------------------------------------------------------
+# ---- Probing: feature extraction, weighted kNN, linear probe ---------------------------
 @torch.no_grad()
 def extract_features(trunk, loader, device, amp=False):
     """Frozen trunk in eval mode over a deterministic loader; every rank gets all (features, labels)."""
