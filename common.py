@@ -333,6 +333,15 @@ def load_checkpoint(path):
              "resume from another checkpoint or start afresh without --resume")
 
 
+def load_weights(module, state_dict, path):
+    try:
+        module.load_state_dict(state_dict)
+    except RuntimeError as e:
+        first_problem = (str(e).splitlines()[1:] or [str(e)])[0].strip()
+        fail(f"{path} does not fit this model ({first_problem}); "
+             "pass the --arch and --image-size it was trained with")
+
+
 class MetricLogger:
     """Appends one JSON object per line to OUT/metrics.jsonl (rank 0 only)."""
 

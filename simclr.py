@@ -185,7 +185,7 @@ def main(argv=None):
     if args.resume:
         ckpt = common.load_checkpoint(args.resume)
         if "model" in ckpt:
-            model.load_state_dict(ckpt["model"])
+            common.load_weights(model, ckpt["model"], args.resume)
             optimizer.load_state_dict(ckpt["optimizer"])
             start_epoch, start_step = ckpt["epoch"], ckpt["step_in_epoch"]
             if start_step and (ckpt["world_size"], ckpt["args"]["batch_size"]) != (world_size, args.batch_size):
@@ -193,7 +193,7 @@ def main(argv=None):
                             f"{ckpt['args']['batch_size']}; resume with the same")
             common.set_rng_state(ckpt["rng"])
         elif args.eval_only:  # a backbone.pth in torchvision layout
-            model.encoder.load_state_dict(ckpt)
+            common.load_weights(model.encoder, ckpt, args.resume)
         else:
             common.fail(f"{args.resume} is not a training checkpoint; pass OUT/checkpoint.pth (backbone.pth needs --eval-only)")
 

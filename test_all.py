@@ -251,6 +251,8 @@ def test_truncated_checkpoint(tiny_imagefolder, tmp_path):
     with open(path, "wb") as f:
         f.write(data[: len(data) // 2])
     expect_error(args + ["--resume", path], "truncated or corrupt")
+    simclr.main(args)  # a good checkpoint again, resumed with another architecture
+    expect_error(args + ["--resume", path, "--arch", "resnet18"], "does not fit", "--arch")
 
 
 def test_batch_not_divisible_by_world_size(tiny_imagefolder, tmp_path):
