@@ -34,8 +34,7 @@ FASHION_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyt
 
 
 def normalize(dataset):
-    mean, std = MEAN_STD[dataset]
-    return T.Normalize(mean, std)
+    return T.Normalize(*MEAN_STD[dataset])
 
 
 def eval_transform(dataset, image_size):
@@ -69,15 +68,16 @@ def read_idx_gz(path):
 def fashion_mnist(root, split):
     """Zalando's idx .gz files from --data, torchvision's raw folder or Debian's package; else download."""
     images_name, labels_name = FASHION_FILES[split]
-    for folder in [root, os.path.join(root or "", "FashionMNIST", "raw"), DEBIAN_FASHION_MNIST]:
-        if folder and os.path.isfile(os.path.join(folder, images_name)) and os.path.isfile(os.path.join(folder, labels_name)):
-            return ArrayDataset(read_idx_gz(os.path.join(folder, images_name)), read_idx_gz(os.path.join(folder, labels_name)))
-    ds = download(torchvision.datasets.FashionMNIST, root, f"{images_name} and {labels_name}", train=split == "train")
+    for folder in [root, os.path.join(root, "FashionMNIST", "raw"), DEBIAN_FASHION_MNIST]:
+        if os.path.isfile(os.path.join(folder, images_name)) and os.path.isfile(os.path.join(folder, labels_name)):
+            images, labels = (read_idx_gz(os.path.join(folder, name)) for name in (images_name, labels_name))
+            return ArrayDataset(images, labels)
+    all_files = ", ".join(name for pair in FASHION_FILES.values() for name in pair)
+    ds = download(torchvision.datasets.FashionMNIST, root, all_files, train=split == "train")
     return ArrayDataset(ds.data.numpy(), ds.targets.tolist())
 
 
 def download(dataset_cls, root, files, **kwargs):
-    root = root or "./data"
     try:
         return dataset_cls(root, download=True, **kwargs)
     except Exception as e:  # offline, or a partial/corrupt archive
@@ -119,9 +119,8 @@ def base_datasets(name, root):
 
 
 class Transformed(torch.utils.data.Dataset):
-    """Applies `transform` and returns (x, label, index). A key (index, epoch) from EpochSampler
-    seeds the augmentation with (seed, epoch, index): the same sample gets the same views whatever
-    the number of workers or ranks, which is what makes --resume continue exactly."""
+    """(transform(image), label, index). A key (index, epoch) from EpochSampler seeds the augmentation with
+    (seed, epoch, index): the same views whatever the number of workers, so --resume continues exactly."""
 
     def __init__(self, base, transform, seed=0):
         self.base, self.transform, self.seed = base, transform, seed
@@ -156,10 +155,14 @@ def build_datasets(args, train_transform):
     """Pretraining set (augmented, keyed by epoch) and the two probe sets (deterministic)."""
     if args.dataset == "imagefolder" and not os.path.isdir(args.data):
         fail(f"--data '{args.data}' does not exist; point it at a folder with train/ and val/ (the ImageNet layout)")
-    pretrain, probe_train, probe_test = base_datasets(args.dataset, args.data)
-    if args.subset:
-        pretrain = torch.utils.data.Subset(pretrain, range(min(args.subset, len(pretrain))))
-        probe_train = torch.utils.data.Subset(probe_train, range(min(args.subset, len(probe_train))))
+    if is_distributed() and dist.get_rank() > 0:
+        dist.barrier()  # rank 0 downloads and extracts alone, then the others read its files
+    pretrain, probe_train, probe_test = base_datasets(args.dataset, args.data or "./data")
+    if is_distributed() and dist.get_rank() == 0:
+        dist.barrier()
+    if args.subset:  # evenly spaced, so a class-ordered folder keeps every class
+        pretrain, probe_train = (torch.utils.data.Subset(ds, range(0, len(ds), max(1, len(ds) // args.subset))[:args.subset])
+                                 for ds in (pretrain, probe_train))
     for split, ds in (("training", pretrain), ("probe test", probe_test)):
         if len(ds) == 0:
             fail(f"the {split} split of {args.dataset} at {args.data} is empty")
@@ -192,6 +195,8 @@ def init_distributed():
         return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rank, world_size, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
     if torch.cuda.is_available():
+        if local_rank >= torch.cuda.device_count():
+            fail(f"local rank {local_rank} has no GPU ({torch.cuda.device_count()} visible); lower --nproc_per_node")
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     else:
@@ -261,10 +266,8 @@ def resnet_tiny(zero_init_residual=False):
     net = torchvision.models.ResNet(BasicBlock, [1, 1, 1, 1])
     net.inplanes = 16
     net.conv1, net.bn1 = nn.Conv2d(3, 16, 7, 2, 3, bias=False), nn.BatchNorm2d(16)
-    net.layer1 = net._make_layer(BasicBlock, 16, 1)
-    net.layer2 = net._make_layer(BasicBlock, 32, 1, stride=2)
-    net.layer3 = net._make_layer(BasicBlock, 64, 1, stride=2)
-    net.layer4 = net._make_layer(BasicBlock, 128, 1, stride=2)
+    net.layer1, net.layer2, net.layer3, net.layer4 = (  # built in order: each reads net.inplanes
+        net._make_layer(BasicBlock, width, 1, stride=1 if width == 16 else 2) for width in (16, 32, 64, 128))
     net.fc = nn.Linear(128, 1000)
     for m in net.modules():  # torchvision's own initialisation
         if isinstance(m, nn.Conv2d):
@@ -275,9 +278,8 @@ def resnet_tiny(zero_init_residual=False):
 
 
 def build_backbone(arch, image_size, zero_init_residual=False):
-    """torchvision ResNet trunk with fc removed -> (trunk, feature width), torchvision's init (Kaiming
-    fan-out). Images of 64 px or less get the CIFAR stem (3x3 conv, stride 1, no max-pool), as in
-    SimCLR's CIFAR setup and solo-learn. zero_init_residual starts each block's last BN scale at 0."""
+    """torchvision ResNet (its Kaiming fan-out init) without fc -> (trunk, width). At <= 64 px the CIFAR stem
+    (3x3 conv, stride 1, no max-pool) as SimCLR's CIFAR setup; zero_init_residual zeroes each block's last BN."""
     if arch == "resnet-tiny":
         net = resnet_tiny(zero_init_residual)
     elif arch.startswith(("resnet", "wide_resnet", "resnext")) and hasattr(torchvision.models, arch):
@@ -379,8 +381,7 @@ def extract_features(trunk, loader, device, amp=False):
     feats, labels, indices = gather(torch.cat(feats)), gather(torch.cat(labels)), gather(torch.cat(indices))
     # DistributedSampler pads the last ranks with repeats: write by index to drop them
     n = len(loader.dataset)
-    out_f = feats.new_empty(n, feats.shape[1])
-    out_y = labels.new_empty(n)
+    out_f, out_y = feats.new_empty(n, feats.shape[1]), labels.new_empty(n)
     out_f[indices], out_y[indices] = feats, labels
     return out_f, out_y
 
@@ -391,10 +392,9 @@ def knn_classify(train_f, train_y, test_f, test_y, k=200, t=0.1, chunk=1024):
     Returns top-1 accuracy in percent."""
     num_classes = int(max(train_y.max(), test_y.max())) + 1
     train_f, test_f = F.normalize(train_f, dim=1), F.normalize(test_f, dim=1)
-    k = min(k, len(train_f))
     correct = torch.zeros((), device=test_f.device)
     for s in range(0, len(test_f), chunk):
-        sim, idx = (test_f[s:s + chunk] @ train_f.T).topk(k, dim=1)  # (b, k)
+        sim, idx = (test_f[s:s + chunk] @ train_f.T).topk(min(k, len(train_f)), dim=1)  # (b, k)
         votes = torch.zeros(len(sim), num_classes, device=sim.device)
         votes.scatter_add_(1, train_y[idx], (sim / t).exp())
         correct += (votes.argmax(1) == test_y[s:s + chunk]).sum()
@@ -402,9 +402,8 @@ def knn_classify(train_f, train_y, test_f, test_y, k=200, t=0.1, chunk=1024):
 
 
 def linear_probe(train_f, train_y, test_f, test_y, epochs=100, lr=0.1, batch_size=256, seed=0):
-    """Linear classifier on cached frozen features: standardised inputs (as MAE's parameter-free BN),
-    weights N(0, 0.01), bias 0, SGD momentum 0.9, cosine lr, no weight decay.
-    Returns (top-1, top-5) test accuracy in percent."""
+    """Linear classifier on cached frozen features -> (top-1, top-5) in percent. Standardised inputs (as MAE's
+    parameter-free BN), weights N(0, 0.01), bias 0, SGD momentum 0.9, cosine lr, no weight decay."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     num_classes = int(max(train_y.max(), test_y.max())) + 1
     mean, std = train_f.mean(0), train_f.std(0) + 1e-6

@@ -45,7 +45,7 @@ def read_metrics(out):
 
 def torchrun(*args, nproc=2):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")  # CPU + gloo, also on a GPU machine
     return subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=600)
 
 
