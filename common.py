@@ -81,8 +81,7 @@ def download(dataset_cls, root, files, **kwargs):
     try:
         return dataset_cls(root, download=True, **kwargs)
     except Exception as e:  # offline, or a partial/corrupt archive
-        fail(f"could not download {dataset_cls.__name__} into {root} ({type(e).__name__}: {e}); "
-             f"place {files} there by hand and rerun")
+        fail(f"could not download {dataset_cls.__name__} into {root} ({e}); place {files} there by hand and rerun")
 
 
 def image_folder(root, split):
@@ -157,7 +156,8 @@ def build_datasets(args, train_transform):
         fail(f"--data '{args.data}' does not exist; point it at a folder with train/ and val/ (the ImageNet layout)")
     if is_distributed() and dist.get_rank() > 0:
         dist.barrier()  # rank 0 downloads and extracts alone, then the others read its files
-    pretrain, probe_train, probe_test = base_datasets(args.dataset, args.data or "./data")
+    root = args.data or "./data"
+    pretrain, probe_train, probe_test = base_datasets(args.dataset, root)
     if is_distributed() and dist.get_rank() == 0:
         dist.barrier()
     if args.subset:  # evenly spaced, so a class-ordered folder keeps every class
@@ -165,7 +165,7 @@ def build_datasets(args, train_transform):
                                  for ds in (pretrain, probe_train))
     for split, ds in (("training", pretrain), ("probe test", probe_test)):
         if len(ds) == 0:
-            fail(f"the {split} split of {args.dataset} at {args.data} is empty")
+            fail(f"the {split} split of {args.dataset} at {root} is empty")
     test_tf = eval_transform(args.dataset, args.image_size)
     return (Transformed(pretrain, train_transform, args.seed), Transformed(probe_train, test_tf),
             Transformed(probe_test, test_tf))

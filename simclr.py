@@ -30,7 +30,7 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data-loading workers per rank")
     p.add_argument("--seed", type=int, default=0, help="seed of model init, data order and augmentations")
     p.add_argument("--image-size", type=int, default=0, help="crop size (0: the dataset's default)")
-    p.add_argument("--subset", type=int, default=0, help="use only the first N training images (0: all)")
+    p.add_argument("--subset", type=int, default=0, help="use N evenly spaced training images (0: all)")
     p.add_argument("--max-steps", type=int, default=0, help="stop (and checkpoint) after N steps in total (0: never)")
     p.add_argument("--out", default="runs/simclr", help="output folder: metrics.jsonl, checkpoint.pth, backbone.pth")
     p.add_argument("--resume", default="", help="checkpoint.pth to continue from (or backbone.pth with --eval-only)")

@@ -191,6 +191,12 @@ def test_backbone_loads_into_torchvision(tiny_imagefolder, tmp_path):
     assert sorted(missing) == ["fc.bias", "fc.weight"] and unexpected == []
     trained = torch.load(os.path.join(out, "checkpoint.pth"), weights_only=False)["model"]
     assert torch.equal(net.layer4[1].conv2.weight, trained["encoder.layer4.1.conv2.weight"])
+    # the torchvision model computes the trained trunk's features (BN statistics included)
+    model = simclr.SimCLR("resnet18", 96)
+    model.load_state_dict(trained)
+    net.fc = torch.nn.Identity()
+    x = torch.randn(2, 3, 96, 96)
+    torch.testing.assert_close(net.eval()(x), model.encoder.eval()(x))
 
 
 # ---------------------------------------------------------------------------------------
