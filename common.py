@@ -1,9 +1,12 @@
 """Shared plumbing for the sslref method files: data, distributed start-up, gathers,
 backbones, checkpoints, metrics and probing (kNN + linear probe). Nothing method-specific."""
+import argparse
 import gzip
 import json
+import math
 import os
 import random
+import time
 
 import numpy as np
 import torch
@@ -17,6 +20,26 @@ from torchvision import transforms as T
 def fail(msg):
     """Stop with a one-line error that says what to do (no traceback)."""
     raise SystemExit(f"error: {msg}")
+
+
+def _checked(kind, ok, what):
+    """An argparse type: a bad value stops at parse time with argparse's own one-line error."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return value
+    return parse
+
+
+positive_int = _checked(int, lambda v: v > 0, "a positive integer")
+nonneg_int = _checked(int, lambda v: v >= 0, "an integer >= 0")
+positive_float = _checked(float, lambda v: 0 < v < math.inf, "a positive number")
+nonneg_float = _checked(float, lambda v: 0 <= v < math.inf, "a finite number >= 0")
+unit_float = _checked(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 
 
 # ---- Data ------------------------------------------------------------------------------
@@ -129,10 +152,14 @@ class Transformed(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         index, epoch = key if isinstance(key, tuple) else (key, None)
-        if epoch is not None:  # torchvision's random transforms draw from torch's CPU generator
-            torch.default_generator.manual_seed(hash((self.seed, epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF)
         image, label = self.base[index]
-        return self.transform(image), label, index
+        if epoch is None:
+            return self.transform(image), label, index
+        # torchvision's random transforms draw from torch's CPU generator: seed it for this sample, then
+        # give it back as it was, so that with --workers 0 the training step's randomness stays its own
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hash((self.seed, epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF)
+            return self.transform(image), label, index
 
 
 class EpochSampler(torch.utils.data.distributed.DistributedSampler):
@@ -260,12 +287,12 @@ def all_reduce_mean(x):
 
 
 # ---- Backbone --------------------------------------------------------------------------
-def resnet_tiny(zero_init_residual=False):
+def resnet_tiny(zero_init_residual=False, norm_layer=nn.BatchNorm2d):
     """BasicBlock ResNet, one block per stage, widths 16-32-64-128: for CPU smoke runs."""
     from torchvision.models.resnet import BasicBlock
-    net = torchvision.models.ResNet(BasicBlock, [1, 1, 1, 1])
+    net = torchvision.models.ResNet(BasicBlock, [1, 1, 1, 1], norm_layer=norm_layer)
     net.inplanes = 16
-    net.conv1, net.bn1 = nn.Conv2d(3, 16, 7, 2, 3, bias=False), nn.BatchNorm2d(16)
+    net.conv1, net.bn1 = nn.Conv2d(3, 16, 7, 2, 3, bias=False), norm_layer(16)
     net.layer1, net.layer2, net.layer3, net.layer4 = (  # built in order: each reads net.inplanes
         net._make_layer(BasicBlock, width, 1, stride=1 if width == 16 else 2) for width in (16, 32, 64, 128))
     net.fc = nn.Linear(128, 1000)
@@ -277,13 +304,13 @@ def resnet_tiny(zero_init_residual=False):
     return net
 
 
-def build_backbone(arch, image_size, zero_init_residual=False):
+def build_backbone(arch, image_size, zero_init_residual=False, norm_layer=nn.BatchNorm2d):
     """torchvision ResNet (its Kaiming fan-out init) without fc -> (trunk, width). At <= 64 px the CIFAR stem
     (3x3 conv, stride 1, no max-pool) as SimCLR's CIFAR setup; zero_init_residual zeroes each block's last BN."""
     if arch == "resnet-tiny":
-        net = resnet_tiny(zero_init_residual)
+        net = resnet_tiny(zero_init_residual, norm_layer)
     elif arch.startswith(("resnet", "wide_resnet", "resnext")) and hasattr(torchvision.models, arch):
-        net = getattr(torchvision.models, arch)(zero_init_residual=zero_init_residual)
+        net = getattr(torchvision.models, arch)(zero_init_residual=zero_init_residual, norm_layer=norm_layer)
     else:
         fail(f"unknown --arch {arch}: use a torchvision ResNet (resnet18, resnet50, ...) or resnet-tiny")
     if image_size <= 64:
@@ -341,7 +368,7 @@ def load_weights(module, state_dict, path):
     except RuntimeError as e:
         first_problem = (str(e).splitlines()[1:] or [str(e)])[0].strip()
         fail(f"{path} does not fit this model ({first_problem}); "
-             "pass the --arch and --image-size it was trained with")
+             "pass the --arch, --image-size and model flags it was trained with")
 
 
 class MetricLogger:
@@ -360,6 +387,127 @@ def progress_line(epoch, step, steps_per_epoch, loss, lr, img_per_s, eta_s):
     hours, rest = divmod(int(eta_s), 3600)
     return (f"epoch {epoch} step {step}/{steps_per_epoch} loss {loss:.4f} lr {lr:.4g} "
             f"{img_per_s:.0f} img/s eta {hours}:{rest // 60:02d}:{rest % 60:02d}")
+
+
+def step_generator(seed, global_step, device):
+    """The training step's own random generator, seeded from (seed, step): a resumed run draws the same
+    numbers whatever --workers is, and nothing else (data loading included) draws from it."""
+    return torch.Generator(device).manual_seed(hash((seed, global_step)) & 0x7FFF_FFFF_FFFF_FFFF)
+
+
+NEVER = 2 ** 62  # "no non-finite loss seen" for the divergence check
+
+
+class Run:
+    """The plumbing every method file's training loop shares, one call each: `resume()`, `after_step()`
+    (progress line + metrics.jsonl every --print-freq steps, checkpoints every --save-every steps and at each
+    epoch end, the --eval-every kNN monitor, the stop on a non-finite loss) and `final_evaluation()`.
+    All method state (queue, memory bank) lives in `model`'s parameters and buffers, so it is saved too."""
+
+    def __init__(self, args, model, optimizer, backbone, probe_loaders, device, rank, world_size):
+        self.args, self.model, self.optimizer, self.backbone = args, model, optimizer, backbone
+        self.probe_loaders, self.device, self.rank, self.world_size = probe_loaders, device, rank, world_size
+        self.logger = MetricLogger(args.out, rank)
+        self.path = os.path.join(args.out, "checkpoint.pth")
+        self.last_good = None  # (path, global step) of the newest checkpoint known to hold finite values
+        self.epochs_done = self.global_step = 0
+        self.first_bad_step = torch.tensor(NEVER, device=device)  # on the device: no host sync per step
+
+    def resume(self):
+        """Load --resume -> (epoch, step in epoch) to start at; (0, 0) without it. With --eval-only it may
+        also be a backbone.pth in torchvision's layout."""
+        args = self.args
+        if not args.resume:
+            return 0, 0
+        ckpt = load_checkpoint(args.resume)
+        if "model" not in ckpt:
+            if not args.eval_only:
+                fail(f"{args.resume} is not a training checkpoint; pass OUT/checkpoint.pth "
+                     "(backbone.pth needs --eval-only)")
+            load_weights(self.backbone, ckpt, args.resume)
+            return 0, 0
+        load_weights(self.model, ckpt["model"], args.resume)
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt["step_in_epoch"] and (ckpt["world_size"], ckpt["args"]["batch_size"]) != (self.world_size, args.batch_size):
+            fail(f"{args.resume} stopped mid-epoch with {ckpt['world_size']} ranks and --batch-size "
+                 f"{ckpt['args']['batch_size']}; resume with the same")
+        set_rng_state(ckpt["rng"])
+        self.epochs_done, self.global_step = ckpt["epoch"], ckpt["global_step"]
+        self.last_good = (args.resume, ckpt["global_step"])
+        return ckpt["epoch"], ckpt["step_in_epoch"]
+
+    def start(self, steps_per_epoch, start_epoch, start_step):
+        """Count steps from where --resume left off; the run ends at --epochs or --max-steps, whichever is first."""
+        total_steps = self.args.epochs * steps_per_epoch
+        self.steps_per_epoch, self.last_step = steps_per_epoch, min(total_steps, self.args.max_steps or total_steps)
+        self.global_step = start_epoch * steps_per_epoch + start_step
+        self.tick = (time.time(), self.global_step)
+
+    def done(self):
+        return self.global_step >= self.last_step
+
+    def after_step(self, epoch, step, loss, lr):
+        """Call after each optimizer step with this rank's loss (a tensor). Returns True at the last step."""
+        args = self.args
+        self.global_step += 1
+        loss = loss.detach().float()
+        self.first_bad_step = torch.minimum(self.first_bad_step, torch.where(loss.isfinite(), NEVER, self.global_step))
+        end_of_epoch = step + 1 == self.steps_per_epoch
+        if self.global_step % args.print_freq == 0 or end_of_epoch or self.done():
+            self.stop_if_diverged()
+            loss_value = all_reduce_mean(loss).item()  # the only host sync, at print time
+            elapsed = max(time.time() - self.tick[0], 1e-9)
+            img_per_s = (self.global_step - self.tick[1]) * args.batch_size / elapsed
+            eta = (self.last_step - self.global_step) * args.batch_size / max(img_per_s, 1e-9)
+            print0(progress_line(epoch, step + 1, self.steps_per_epoch, loss_value, lr, img_per_s, eta), rank=self.rank)
+            self.logger.log(epoch=epoch, step=self.global_step, loss=loss_value, lr=lr, img_per_s=img_per_s)
+            self.tick = (time.time(), self.global_step)
+        if end_of_epoch or self.done() or (args.save_every and self.global_step % args.save_every == 0):
+            self.save(epoch + 1 if end_of_epoch else epoch, 0 if end_of_epoch else step + 1)
+        if end_of_epoch and args.eval_every and (epoch + 1) % args.eval_every == 0 and not self.done():
+            monitor = self.evaluate(linear=False)
+            self.logger.log(epoch=epoch + 1, **monitor)
+            print0(f"epoch {epoch + 1} kNN top-1 {monitor['knn_top1']:.2f}", rank=self.rank)
+            self.tick = (time.time(), self.global_step)  # evaluation time is not training throughput
+        return self.done()
+
+    def stop_if_diverged(self, check_weights=False):
+        """One-line error naming the first non-finite step and the last good checkpoint (all ranks agree)."""
+        first_bad = self.first_bad_step.clone()
+        if check_weights:
+            values = [t for t in self.model.state_dict().values() if t.is_floating_point()]
+            finite = torch.stack([t.isfinite().all() for t in values]).all()
+            first_bad = torch.where(finite, first_bad, torch.clamp(first_bad, max=self.global_step))
+        if is_distributed():
+            dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
+        if first_bad.item() < NEVER:
+            good = (f"the last good checkpoint is {self.last_good[0]} (step {self.last_good[1]})" if self.last_good
+                    else "no checkpoint was written")
+            fail(f"training diverged: non-finite loss or weights at step {first_bad.item()}; {good}; "
+                 "lower --lr and --resume from it")
+
+    def save(self, epoch, step_in_epoch):
+        """Atomic checkpoint.pth + backbone.pth from rank 0; never of non-finite values."""
+        self.stop_if_diverged(check_weights=True)
+        if self.rank == 0:
+            save_atomic({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "epoch": epoch,
+                         "step_in_epoch": step_in_epoch, "global_step": self.global_step,
+                         "world_size": self.world_size, "rng": rng_state(), "args": vars(self.args)}, self.path)
+            save_atomic(self.backbone.state_dict(), os.path.join(self.args.out, "backbone.pth"))
+        self.last_good, self.epochs_done = (self.path, self.global_step), epoch
+        self.tick = (time.time(), self.global_step)
+
+    def evaluate(self, linear=True):
+        return evaluate(self.backbone, *self.probe_loaders, self.device, self.args, linear)
+
+    def final_evaluation(self):
+        """kNN + linear probe of the trunk, logged and printed; the replicas' largest weight difference."""
+        results = self.evaluate()
+        if self.world_size > 1:
+            results["rank_weight_max_diff"] = max_param_diff_across_ranks(self.model)
+        self.logger.log(epoch=self.epochs_done, step=self.global_step, **results)
+        print0(" ".join(f"{k} {v:.4g}" for k, v in results.items()), rank=self.rank)
+        return results
 
 
 # ---- Probing: feature extraction, weighted kNN, linear probe ---------------------------

@@ -23,30 +23,31 @@ def parse_args(argv=None):
     p.add_argument("--dataset", default="imagefolder", choices=list(common.DEFAULT_IMAGE_SIZE), help="dataset kind")
     p.add_argument("--data", default="", help="dataset folder (imagefolder: DATA/train and DATA/val)")
     p.add_argument("--arch", default="resnet50", help="torchvision ResNet name, or resnet-tiny for CPU runs")
-    p.add_argument("--epochs", type=int, default=100, help="pretraining epochs (paper: 100 to 800)")
-    p.add_argument("--batch-size", type=int, default=4096, help="GLOBAL batch size, split over ranks")
-    p.add_argument("--lr", type=float, default=0.3, help="base lr per 256 images; peak = lr * batch / 256")
-    p.add_argument("--wd", type=float, default=1e-6, help="weight decay (official default 1e-6)")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data-loading workers per rank")
-    p.add_argument("--seed", type=int, default=0, help="seed of model init, data order and augmentations")
-    p.add_argument("--image-size", type=int, default=0, help="crop size (0: the dataset's default)")
-    p.add_argument("--subset", type=int, default=0, help="use N evenly spaced training images (0: all)")
-    p.add_argument("--max-steps", type=int, default=0, help="stop (and checkpoint) after N steps in total (0: never)")
+    p.add_argument("--epochs", type=common.positive_int, default=100, help="pretraining epochs (paper: 100 to 800)")
+    p.add_argument("--batch-size", type=common.positive_int, default=4096, help="GLOBAL batch size, split over ranks")
+    p.add_argument("--lr", type=common.nonneg_float, default=0.3, help="base lr per 256 images; peak = lr * batch / 256")
+    p.add_argument("--wd", type=common.nonneg_float, default=1e-6, help="weight decay (official default 1e-6)")
+    p.add_argument("--workers", type=common.nonneg_int, default=min(8, os.cpu_count() or 1), help="data-loading workers per rank")
+    p.add_argument("--seed", type=int, default=0, help="seed of model init, data order, augmentations and training step")
+    p.add_argument("--image-size", type=common.nonneg_int, default=0, help="crop size (0: the dataset's default)")
+    p.add_argument("--subset", type=common.nonneg_int, default=0, help="use N evenly spaced training images (0: all)")
+    p.add_argument("--max-steps", type=common.nonneg_int, default=0, help="stop (and checkpoint) after N steps in total (0: never)")
+    p.add_argument("--save-every", type=common.nonneg_int, default=0, help="also checkpoint every N steps (0: at each epoch end only)")
     p.add_argument("--out", default="runs/simclr", help="output folder: metrics.jsonl, checkpoint.pth, backbone.pth")
     p.add_argument("--resume", default="", help="checkpoint.pth to continue from (or backbone.pth with --eval-only)")
     p.add_argument("--eval-only", action="store_true", help="only evaluate (the --resume weights, else random init)")
-    p.add_argument("--knn-k", type=int, default=200, help="neighbours of the weighted kNN monitor")
-    p.add_argument("--knn-t", type=float, default=0.1, help="temperature of the weighted kNN monitor")
-    p.add_argument("--probe-epochs", type=int, default=100, help="epochs of the linear probe (0: kNN only)")
-    p.add_argument("--eval-every", type=int, default=0, help="kNN monitor every N epochs (0: only at the end)")
-    p.add_argument("--print-freq", type=int, default=50, help="progress line every N steps")
+    p.add_argument("--knn-k", type=common.positive_int, default=200, help="neighbours of the weighted kNN monitor")
+    p.add_argument("--knn-t", type=common.positive_float, default=0.1, help="temperature of the weighted kNN monitor")
+    p.add_argument("--probe-epochs", type=common.nonneg_int, default=100, help="epochs of the linear probe (0: kNN only)")
+    p.add_argument("--eval-every", type=common.nonneg_int, default=0, help="kNN monitor every N epochs (0: only at the end)")
+    p.add_argument("--print-freq", type=common.positive_int, default=50, help="progress line every N steps")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on CUDA")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     # ALGO LOGIC: SimCLR hyper-parameters
-    p.add_argument("--temperature", type=float, default=0.1, help="NT-Xent temperature tau (ImageNet 0.1, CIFAR 0.5)")
-    p.add_argument("--warmup-epochs", type=float, default=10, help="linear lr warm-up before cosine decay")
-    p.add_argument("--color-jitter-strength", type=float, default=1.0, help="s of the colour distortion (CIFAR 0.5)")
-    p.add_argument("--proj-dim", type=int, default=128, help="output width of the projection head g")
+    p.add_argument("--temperature", type=common.positive_float, default=0.1, help="NT-Xent temperature tau (ImageNet 0.1, CIFAR 0.5)")
+    p.add_argument("--warmup-epochs", type=common.nonneg_float, default=10, help="linear lr warm-up before cosine decay")
+    p.add_argument("--color-jitter-strength", type=common.nonneg_float, default=1.0, help="s of the colour distortion (CIFAR 0.5)")
+    p.add_argument("--proj-dim", type=common.positive_int, default=128, help="output width of the projection head g")
     args = p.parse_args(argv)
     args.image_size = args.image_size or common.DEFAULT_IMAGE_SIZE[args.dataset]
     return args
@@ -170,7 +171,6 @@ def main(argv=None):
     pretrain_set, probe_train_set, probe_test_set = common.build_datasets(args, TwoViews(simclr_augmentation(args)))
     probe_train_loader = common.eval_loader(probe_train_set, args, world_size, rank)
     probe_test_loader = common.eval_loader(probe_test_set, args, world_size, rank)
-    logger = common.MetricLogger(args.out, rank)
 
     model = SimCLR(args.arch, args.image_size, args.proj_dim).to(device)
     if device.type == "cuda":
@@ -181,28 +181,12 @@ def main(argv=None):
         common.print0("note: SyncBatchNorm needs CUDA; on CPU each rank normalises its own batch", rank=rank)
     optimizer = LARS(lars_param_groups(model), lr=0.0, weight_decay=args.wd)
 
-    start_epoch, start_step = 0, 0
-    if args.resume:
-        ckpt = common.load_checkpoint(args.resume)
-        if "model" in ckpt:
-            common.load_weights(model, ckpt["model"], args.resume)
-            optimizer.load_state_dict(ckpt["optimizer"])
-            start_epoch, start_step = ckpt["epoch"], ckpt["step_in_epoch"]
-            if start_step and (ckpt["world_size"], ckpt["args"]["batch_size"]) != (world_size, args.batch_size):
-                common.fail(f"{args.resume} stopped mid-epoch with {ckpt['world_size']} ranks and --batch-size "
-                            f"{ckpt['args']['batch_size']}; resume with the same")
-            common.set_rng_state(ckpt["rng"])
-        elif args.eval_only:  # a backbone.pth in torchvision layout
-            common.load_weights(model.encoder, ckpt, args.resume)
-        else:
-            common.fail(f"{args.resume} is not a training checkpoint; pass OUT/checkpoint.pth (backbone.pth needs --eval-only)")
-
+    # TRY NOT TO MODIFY: resume, evaluation-only, DDP wrapper
+    run = common.Run(args, model, optimizer, model.encoder, (probe_train_loader, probe_test_loader), device, rank,
+                     world_size)
+    start_epoch, start_step = run.resume()
     if args.eval_only:
-        results = common.evaluate(model.encoder, probe_train_loader, probe_test_loader, device, args)
-        logger.log(epoch=start_epoch, **results)
-        common.print0(results, rank=rank)
-        return results
-
+        return run.final_evaluation()
     loader, sampler = common.train_loader(pretrain_set, args, world_size, rank)
     ddp_model = model
     if world_size > 1:
@@ -210,30 +194,19 @@ def main(argv=None):
     if args.compile:
         ddp_model = torch.compile(ddp_model)
     steps_per_epoch = len(sampler) // sampler.batch_size
-    total_steps = args.epochs * steps_per_epoch
-    last_step = min(total_steps, args.max_steps or total_steps)
-    warmup_steps = round(args.warmup_epochs * steps_per_epoch)
+    run.start(steps_per_epoch, start_epoch, start_step)
+    total_steps, warmup_steps = args.epochs * steps_per_epoch, round(args.warmup_epochs * steps_per_epoch)
     peak_lr = args.lr * args.batch_size / 256  # linear scaling (official learning_rate_scaling='linear')
 
-    def save(epoch, step_in_epoch):
-        if rank == 0:
-            common.save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                                "step_in_epoch": step_in_epoch, "world_size": world_size, "rng": common.rng_state(),
-                                "args": vars(args)}, os.path.join(args.out, "checkpoint.pth"))
-            common.save_atomic(model.encoder.state_dict(), os.path.join(args.out, "backbone.pth"))
-
     # ALGO LOGIC: training loop
-    global_step = start_epoch * steps_per_epoch + start_step
-    epochs_done, stop = start_epoch, False
-    if args.max_steps and global_step >= args.max_steps:  # resumed a run that already reached --max-steps
-        start_epoch = args.epochs
     for epoch in range(start_epoch, args.epochs):
+        if run.done():  # also when resuming a run that already reached --max-steps
+            break
         sampler.set_epoch(epoch)
         sampler.start_step = start_step if epoch == start_epoch else 0  # skip what a resumed run already did
         model.train()
-        tick, tick_step = time.time(), global_step
         for step, ((x1, x2), _, _) in enumerate(loader, start=sampler.start_step):
-            lr = learning_rate(global_step, total_steps, warmup_steps, peak_lr)
+            lr = learning_rate(run.global_step, total_steps, warmup_steps, peak_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             # one forward over both views, so BN normalises them together (official)
@@ -248,37 +221,11 @@ def main(argv=None):
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            global_step += 1
-
-            if global_step % args.print_freq == 0 or step + 1 == steps_per_epoch:
-                loss_value = common.all_reduce_mean(loss.detach()).item()  # the only host sync, at print time
-                img_per_s = (global_step - tick_step) * args.batch_size / max(time.time() - tick, 1e-9)
-                eta = (last_step - global_step) * args.batch_size / max(img_per_s, 1e-9)
-                common.print0(common.progress_line(epoch, step + 1, steps_per_epoch, loss_value, lr, img_per_s, eta), rank=rank)
-                logger.log(epoch=epoch, step=global_step, loss=loss_value, lr=lr, img_per_s=img_per_s)
-                tick, tick_step = time.time(), global_step
-            stop = bool(args.max_steps) and global_step >= args.max_steps
-            if stop:
+            if run.after_step(epoch, step, loss, lr):  # progress, checkpoints, monitor, divergence stop
                 break
-        if step + 1 < steps_per_epoch:  # stopped mid-epoch by --max-steps: resume from the next batch
-            save(epoch, step + 1)
-            break
-        epochs_done = epoch + 1
-        save(epochs_done, 0)
-        if args.eval_every and epochs_done % args.eval_every == 0 and epochs_done < args.epochs:
-            monitor = common.evaluate(model.encoder, probe_train_loader, probe_test_loader, device, args, linear=False)
-            logger.log(epoch=epochs_done, **monitor)
-            common.print0(f"epoch {epochs_done} kNN top-1 {monitor['knn_top1']:.2f}", rank=rank)
-        if stop:
-            break
 
     # TRY NOT TO MODIFY: final evaluation and consistency check across ranks
-    results = common.evaluate(model.encoder, probe_train_loader, probe_test_loader, device, args)
-    if world_size > 1:
-        results["rank_weight_max_diff"] = common.max_param_diff_across_ranks(model)
-    logger.log(epoch=epochs_done, step=global_step, **results)
-    common.print0(" ".join(f"{k} {v:.4g}" for k, v in results.items()), rank=rank)
-    return results
+    return run.final_evaluation()
 
 
 if __name__ == "__main__":
