@@ -239,8 +239,9 @@ def is_distributed():
 class _GatherWithGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
+        x = x.contiguous()
         out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(out, x.contiguous())
+        dist.all_gather(out, x)
         return torch.cat(out)
 
     @staticmethod
@@ -262,8 +263,9 @@ def gather(x):
     """All-gather along dim 0, no gradient."""
     if not is_distributed():
         return x
+    x = x.contiguous()  # all_gather wants dense tensors of one layout (channels_last images become NCHW)
     out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, x.contiguous())
+    dist.all_gather(out, x)
     return torch.cat(out)
 
 
@@ -329,19 +331,6 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def rng_state():
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}  # this rank's GPU only
-
-
-def set_rng_state(state):
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
 def save_atomic(obj, path):
     """torch.save to a temp file then rename: a crash mid-write never leaves a broken file."""
     tmp = f"{path}.tmp.{os.getpid()}"
@@ -371,24 +360,6 @@ def load_weights(module, state_dict, path):
              "pass the --arch, --image-size and model flags it was trained with")
 
 
-class MetricLogger:
-    """Appends one JSON object per line to OUT/metrics.jsonl (rank 0 only)."""
-
-    def __init__(self, out_dir, rank):
-        self.path = os.path.join(out_dir, "metrics.jsonl") if rank == 0 else None
-
-    def log(self, **record):
-        if self.path:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-
-def progress_line(epoch, step, steps_per_epoch, loss, lr, img_per_s, eta_s):
-    hours, rest = divmod(int(eta_s), 3600)
-    return (f"epoch {epoch} step {step}/{steps_per_epoch} loss {loss:.4f} lr {lr:.4g} "
-            f"{img_per_s:.0f} img/s eta {hours}:{rest // 60:02d}:{rest % 60:02d}")
-
-
 def step_generator(seed, global_step, device):
     """The training step's own random generator, seeded from (seed, step): a resumed run draws the same
     numbers whatever --workers is, and nothing else (data loading included) draws from it."""
@@ -407,7 +378,6 @@ class Run:
     def __init__(self, args, model, optimizer, backbone, probe_loaders, device, rank, world_size):
         self.args, self.model, self.optimizer, self.backbone = args, model, optimizer, backbone
         self.probe_loaders, self.device, self.rank, self.world_size = probe_loaders, device, rank, world_size
-        self.logger = MetricLogger(args.out, rank)
         self.path = os.path.join(args.out, "checkpoint.pth")
         self.last_good = None  # (path, global step) of the newest checkpoint known to hold finite values
         self.epochs_done = self.global_step = 0
@@ -431,7 +401,6 @@ class Run:
         if ckpt["step_in_epoch"] and (ckpt["world_size"], ckpt["args"]["batch_size"]) != (self.world_size, args.batch_size):
             fail(f"{args.resume} stopped mid-epoch with {ckpt['world_size']} ranks and --batch-size "
                  f"{ckpt['args']['batch_size']}; resume with the same")
-        set_rng_state(ckpt["rng"])
         self.epochs_done, self.global_step = ckpt["epoch"], ckpt["global_step"]
         self.last_good = (args.resume, ckpt["global_step"])
         return ckpt["epoch"], ckpt["step_in_epoch"]
@@ -458,15 +427,16 @@ class Run:
             loss_value = all_reduce_mean(loss).item()  # the only host sync, at print time
             elapsed = max(time.time() - self.tick[0], 1e-9)
             img_per_s = (self.global_step - self.tick[1]) * args.batch_size / elapsed
-            eta = (self.last_step - self.global_step) * args.batch_size / max(img_per_s, 1e-9)
-            print0(progress_line(epoch, step + 1, self.steps_per_epoch, loss_value, lr, img_per_s, eta), rank=self.rank)
-            self.logger.log(epoch=epoch, step=self.global_step, loss=loss_value, lr=lr, img_per_s=img_per_s)
+            hours, rest = divmod(int((self.last_step - self.global_step) * args.batch_size / max(img_per_s, 1e-9)), 3600)
+            print0(f"epoch {epoch} step {step + 1}/{self.steps_per_epoch} loss {loss_value:.4f} lr {lr:.4g} "
+                   f"{img_per_s:.0f} img/s eta {hours}:{rest // 60:02d}:{rest % 60:02d}", rank=self.rank)
+            self.log(epoch=epoch, step=self.global_step, loss=loss_value, lr=lr, img_per_s=img_per_s)
             self.tick = (time.time(), self.global_step)
         if end_of_epoch or self.done() or (args.save_every and self.global_step % args.save_every == 0):
             self.save(epoch + 1 if end_of_epoch else epoch, 0 if end_of_epoch else step + 1)
         if end_of_epoch and args.eval_every and (epoch + 1) % args.eval_every == 0 and not self.done():
             monitor = self.evaluate(linear=False)
-            self.logger.log(epoch=epoch + 1, **monitor)
+            self.log(epoch=epoch + 1, **monitor)
             print0(f"epoch {epoch + 1} kNN top-1 {monitor['knn_top1']:.2f}", rank=self.rank)
             self.tick = (time.time(), self.global_step)  # evaluation time is not training throughput
         return self.done()
@@ -492,10 +462,16 @@ class Run:
         if self.rank == 0:
             save_atomic({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "epoch": epoch,
                          "step_in_epoch": step_in_epoch, "global_step": self.global_step,
-                         "world_size": self.world_size, "rng": rng_state(), "args": vars(self.args)}, self.path)
+                         "world_size": self.world_size, "args": vars(self.args)}, self.path)
             save_atomic(self.backbone.state_dict(), os.path.join(self.args.out, "backbone.pth"))
         self.last_good, self.epochs_done = (self.path, self.global_step), epoch
         self.tick = (time.time(), self.global_step)
+
+    def log(self, **record):
+        """One JSON object per line in OUT/metrics.jsonl, from rank 0."""
+        if self.rank == 0:
+            with open(os.path.join(self.args.out, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(record) + "\n")
 
     def evaluate(self, linear=True):
         return evaluate(self.backbone, *self.probe_loaders, self.device, self.args, linear)
@@ -505,7 +481,7 @@ class Run:
         results = self.evaluate()
         if self.world_size > 1:
             results["rank_weight_max_diff"] = max_param_diff_across_ranks(self.model)
-        self.logger.log(epoch=self.epochs_done, step=self.global_step, **results)
+        self.log(epoch=self.epochs_done, step=self.global_step, **results)
         print0(" ".join(f"{k} {v:.4g}" for k, v in results.items()), rank=self.rank)
         return results
 

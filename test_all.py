@@ -1,9 +1,11 @@
 """Smoke and correctness tests on CPU with tiny data: `pytest -q test_all.py`."""
+import collections
 import gzip
 import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -13,11 +15,15 @@ import torch.nn.functional as F
 import torchvision
 
 import common
+import moco
 import simclr
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = ["--dataset", "imagefolder", "--arch", "resnet-tiny", "--image-size", "32", "--workers", "0",
         "--print-freq", "1", "--probe-epochs", "2", "--knn-k", "5"]
+# each method file with the flags that make TINY runs (batch 16 or 4) valid for it
+METHODS = {"simclr": (simclr, []), "moco": (moco, ["--moco-k", "64", "--bn-splits", "2", "--mlp", "--aug-plus"])}
+TRUNK_PREFIX = {"simclr": "encoder.", "moco": "encoder_q.trunk."}  # where the trunk sits in checkpoint["model"]
 
 
 @pytest.fixture(scope="session")
@@ -100,6 +106,120 @@ def test_ddp_two_ranks_equal_one_process(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------
+# MoCo: logits, queue, key encoder, shuffle BN
+# ---------------------------------------------------------------------------------------
+def test_moco_logits_and_loss_match_naive_computation():
+    g = torch.Generator().manual_seed(0)
+    q, k = F.normalize(torch.randn(5, 8, generator=g), dim=1), F.normalize(torch.randn(5, 8, generator=g), dim=1)
+    queue = F.normalize(torch.randn(8, 12, generator=g), dim=0)
+    T = 0.07
+    logits, labels = moco.moco_logits(q, k, queue, T)
+    losses = []
+    for i in range(5):  # written out plainly: positive first, then every queue entry
+        row = [float(q[i] @ k[i]) / T] + [float(q[i] @ queue[:, j]) / T for j in range(12)]
+        assert logits[i].tolist() == pytest.approx(row, rel=1e-5)
+        losses.append(-row[0] + np.log(np.sum(np.exp(row))))
+    assert labels.tolist() == [0] * 5
+    assert F.cross_entropy(logits, labels).item() == pytest.approx(np.mean(losses), rel=1e-5)
+
+
+def tiny_moco(K=12, m=0.9, dim=4, batch_norm=True):
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(6, 16)] + ([torch.nn.BatchNorm1d(16)] if batch_norm else []) + [torch.nn.ReLU()]
+    encoder = torch.nn.Sequential(collections.OrderedDict(trunk=torch.nn.Sequential(*layers),
+                                                          head=torch.nn.Linear(16, dim)))
+    return moco.MoCo(encoder, dim=dim, K=K, m=m)
+
+
+def test_moco_step_momentum_update_queue_and_no_key_gradient():
+    model, m = tiny_moco(K=12, m=0.9), 0.9
+    with torch.no_grad():  # make f_k differ from f_q, so the update formula is visible
+        for p in model.encoder_k.parameters():
+            p.add_(torch.randn_like(p))
+    theta_q = [p.detach().clone() for p in model.encoder_q.parameters()]
+    theta_k = [p.detach().clone() for p in model.encoder_k.parameters()]
+    old_queue = model.queue.clone()
+    x_q, x_k = torch.randn(4, 6), torch.randn(4, 6)
+    q, k = model(x_q, x_k, torch.Generator().manual_seed(0))
+    for new, old_k, old_q in zip(model.encoder_k.parameters(), theta_k, theta_q):
+        torch.testing.assert_close(new, m * old_k + (1 - m) * old_q)
+    logits, labels = moco.moco_logits(q, k, model.queue, 0.2)
+    model._dequeue_and_enqueue(k)
+    F.cross_entropy(logits, labels).backward()
+    assert all(p.grad is not None for p in model.encoder_q.parameters())
+    assert all(p.grad is None and not p.requires_grad for p in model.encoder_k.parameters())
+    assert k.grad_fn is None and q.grad_fn is not None
+    # the keys took the 4 oldest slots at the pointer; the rest of the queue is untouched
+    assert torch.equal(model.queue[:, :4], k.T) and torch.equal(model.queue[:, 4:], old_queue[:, 4:])
+    assert model.queue_ptr.item() == 4
+    for step in range(2, 5):  # 12 slots, 4 keys a step: the pointer wraps after the third step
+        _, k = model(torch.randn(4, 6), torch.randn(4, 6), torch.Generator().manual_seed(step))
+        model._dequeue_and_enqueue(k)
+        assert model.queue_ptr.item() == (4 * step) % 12
+    assert torch.equal(model.queue[:, :4], k.T)  # the fourth batch overwrote the first
+
+
+def test_moco_one_process_shuffle_returns_each_key_to_its_sample():
+    model = tiny_moco(batch_norm=False)  # no batch statistics: a key depends on its own image only
+    x = torch.randn(8, 6)
+    _, k = model(torch.randn(8, 6), x, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(k, F.normalize(model.encoder_k(x), dim=1))
+    shuffled, idx_unshuffle = model._batch_shuffle(x, torch.Generator().manual_seed(1))
+    assert not torch.equal(shuffled, x) and torch.equal(shuffled[idx_unshuffle], x)
+
+
+def test_split_batch_norm_normalises_each_group_alone():
+    bn = moco.SplitBatchNorm(3, num_splits=2)
+    x = torch.randn(8, 3, 4, 4) * 3 + 1
+    out = bn(x)
+    for group in (0, 1):  # sample i belongs to group i % 2
+        expected = F.batch_norm(x[group::2], None, None, training=True)
+        torch.testing.assert_close(out[group::2], expected)
+    expected_mean = 0.9 * torch.zeros(3) + 0.1 * torch.stack([x[g::2].mean((0, 2, 3)) for g in (0, 1)]).mean(0)
+    torch.testing.assert_close(bn.running_mean, expected_mean)
+    bn.eval()
+    torch.testing.assert_close(bn(x), F.batch_norm(x, bn.running_mean, bn.running_var))  # eval: ordinary BN
+
+
+def _moco_steps(rank, world_size, init_file, out_file):
+    """Three MoCo steps on a fixed global batch of 8, split over the ranks; an encoder without BN, so one
+    process on the whole batch must give the same result as DDP."""
+    if world_size > 1:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    model = tiny_moco(K=16, m=0.9, batch_norm=False)
+    ddp = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world_size > 1 else model
+    opt = torch.optim.SGD(model.encoder_q.parameters(), lr=0.5, momentum=0.9)
+    n = 8 // world_size
+    data = torch.Generator().manual_seed(0)
+    for step in range(3):
+        x_q, x_k = torch.randn(8, 6, generator=data), torch.randn(8, 6, generator=data)
+        q, k = ddp(x_q[rank * n:(rank + 1) * n], x_k[rank * n:(rank + 1) * n], common.step_generator(0, step, "cpu"))
+        torch.testing.assert_close(k, F.normalize(model.encoder_k(x_k[rank * n:(rank + 1) * n]), dim=1))
+        logits, labels = moco.moco_logits(q, k, model.queue, 0.2)
+        loss = F.cross_entropy(logits, labels)
+        model._dequeue_and_enqueue(k)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    if world_size > 1:  # the shuffle sends keys across ranks: some of this rank's keys were encoded elsewhere
+        shuffled, _ = model._batch_shuffle(torch.arange(n * rank, n * (rank + 1)).float()[:, None], common.step_generator(0, 0, "cpu"))
+        assert not set(shuffled.flatten().long().tolist()) <= set(range(n * rank, n * (rank + 1)))
+    torch.save(model.state_dict(), f"{out_file}.{rank}")
+    if world_size > 1:
+        dist.destroy_process_group()
+
+
+def test_moco_two_ranks_equal_one_process(tmp_path):
+    _moco_steps(0, 1, None, tmp_path / "single")
+    torch.multiprocessing.spawn(_moco_steps, args=(2, tmp_path / "init", tmp_path / "ddp"), nprocs=2)
+    single, rank0, rank1 = (torch.load(tmp_path / name) for name in ("single.0", "ddp.0", "ddp.1"))
+    for key in single:
+        assert torch.equal(rank0[key], rank1[key]), key  # every rank holds the same weights and queue
+        torch.testing.assert_close(rank0[key], single[key], rtol=1e-5, atol=1e-6)
+    assert rank0["queue_ptr"].item() == (3 * 8) % 16  # the pointer advanced by the GLOBAL batch
+
+
+# ---------------------------------------------------------------------------------------
 # Probing
 # ---------------------------------------------------------------------------------------
 def test_knn_matches_naive_vote_and_separates_clusters():
@@ -136,10 +256,11 @@ def test_linear_probe_learns_separable_and_not_random_labels():
 # ---------------------------------------------------------------------------------------
 # Training runs
 # ---------------------------------------------------------------------------------------
-def test_torchrun_two_ranks_stay_in_sync(tiny_imagefolder, tmp_path):
+@pytest.mark.parametrize("method", METHODS)
+def test_torchrun_two_ranks_stay_in_sync(method, tiny_imagefolder, tmp_path):
     out = str(tmp_path / "run")
-    r = torchrun("simclr.py", *TINY, "--data", tiny_imagefolder, "--batch-size", "16", "--epochs", "2",
-                 "--eval-every", "1", "--out", out)
+    r = torchrun(f"{method}.py", *TINY, *METHODS[method][1], "--data", tiny_imagefolder, "--batch-size", "16",
+                 "--epochs", "2", "--eval-every", "1", "--out", out)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("loss") == 8  # 64 images / 16 = 4 steps an epoch, a line each, from rank 0 only
     metrics = read_metrics(out)
@@ -153,50 +274,90 @@ def test_torchrun_two_ranks_stay_in_sync(tiny_imagefolder, tmp_path):
     assert torch.load(os.path.join(out, "checkpoint.pth"), weights_only=False)["epoch"] == 2
 
 
-def test_resume_reaches_the_same_weights(tiny_imagefolder, tmp_path):
-    args = TINY + ["--data", tiny_imagefolder, "--batch-size", "16", "--epochs", "2", "--probe-epochs", "0"]
-    straight, stopped = str(tmp_path / "straight"), str(tmp_path / "stopped")
-    simclr.main(args + ["--out", straight, "--workers", "2"])
-    simclr.main(args + ["--out", stopped, "--max-steps", "4"])  # 4 steps per epoch: stops after epoch 1
-    assert torch.load(os.path.join(stopped, "checkpoint.pth"), weights_only=False)["epoch"] == 1
-    simclr.main(args + ["--out", stopped, "--resume", os.path.join(stopped, "checkpoint.pth")])
-    a = torch.load(os.path.join(straight, "checkpoint.pth"), weights_only=False)
-    b = torch.load(os.path.join(stopped, "checkpoint.pth"), weights_only=False)
+def load_state(out):
+    return torch.load(os.path.join(out, "checkpoint.pth"), weights_only=False)
+
+
+def assert_same_state(a, b):
+    """Every parameter and buffer (MoCo's queue and pointer included) bit-identical."""
+    assert a["model"].keys() == b["model"].keys()
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
-    untrained = simclr.SimCLR("resnet-tiny", 32).state_dict()
-    assert not torch.equal(a["model"]["encoder.conv1.weight"], untrained["encoder.conv1.weight"])
-
-    # and from the middle of an epoch
-    mid = str(tmp_path / "mid")
-    simclr.main(args + ["--out", mid, "--max-steps", "6"])
-    assert torch.load(os.path.join(mid, "checkpoint.pth"), weights_only=False)["step_in_epoch"] == 2
-    simclr.main(args + ["--out", mid, "--resume", os.path.join(mid, "checkpoint.pth")])
-    c = torch.load(os.path.join(mid, "checkpoint.pth"), weights_only=False)
-    for key in a["model"]:
-        assert torch.equal(a["model"][key], c["model"][key]), key
 
 
-def test_backbone_loads_into_torchvision(tiny_imagefolder, tmp_path):
+def kill_after_mid_epoch_save(argv, out):
+    """Run a method file in a subprocess, kill -9 it as soon as it has written a mid-epoch checkpoint."""
+    proc = subprocess.Popen([sys.executable, *argv], cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    path = os.path.join(out, "checkpoint.pth")
+    try:
+        while proc.poll() is None:
+            if os.path.exists(path) and load_state(out)["step_in_epoch"] > 0:  # saved atomically: never half-written
+                proc.kill()
+                proc.wait()
+                return load_state(out)
+            time.sleep(0.01)
+        pytest.fail(f"the run ended before a mid-epoch checkpoint: {proc.stderr.read()[-2000:]}")
+    finally:
+        proc.kill()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_resume_reaches_the_same_weights(method, tiny_imagefolder, tmp_path):
+    """Straight run (2 workers) == stop at an epoch end + resume == kill -9 after a mid-epoch --save-every
+    checkpoint + resume (0 workers): the same weights and method state, bit for bit."""
+    module, extra = METHODS[method]
+    # --epochs 50 fixes the lr schedule; --max-steps 8 ends the runs after 2 epochs of 4 steps
+    args = TINY + extra + ["--data", tiny_imagefolder, "--batch-size", "16", "--epochs", "50", "--probe-epochs", "0",
+                           "--eval-every", "0"]
+    straight, stopped, killed = (str(tmp_path / name) for name in ("straight", "stopped", "killed"))
+    module.main(args + ["--out", straight, "--workers", "2", "--max-steps", "8"])
+    module.main(args + ["--out", stopped, "--max-steps", "4"])
+    assert load_state(stopped)["epoch"] == 1
+    module.main(args + ["--out", stopped, "--max-steps", "8", "--resume", os.path.join(stopped, "checkpoint.pth")])
+    assert_same_state(load_state(straight), load_state(stopped))
+
+    at_kill = kill_after_mid_epoch_save([f"{method}.py", *args, "--out", killed, "--save-every", "3"], killed)
+    assert at_kill["step_in_epoch"] in (2, 3) and at_kill["global_step"] < 8  # saved at step 3 or 6
+    module.main(args + ["--out", killed, "--max-steps", "8", "--workers", "1",
+                        "--resume", os.path.join(killed, "checkpoint.pth")])
+    assert_same_state(load_state(straight), load_state(killed))
+    conv1 = TRUNK_PREFIX[method] + "conv1.weight"  # and the steps after the kill did change the weights
+    assert not torch.equal(at_kill["model"][conv1], load_state(straight)["model"][conv1])
+
+
+def test_per_sample_seeding_leaves_the_callers_generator_alone():
+    base = common.ArrayDataset(np.zeros((4, 8, 8), dtype=np.uint8), [0, 1, 0, 1])
+    views = common.Transformed(base, torchvision.transforms.Compose([
+        torchvision.transforms.RandomResizedCrop(8), torchvision.transforms.ToTensor()]), seed=3)
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    first = views[(2, 5)][0]
+    assert torch.equal(torch.rand(3), expected)  # loading a sample did not move the main generator
+    torch.manual_seed(1)
+    assert torch.equal(views[(2, 5)][0], first)  # and the sample's views depend on (seed, epoch, index) only
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_backbone_loads_into_torchvision(method, tiny_imagefolder, tmp_path):
+    module, extra = METHODS[method]
     out = str(tmp_path / "run")
-    args = TINY + ["--data", tiny_imagefolder, "--arch", "resnet18", "--image-size", "96", "--subset", "8",
-                   "--batch-size", "4", "--probe-epochs", "0"]
-    final = simclr.main(args + ["--epochs", "1", "--max-steps", "1", "--out", out])
+    args = TINY + extra + ["--data", tiny_imagefolder, "--arch", "resnet18", "--image-size", "96", "--subset", "8",
+                           "--batch-size", "4", "--probe-epochs", "0"]
+    final = module.main(args + ["--epochs", "1", "--max-steps", "1", "--out", out])
     # evaluating the saved trunk again gives the run's own final kNN
-    again = simclr.main(args + ["--eval-only", "--resume", os.path.join(out, "backbone.pth"), "--out", out])
+    again = module.main(args + ["--eval-only", "--resume", os.path.join(out, "backbone.pth"), "--out", out])
     assert again["knn_top1"] == final["knn_top1"]
     state = torch.load(os.path.join(out, "backbone.pth"))
     net = torchvision.models.resnet18()
     missing, unexpected = net.load_state_dict(state, strict=False)
     assert sorted(missing) == ["fc.bias", "fc.weight"] and unexpected == []
-    trained = torch.load(os.path.join(out, "checkpoint.pth"), weights_only=False)["model"]
-    assert torch.equal(net.layer4[1].conv2.weight, trained["encoder.layer4.1.conv2.weight"])
-    # the torchvision model computes the trained trunk's features (BN statistics included)
-    model = simclr.SimCLR("resnet18", 96)
-    model.load_state_dict(trained)
-    net.fc = torch.nn.Identity()
-    x = torch.randn(2, 3, 96, 96)
-    torch.testing.assert_close(net.eval()(x), model.encoder.eval()(x))
+    # every tensor of the torchvision model is the trained trunk's (BN statistics included)
+    trained = load_state(out)["model"]
+    for key, value in net.state_dict().items():
+        if not key.startswith("fc."):
+            assert torch.equal(value, trained[TRUNK_PREFIX[method] + key]), key
+    assert not torch.equal(net.layer4[1].bn2.running_mean, torch.zeros(512))  # trained, not the initial buffers
 
 
 # ---------------------------------------------------------------------------------------
@@ -233,9 +394,9 @@ def test_offline_download_says_what_to_place(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------
 # Bad input: one clear line, no traceback from inside torch
 # ---------------------------------------------------------------------------------------
-def expect_error(argv, *words):
+def expect_error(argv, *words, module=simclr):
     with pytest.raises(SystemExit) as e:
-        simclr.main(argv)
+        module.main(argv)
     message = str(e.value)
     assert message.startswith("error: ") and "\n" not in message
     for w in words:
@@ -247,24 +408,74 @@ def test_missing_data_folder(tmp_path):
     expect_error(TINY + ["--data", str(tmp_path), "--out", str(tmp_path)], "train")
 
 
-def test_truncated_checkpoint(tiny_imagefolder, tmp_path):
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("flag, value", [("--batch-size", "0"), ("--knn-k", "0"), ("--epochs", "-1"),
+                                         ("--lr", "nan"), ("--knn-t", "0"), ("--workers", "two")])
+def test_bad_flags_stop_at_parse_time(method, flag, value, capsys):
+    with pytest.raises(SystemExit) as e:
+        METHODS[method][0].main(TINY + [flag, value])
+    assert e.value.code == 2  # argparse's own exit, before any data or model is touched
+    assert f"argument {flag}: '{value}' is not" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, value", [("--moco-m", "1.5"), ("--moco-t", "0"), ("--moco-k", "0"), ("--bn-splits", "0")])
+def test_bad_moco_flags_stop_at_parse_time(flag, value, capsys):
+    with pytest.raises(SystemExit) as e:
+        moco.main(TINY + [flag, value])
+    assert e.value.code == 2 and f"argument {flag}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_truncated_checkpoint(method, tiny_imagefolder, tmp_path):
+    module, extra = METHODS[method]
     out = str(tmp_path / "run")
-    args = TINY + ["--data", tiny_imagefolder, "--batch-size", "16", "--epochs", "1", "--max-steps", "1",
-                   "--probe-epochs", "0", "--out", out]
-    simclr.main(args)
+    args = TINY + extra + ["--data", tiny_imagefolder, "--batch-size", "16", "--epochs", "1", "--max-steps", "1",
+                           "--probe-epochs", "0", "--out", out]
+    module.main(args)
     path = os.path.join(out, "checkpoint.pth")
     data = open(path, "rb").read()
     with open(path, "wb") as f:
         f.write(data[: len(data) // 2])
-    expect_error(args + ["--resume", path], "truncated or corrupt")
-    simclr.main(args)  # a good checkpoint again, resumed with another architecture
-    expect_error(args + ["--resume", path, "--arch", "resnet18"], "does not fit", "--arch")
+    expect_error(args + ["--resume", path], "truncated or corrupt", module=module)
+    module.main(args)  # a good checkpoint again, resumed with another architecture
+    expect_error(args + ["--resume", path, "--arch", "resnet18"], "does not fit", "--arch", module=module)
+
+
+@pytest.mark.parametrize("method, print_freq", [("simclr", "1"), ("moco", "100")])
+def test_divergence_stops_and_keeps_the_good_checkpoint(method, print_freq, tiny_imagefolder, tmp_path):
+    """A good epoch, then a huge lr: the run stops with one line naming the step and the last good checkpoint,
+    whose file is untouched. print-freq 1 catches it at the progress line, 100 at the next --save-every save."""
+    module, extra = METHODS[method]
+    out = str(tmp_path / "run")
+    path = os.path.join(out, "checkpoint.pth")
+    args = TINY + extra + ["--data", tiny_imagefolder, "--batch-size", "16", "--epochs", "3", "--probe-epochs", "0",
+                           "--out", out, "--print-freq", print_freq, "--save-every", "2"]
+    module.main(args + ["--max-steps", "4"])
+    good = open(path, "rb").read()
+    with pytest.raises(SystemExit) as e:
+        module.main(args + ["--lr", "1e30", "--resume", path])
+    message = str(e.value)
+    assert message.startswith("error: training diverged: non-finite loss or weights at step ") and "\n" not in message
+    assert f"the last good checkpoint is {path} (step 4)" in message
+    step = int(message.split("at step ")[1].split(";")[0])
+    assert step in (5, 6)  # the first step after the good checkpoint whose loss (or weights) went non-finite
+    if print_freq == "1":  # stopped at that step's progress line: every logged loss before it is finite
+        assert [m["step"] for m in read_metrics(out) if "loss" in m][-1] == step - 1
+    assert open(path, "rb").read() == good
+    assert all(torch.isfinite(v).all() for v in load_state(out)["model"].values() if v.is_floating_point())
 
 
 def test_batch_not_divisible_by_world_size(tiny_imagefolder, tmp_path):
     r = torchrun("simclr.py", *TINY, "--data", tiny_imagefolder, "--batch-size", "15", "--out", str(tmp_path))
     assert r.returncode != 0
     assert "error: --batch-size 15 is not divisible by the world size 2" in r.stderr
+
+
+def test_moco_queue_not_divisible_by_batch(tiny_imagefolder, tmp_path):
+    expect_error(TINY + ["--data", tiny_imagefolder, "--batch-size", "16", "--moco-k", "100", "--out", str(tmp_path)],
+                 "--moco-k 100 is not divisible by --batch-size 16", "96 or 112", module=moco)
+    expect_error(TINY + ["--data", tiny_imagefolder, "--batch-size", "12", "--moco-k", "48", "--bn-splits", "8",
+                         "--out", str(tmp_path)], "--batch-size 12 is not divisible by --bn-splits 8", module=moco)
 
 
 # ---------------------------------------------------------------------------------------
