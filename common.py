@@ -26,12 +26,11 @@ def _checked(kind, ok, what):
     """An argparse type: a bad value stops at parse time with argparse's own one-line error."""
     def parse(text):
         try:
-            value = kind(text)
+            if ok(kind(text)):
+                return kind(text)
         except ValueError:
-            value = None
-        if value is None or not ok(value):
-            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
-        return value
+            pass
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
     return parse
 
 
@@ -158,7 +157,7 @@ class Transformed(torch.utils.data.Dataset):
         # torchvision's random transforms draw from torch's CPU generator: seed it for this sample, then
         # give it back as it was, so that with --workers 0 the training step's randomness stays its own
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(hash((self.seed, epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF)
+            torch.default_generator.manual_seed(hash((self.seed, epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF)
             return self.transform(image), label, index
 
 

@@ -249,7 +249,7 @@ def main(argv=None):
     ddp_model = model
     if world_size > 1:
         # every rank computes the same queue itself: broadcasting rank 0's buffers each step (DDP's default)
-        # would only move K x C floats; evaluation and checkpoints use rank 0's BN statistics
+        # would resend K x C equal floats; evaluation and checkpoints use rank 0's BN statistics
         ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
                                                         broadcast_buffers=False)
     if args.compile:

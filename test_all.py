@@ -479,12 +479,13 @@ def test_moco_queue_not_divisible_by_batch(tiny_imagefolder, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------
-# Real data: SimCLR must beat its own random init on Fashion-MNIST
+# Real data: each method must beat its own random init on Fashion-MNIST
 # ---------------------------------------------------------------------------------------
+FASHION = ["--dataset", "fashion-mnist", "--arch", "resnet-tiny", "--subset", "10000", "--workers", "2",
+           "--probe-epochs", "0", "--print-freq", "20", "--seed", "0"]
 @pytest.mark.skipif(not os.path.isdir(common.DEBIAN_FASHION_MNIST), reason="apt-get install dataset-fashion-mnist")
 def test_simclr_beats_random_init_on_fashion_mnist(tmp_path):
-    args = ["--dataset", "fashion-mnist", "--arch", "resnet-tiny", "--subset", "10000", "--batch-size", "256",
-            "--workers", "2", "--probe-epochs", "0", "--print-freq", "20", "--seed", "0"]
+    args = FASHION + ["--batch-size", "256"]
     random_init = simclr.main(args + ["--eval-only", "--out", str(tmp_path / "random")])
     trained = simclr.main(args + ["--epochs", "5", "--lr", "2.0", "--temperature", "0.1", "--warmup-epochs", "0.5",
                                   "--color-jitter-strength", "0.5", "--out", str(tmp_path / "simclr")])
@@ -492,3 +493,15 @@ def test_simclr_beats_random_init_on_fashion_mnist(tmp_path):
     assert trained["knn_top1"] >= random_init["knn_top1"] + 5
     # and above what a random init reaches without zero-init residual BN (measured here: 66-68)
     assert trained["knn_top1"] >= 70
+
+
+@pytest.mark.skipif(not os.path.isdir(common.DEBIAN_FASHION_MNIST), reason="apt-get install dataset-fashion-mnist")
+def test_moco_v2_beats_random_init_on_fashion_mnist(tmp_path):
+    # the demo's K 4096, m 0.99, T 0.1 and lr per 256; batch 128 gives this short run 2x the momentum updates
+    # (measured here, 5 epochs: batch 256 gave kNN 73.4, batch 128 74.7, against 67.8 at random init)
+    args = FASHION + ["--batch-size", "128"]
+    random_init = moco.main(args + ["--eval-only", "--out", str(tmp_path / "random")])
+    trained = moco.main(args + ["--epochs", "5", "--mlp", "--aug-plus", "--cos", "--lr", "0.06", "--moco-k", "4096",
+                                "--moco-m", "0.99", "--moco-t", "0.1", "--out", str(tmp_path / "moco")])
+    print(f"kNN top-1: random init {random_init['knn_top1']:.2f}, MoCo v2 {trained['knn_top1']:.2f}")
+    assert trained["knn_top1"] >= random_init["knn_top1"] + 5
