@@ -197,6 +197,15 @@ def build_datasets(args, train_transform):
             Transformed(probe_test, test_tf))
 
 
+def dataset_labels(ds):
+    """Labels of a dataset from build_datasets, in index order, without loading an image (-1: unlabelled)."""
+    if isinstance(ds, Transformed):
+        return dataset_labels(ds.base)
+    if isinstance(ds, torch.utils.data.Subset):
+        return dataset_labels(ds.dataset)[torch.tensor(list(ds.indices))]
+    return torch.as_tensor(np.asarray(ds.targets if hasattr(ds, "targets") else ds.labels), dtype=torch.long)
+
+
 def train_loader(dataset, args, world_size, rank):
     sampler = EpochSampler(dataset, args.batch_size // world_size, num_replicas=world_size, rank=rank, shuffle=True,
                            seed=args.seed, drop_last=True)
@@ -475,9 +484,11 @@ class Run:
     def evaluate(self, linear=True):
         return evaluate(self.backbone, *self.probe_loaders, self.device, self.args, linear)
 
-    def final_evaluation(self):
-        """kNN + linear probe of the trunk, logged and printed; the replicas' largest weight difference."""
+    def final_evaluation(self, extra=None):
+        """kNN + linear probe of the trunk (and `extra()`, a method's own results), logged and printed;
+        the replicas' largest weight difference."""
         results = self.evaluate()
+        results.update(extra() if extra else {})
         if self.world_size > 1:
             results["rank_weight_max_diff"] = max_param_diff_across_ranks(self.model)
         self.log(epoch=self.epochs_done, step=self.global_step, **results)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 import torchvision
 
 import common
+import instdisc
 import moco
 import simclr
 
@@ -22,8 +23,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = ["--dataset", "imagefolder", "--arch", "resnet-tiny", "--image-size", "32", "--workers", "0",
         "--print-freq", "1", "--probe-epochs", "2", "--knn-k", "5"]
 # each method file with the flags that make TINY runs (batch 16 or 4) valid for it
-METHODS = {"simclr": (simclr, []), "moco": (moco, ["--moco-k", "64", "--bn-splits", "2", "--mlp", "--aug-plus"])}
-TRUNK_PREFIX = {"simclr": "encoder.", "moco": "encoder_q.trunk."}  # where the trunk sits in checkpoint["model"]
+METHODS = {"simclr": (simclr, []), "moco": (moco, ["--moco-k", "64", "--bn-splits", "2", "--mlp", "--aug-plus"]),
+           "instdisc": (instdisc, ["--nce-k", "16"])}
+TRUNK_PREFIX = {"simclr": "encoder.", "moco": "encoder_q.trunk.", "instdisc": "encoder."}  # in checkpoint["model"]
 
 
 @pytest.fixture(scope="session")
@@ -217,6 +219,96 @@ def test_moco_two_ranks_equal_one_process(tmp_path):
         assert torch.equal(rank0[key], rank1[key]), key  # every rank holds the same weights and queue
         torch.testing.assert_close(rank0[key], single[key], rtol=1e-5, atol=1e-6)
     assert rank0["queue_ptr"].item() == (3 * 8) % 16  # the pointer advanced by the GLOBAL batch
+
+
+# ---------------------------------------------------------------------------------------
+# Instance discrimination: NCE, softmax, memory bank, noise
+# ---------------------------------------------------------------------------------------
+def test_instdisc_nce_loss_matches_naive_computation():
+    g = torch.Generator().manual_seed(0)
+    P, n = torch.rand(3, 6, generator=g) * 2, 50  # P(i|v) of the data sample (column 0) and K = 5 noise samples
+    K_Pn = 5 / n
+    total = 0.0
+    for row in P.tolist():  # -log h(data) - sum over noise of log(1 - h(noise)), h = P / (P + K/n)
+        total -= np.log(row[0] / (row[0] + K_Pn))
+        total -= sum(np.log(1 - p / (p + K_Pn)) for p in row[1:])
+    assert instdisc.nce_loss(P, n).item() == pytest.approx(total / 3, rel=1e-5)
+
+
+def test_instdisc_softmax_loss_matches_naive_computation():
+    g = torch.Generator().manual_seed(0)
+    v, memory = F.normalize(torch.randn(4, 8, generator=g), dim=1), F.normalize(torch.randn(10, 8, generator=g), dim=1)
+    y, tau = torch.tensor([3, 0, 9, 3]), 0.07
+    losses = []
+    for i in range(4):
+        scores = [np.exp(float(v[i] @ memory[j]) / tau) for j in range(10)]
+        losses.append(-np.log(scores[int(y[i])] / sum(scores)))
+    assert instdisc.softmax_loss(v, memory, y, tau).item() == pytest.approx(np.mean(losses), rel=1e-5)
+
+
+def test_instdisc_noise_comes_from_the_step_generator():
+    y = torch.tensor([4, 7, 1])
+    torch.manual_seed(0)
+    a = instdisc.draw_noise(y, 20, 6, common.step_generator(0, 11, "cpu"))
+    torch.manual_seed(1)  # the global generator plays no part
+    b = instdisc.draw_noise(y, 20, 6, common.step_generator(0, 11, "cpu"))
+    assert torch.equal(a, b) and a.shape == (3, 7) and torch.equal(a[:, 0], y)
+    assert a.min() >= 0 and a.max() < 20
+    assert not torch.equal(a, instdisc.draw_noise(y, 20, 6, common.step_generator(0, 12, "cpu")))  # a new step
+
+
+def test_instdisc_bank_error_names_the_size():
+    with pytest.raises(SystemExit) as e:
+        instdisc.check_bank_fits(10 ** 12, 128, torch.device("cpu"))
+    assert "the memory bank of 1000000000000 images x 128 floats needs 476837.2 GiB" in str(e.value)
+    assert "--subset" in str(e.value)
+    instdisc.check_bank_fits(1000, 128, torch.device("cpu"))  # a small bank passes
+
+
+def _instdisc_steps(rank, world_size, init_file, out_file):
+    """Three NCE steps on a fixed global batch of 8 out of 20 images, split over the ranks; a linear
+    encoder without BN, so one process on the whole batch must give the same result as DDP."""
+    if world_size > 1:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    torch.manual_seed(0)
+    model = instdisc.InstDisc("resnet-tiny", 32, num_images=20, low_dim=4)
+    model.encoder, model.fc = torch.nn.Identity(), torch.nn.Linear(6, 4)
+    ddp = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world_size > 1 else model
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    n, mine = 8 // world_size, slice(rank * 8 // world_size, (rank + 1) * 8 // world_size)
+    data, noise = torch.Generator().manual_seed(0), []
+    for step in range(3):
+        x, y = torch.randn(8, 6, generator=data), torch.randperm(20, generator=data)[:8]
+        v = ddp(x[mine])
+        idx = instdisc.draw_noise(y[mine], 20, 5, common.step_generator(0, step, "cpu"))
+        exp_scores = torch.exp(torch.einsum("bkd,bd->bk", model.memory[idx], v) / 0.07)
+        loss = instdisc.nce_loss(exp_scores / model.normaliser(exp_scores), 20)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        old = model.memory.clone()
+        model.update_memory(v, y[mine], 0.5)
+        # this rank's images landed at their own rows by the smoothing formula, unit norm
+        torch.testing.assert_close(model.memory[y[mine]], F.normalize(0.5 * old[y[mine]] + 0.5 * v.detach(), dim=1))
+        assert torch.allclose(model.memory[y].norm(dim=1), torch.ones(8))
+        untouched = torch.ones(20, dtype=torch.bool).scatter_(0, y, False)  # rows of no image in the global batch
+        assert torch.equal(model.memory[untouched], old[untouched])
+        noise.append(idx)
+    torch.save({"state": model.state_dict(), "noise": noise}, f"{out_file}.{rank}")
+    if world_size > 1:
+        dist.destroy_process_group()
+
+
+def test_instdisc_two_ranks_equal_one_process(tmp_path):
+    _instdisc_steps(0, 1, None, tmp_path / "single")
+    torch.multiprocessing.spawn(_instdisc_steps, args=(2, tmp_path / "init", tmp_path / "ddp"), nprocs=2)
+    single, rank0, rank1 = (torch.load(tmp_path / name) for name in ("single.0", "ddp.0", "ddp.1"))
+    for key in single["state"]:
+        assert torch.equal(rank0["state"][key], rank1["state"][key]), key  # the same bank, Z and weights everywhere
+        torch.testing.assert_close(rank0["state"][key], single["state"][key], rtol=1e-5, atol=1e-6)
+    assert single["state"]["Z"] > 0
+    for step in range(3):  # the noise does not depend on the world size: each rank has its rows of the global draw
+        assert torch.equal(torch.cat([rank0["noise"][step], rank1["noise"][step]]), single["noise"][step])
 
 
 # ---------------------------------------------------------------------------------------
@@ -441,7 +533,7 @@ def test_truncated_checkpoint(method, tiny_imagefolder, tmp_path):
     expect_error(args + ["--resume", path, "--arch", "resnet18"], "does not fit", "--arch", module=module)
 
 
-@pytest.mark.parametrize("method, print_freq", [("simclr", "1"), ("moco", "100")])
+@pytest.mark.parametrize("method, print_freq", [("simclr", "1"), ("moco", "100"), ("instdisc", "1")])
 def test_divergence_stops_and_keeps_the_good_checkpoint(method, print_freq, tiny_imagefolder, tmp_path):
     """A good epoch, then a huge lr: the run stops with one line naming the step and the last good checkpoint,
     whose file is untouched. print-freq 1 catches it at the progress line, 100 at the next --save-every save."""
