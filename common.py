@@ -378,10 +378,9 @@ NEVER = 2 ** 62  # "no non-finite loss seen" for the divergence check
 
 
 class Run:
-    """The plumbing every method file's training loop shares, one call each: `resume()`, `after_step()`
-    (progress line + metrics.jsonl every --print-freq steps, checkpoints every --save-every steps and at each
-    epoch end, the --eval-every kNN monitor, the stop on a non-finite loss) and `final_evaluation()`.
-    All method state (queue, memory bank) lives in `model`'s parameters and buffers, so it is saved too."""
+    """The loop plumbing every method file shares, one call each: resume(), after_step() (progress lines,
+    metrics.jsonl, checkpoints, the kNN monitor, the divergence stop) and final_evaluation(). Method state
+    (queue, memory bank) lives in `model`'s buffers, so checkpoints hold it."""
 
     def __init__(self, args, model, optimizer, backbone, probe_loaders, device, rank, world_size):
         self.args, self.model, self.optimizer, self.backbone = args, model, optimizer, backbone
@@ -392,8 +391,7 @@ class Run:
         self.first_bad_step = torch.tensor(NEVER, device=device)  # on the device: no host sync per step
 
     def resume(self):
-        """Load --resume -> (epoch, step in epoch) to start at; (0, 0) without it. With --eval-only it may
-        also be a backbone.pth in torchvision's layout."""
+        """Load --resume (with --eval-only also a backbone.pth) -> (epoch, step in epoch) to start at."""
         args = self.args
         if not args.resume:
             return 0, 0
@@ -475,8 +473,7 @@ class Run:
         self.last_good, self.epochs_done = (self.path, self.global_step), epoch
         self.tick = (time.time(), self.global_step)
 
-    def log(self, **record):
-        """One JSON object per line in OUT/metrics.jsonl, from rank 0."""
+    def log(self, **record):  # one JSON object per line in OUT/metrics.jsonl
         if self.rank == 0:
             with open(os.path.join(self.args.out, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -485,8 +482,7 @@ class Run:
         return evaluate(self.backbone, *self.probe_loaders, self.device, self.args, linear)
 
     def final_evaluation(self, extra=None):
-        """kNN + linear probe of the trunk (and `extra()`, a method's own results), logged and printed;
-        the replicas' largest weight difference."""
+        """kNN + linear probe of the trunk, `extra()` (a method's own results), the replicas' weight difference."""
         results = self.evaluate()
         results.update(extra() if extra else {})
         if self.world_size > 1:
