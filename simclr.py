@@ -6,7 +6,6 @@
 import argparse
 import math
 import os
-import time
 
 import torch
 import torch.distributed as dist
