@@ -27,7 +27,7 @@ def parse_args(argv=None):
     # TRY NOT TO MODIFY: flags shared by every sslref method file
     p.add_argument("--dataset", default="imagefolder", choices=list(common.DEFAULT_IMAGE_SIZE), help="dataset kind")
     p.add_argument("--data", default="", help="dataset folder (imagefolder: DATA/train and DATA/val)")
-    p.add_argument("--arch", default="resnet50", help="torchvision ResNet name, or resnet-tiny for CPU runs")
+    p.add_argument("--arch", default="resnet18", help="torchvision ResNet (official main.py default: resnet18)")
     p.add_argument("--epochs", type=common.positive_int, default=200, help="pretraining epochs (official 200)")
     p.add_argument("--batch-size", type=common.positive_int, default=256, help="GLOBAL batch size, split over ranks")
     p.add_argument("--lr", type=common.nonneg_float, default=0.03, help="base lr per 256 images; peak = lr * batch / 256")
@@ -147,9 +147,13 @@ def check_bank_fits(n, dim, device):
     """The bank is replicated on every rank: stop before training if it would take over half the free memory."""
     need = n * dim * 4
     if device.type == "cuda":
-        free, where = torch.cuda.mem_get_info(device)[0], str(device)
+        free, where = torch.cuda.mem_get_info(device)[0], "a GPU"
     else:
         free, where = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "host memory"
+    if common.is_distributed():  # the tightest rank decides for all, so no rank waits for one that stopped
+        free_t = torch.tensor(float(free), device=device)
+        dist.all_reduce(free_t, op=dist.ReduceOp.MIN)
+        free = free_t.item()
     if need > free / 2:
         common.fail(f"the memory bank of {n} images x {dim} floats needs {need / 2**30:.1f} GiB, more than half of "
                     f"the {free / 2**30:.1f} GiB free on {where}; use --subset or a smaller --low-dim")
@@ -157,7 +161,8 @@ def check_bank_fits(n, dim, device):
 
 @torch.no_grad()
 def bank_knn(model, bank_labels, probe_test_loader, device, args):
-    """The paper's kNN (Sec. 3.4): the memory bank as the training features, the test images' v as queries."""
+    """The paper's kNN (Sec. 3.4): the memory bank as the training features, the test images' v as queries.
+    k and sigma from --knn-k 200 --knn-t 0.1 (official cifar.py: 0.1; its ImageNet main.py uses --nce-t 0.07)."""
     if (bank_labels < 0).any():  # STL-10's unlabelled images
         return {}
     test_v, test_y = common.extract_features(model, probe_test_loader, device, args.amp)
@@ -193,6 +198,8 @@ def main(argv=None):
     bank_labels = common.dataset_labels(pretrain_set)
 
     def paper_knn():
+        if args.eval_only and run.last_good is None:  # random init or a backbone.pth: there is no trained bank
+            return {}
         return bank_knn(model, bank_labels, probe_test_loader, device, args)
 
     start_epoch, start_step = run.resume()

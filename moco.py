@@ -9,7 +9,8 @@
 # Published ImageNet linear top-1 of ResNet-50 at 200 epochs (theirs, official README): v1 60.8, v2 67.5.
 # CIFAR-10 recipe of the official demo (colab/moco_cifar10_demo.ipynb; theirs: kNN 82.6% at 200 epochs):
 #   --dataset cifar10 --arch resnet18 --batch-size 512 --lr 0.03 (= its lr 0.06 at batch 512) --cos --wd 5e-4
-#   --moco-k 4096 --moco-m 0.99 --moco-t 0.1 --bn-splits 8 --aug-plus (blur is off at <= 64 px, as in the demo)
+#   --moco-k 4096 --moco-m 0.99 --moco-t 0.1 --bn-splits 8 --aug-plus (blur is off at <= 64 px, as in the demo;
+#   the demo crops with scale 0.08-1 and its kNN reads the 128-d head output, ours the trunk: not like for like)
 import argparse
 import copy
 import math
