@@ -1,6 +1,7 @@
 """Smoke and correctness tests on CPU with tiny data: `pytest -q test_all.py`."""
 import collections
 import gzip
+import itertools
 import json
 import os
 import subprocess
@@ -16,7 +17,9 @@ import torchvision
 
 import common
 import instdisc
+import jigsaw
 import moco
+import rotation
 import simclr
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -24,8 +27,10 @@ TINY = ["--dataset", "imagefolder", "--arch", "resnet-tiny", "--image-size", "32
         "--print-freq", "1", "--probe-epochs", "2", "--knn-k", "5"]
 # each method file with the flags that make TINY runs (batch 16 or 4) valid for it
 METHODS = {"simclr": (simclr, []), "moco": (moco, ["--moco-k", "64", "--bn-splits", "2", "--mlp", "--aug-plus"]),
-           "instdisc": (instdisc, ["--nce-k", "16"])}
-TRUNK_PREFIX = {"simclr": "encoder.", "moco": "encoder_q.trunk.", "instdisc": "encoder."}  # in checkpoint["model"]
+           "instdisc": (instdisc, ["--nce-k", "16"]), "rotation": (rotation, []),
+           "jigsaw": (jigsaw, ["--num-permutations", "24"])}
+TRUNK_PREFIX = {"simclr": "encoder.", "moco": "encoder_q.trunk.", "instdisc": "encoder.", "rotation": "encoder.",
+                "jigsaw": "encoder."}  # in checkpoint["model"]
 
 
 @pytest.fixture(scope="session")
@@ -312,6 +317,149 @@ def test_instdisc_two_ranks_equal_one_process(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------
+# RotNet: the four rotations
+# ---------------------------------------------------------------------------------------
+def test_rotation_labels_match_the_rotation_applied():
+    x = torch.randn(3, 2, 5, 5)
+    rotated, labels = rotation.rotate_batch(x)
+    assert rotated.shape == (12, 2, 5, 5) and labels.tolist() == [0, 1, 2, 3] * 3
+    for i in range(12):  # undoing each sample's rotation gives back its own image
+        assert torch.equal(torch.rot90(rotated[i], -int(labels[i]), dims=(1, 2)), x[i // 4])
+    for b in range(3):  # the batch holds all four rotations of each image, and they differ
+        copies = {tuple(rotated[4 * b + k].flatten().tolist()) for k in range(4)}
+        assert len(copies) == 4 and sorted(labels[4 * b:4 * b + 4].tolist()) == [0, 1, 2, 3]
+    # label 1 is a quarter turn counter-clockwise (the official rotate_img(img, 90) = flipud(transpose))
+    square = torch.tensor([[1, 2], [3, 4]])[None, None]
+    assert rotation.rotate_batch(square)[0][1, 0].tolist() == [[2, 4], [1, 3]]
+
+
+# ---------------------------------------------------------------------------------------
+# Jigsaw: permutation set, tiles, puzzle
+# ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def default_permutations():
+    start = time.time()
+    perms = jigsaw.maximal_hamming_permutations(1000, 0)
+    return perms, time.time() - start
+
+
+def test_jigsaw_permutation_set_is_greedy_unique_and_deterministic(default_permutations):
+    perms, seconds = default_permutations
+    assert seconds < 30  # vectorised over the 9! candidates (about 5 s on 2 cores)
+    assert perms.shape == (1000, 9) and all(sorted(p) == list(range(9)) for p in perms.tolist())
+    assert len({tuple(p) for p in perms.tolist()}) == 1000
+    assert torch.equal(jigsaw.maximal_hamming_permutations(30, 0), perms[:30])  # same seed, same set
+    assert not torch.equal(jigsaw.maximal_hamming_permutations(30, 1), perms[:30])
+    distances = (perms[:, None] != perms[None]).sum(-1)
+    off_diagonal = distances[~torch.eye(1000, dtype=torch.bool)]
+    # measured for seed 0: minimum 2, mean 8.008 (the paper's Table 3, 1000 'max': 2 and 8.00)
+    assert off_diagonal.min() >= 2 and off_diagonal.float().mean() > 8.0
+    # Algorithm 1, checked independently for the first picks: each new order has the largest summed Hamming
+    # distance to the ones before it, among all 9! orders not yet chosen
+    candidates = np.array(list(itertools.permutations(range(9))))
+    summed = np.zeros(len(candidates))
+    for k in range(1, 12):
+        summed += (candidates != perms[k - 1].numpy()).sum(1)
+        chosen_before = (candidates[:, None, :] == perms[:k].numpy()[None]).all(-1).any(1)
+        assert summed[(candidates == perms[k].numpy()).all(1)][0] == summed[~chosen_before].max()
+    # the first 100 as the paper's 100-class set (Table 3: mean 8.08, min 2; measured here 8.08 and 2)
+    first100 = (perms[:100, None] != perms[None, :100]).sum(-1)[~torch.eye(100, dtype=torch.bool)]
+    assert first100.float().mean() >= 8.07 and first100.min() >= 2
+
+
+@pytest.mark.parametrize("cell, tile, jitter", [(9, 8, 0), (32, 27, 1), (12, 6, 2)])
+def test_jigsaw_tiles_lie_in_their_cells_and_never_overlap(cell, tile, jitter):
+    image = torch.arange(3 * (3 * cell) ** 2, dtype=torch.float).reshape(3, 3 * cell, 3 * cell)  # every value unique
+    for seed in range(5):
+        torch.manual_seed(seed)
+        tiles, corners = jigsaw.cut_tiles(image, cell, tile, jitter)
+        assert tiles.shape == (9, 3, tile, tile)
+        seen = set()
+        for k in range(9):
+            for c in range(3):
+                y, x = corners[k, c].tolist()
+                assert torch.equal(tiles[k, c], image[c, y:y + tile, x:x + tile])  # the window the corner names
+                row, col = divmod(k, 3)  # row-major cells, each tile wholly inside its own
+                assert row * cell <= y <= (row + 1) * cell - tile and col * cell <= x <= (col + 1) * cell - tile
+            pixels = set(tiles[k].flatten().tolist())
+            assert not pixels & seen  # no pixel belongs to two tiles
+            seen |= pixels
+        if jitter:  # colour channels of one tile may sit at different places (chromatic-aberration jitter)
+            assert (corners[:, 1:] != corners[:, :1]).any() or seed < 4
+
+
+def test_jigsaw_shuffled_tiles_reassemble_with_the_inverse_permutation():
+    perms = jigsaw.maximal_hamming_permutations(24, 0)
+    tiles = torch.randn(9, 3, 4, 4)
+    for seed in range(10):
+        torch.manual_seed(seed)
+        shuffled, r = jigsaw.shuffle_tiles(tiles, perms)
+        inverse = torch.argsort(perms[r])
+        assert torch.equal(shuffled[inverse], tiles)  # back in row-major order
+        assert all(torch.equal(shuffled[p], tiles[perms[r, p]]) for p in range(9))
+
+
+def test_jigsaw_puzzle_shows_normalised_tiles_of_the_cells_its_label_names(monkeypatch):
+    """The whole transform, on an image given at the crop size: every shown tile is a normalised window of the
+    cell its permutation names, each channel zero-mean unit-std, the label a class of the set."""
+    args = jigsaw.parse_args(["--image-size", "28", "--grayscale", "0"])
+    perms = jigsaw.maximal_hamming_permutations(24, 0)
+    puzzle = jigsaw.JigsawPuzzle(args, perms)
+    crop, cell, tile, jitter = puzzle.crop, puzzle.cell, puzzle.tile, puzzle.jitter
+    assert (crop, cell, tile, jitter) == (27, 9, 8, 0)
+    image = torch.rand(3, crop, crop, generator=torch.Generator().manual_seed(0))
+    puzzle.square = lambda img: img  # skip the random crop: the windows are then known
+    labels = set()
+    for seed in range(6):
+        torch.manual_seed(seed)
+        shown, r = puzzle(image)
+        labels.add(r)
+        assert shown.shape == (9, 3, tile, tile) and 0 <= r < 24
+        torch.testing.assert_close(shown.mean((2, 3)), torch.zeros(9, 3), atol=1e-5, rtol=0)
+        torch.testing.assert_close(shown.std((2, 3)), torch.ones(9, 3))
+        for p in range(9):
+            row, col = divmod(int(perms[r, p]), 3)
+            windows = [jigsaw.normalize_tiles(image[None, :, row * cell + dy:row * cell + dy + tile,
+                                                    col * cell + dx:col * cell + dx + tile])[0]
+                       for dy in range(cell - tile + 1) for dx in range(cell - tile + 1)]
+            assert any(torch.allclose(shown[p], w, atol=1e-5) for w in windows), (seed, p)
+    assert len(labels) > 1
+
+
+def test_jigsaw_geometry_follows_the_paper_and_names_the_smallest_size(tiny_imagefolder, tmp_path):
+    assert jigsaw.puzzle_geometry(224) == (225, 75, 64, 2)  # Fig. 3: 225 crop, 75 cells, 64 tiles
+    assert jigsaw.puzzle_geometry(11)[2] < jigsaw.puzzle_geometry(11)[1]
+    expect_error(TINY + ["--data", tiny_imagefolder, "--image-size", "10", "--out", str(tmp_path)],
+                 "--image-size 10", "jigsaw needs --image-size >= 11", module=jigsaw)
+
+
+def test_jigsaw_dropout_comes_from_the_step_generator():
+    torch.manual_seed(0)
+    a = jigsaw.dropout_masks(4, (18, 6), common.step_generator(0, 7, "cpu"))
+    torch.manual_seed(1)
+    b = jigsaw.dropout_masks(4, (18, 6), common.step_generator(0, 7, "cpu"))
+    assert all(torch.equal(x, y) for x, y in zip(a, b)) and [m.shape for m in a] == [(4, 18), (4, 6)]
+    assert set(torch.cat([m.flatten() for m in a]).tolist()) == {0.0, 2.0}  # kept units scaled by 1 / (1 - 0.5)
+    c = jigsaw.dropout_masks(4, (18, 6), common.step_generator(0, 8, "cpu"))
+    assert not torch.equal(a[0], c[0])
+
+
+def test_jigsaw_net_concatenates_the_tiles_in_position_order():
+    """One trunk batch of 9b tiles, concatenated per puzzle: swapping two tiles of one puzzle changes only its
+    own logits, and the trunk sees every tile (the 9 outputs of fc6 enter fc7 in position order)."""
+    torch.manual_seed(0)
+    net = jigsaw.JigsawNet("resnet-tiny", 32, jigsaw.maximal_hamming_permutations(24, 0), fc6_dim=8, fc7_dim=16).eval()
+    tiles = torch.randn(3, 9, 3, 9, 9)
+    logits = net(tiles)
+    swapped = tiles.clone()
+    swapped[1, [0, 4]] = tiles[1, [4, 0]]
+    logits_swapped = net(swapped)
+    assert torch.equal(logits_swapped[[0, 2]], logits[[0, 2]]) and not torch.allclose(logits_swapped[1], logits[1])
+    f = net.fc6(net.encoder(tiles[1])).relu().reshape(-1)  # puzzle 1 by hand, tile by tile
+    torch.testing.assert_close(net.fc8(net.fc7(f).relu()), logits[1])
+
+
+# ---------------------------------------------------------------------------------------
 # Probing
 # ---------------------------------------------------------------------------------------
 def test_knn_matches_naive_vote_and_separates_clusters():
@@ -535,7 +683,8 @@ def test_truncated_checkpoint(method, tiny_imagefolder, tmp_path):
     expect_error(args + ["--resume", path, "--arch", "resnet18"], "does not fit", "--arch", module=module)
 
 
-@pytest.mark.parametrize("method, print_freq", [("simclr", "1"), ("moco", "100"), ("instdisc", "1")])
+@pytest.mark.parametrize("method, print_freq", [("simclr", "1"), ("moco", "100"), ("instdisc", "1"), ("rotation", "100"),
+                                                ("jigsaw", "1")])
 def test_divergence_stops_and_keeps_the_good_checkpoint(method, print_freq, tiny_imagefolder, tmp_path):
     """A good epoch, then a huge lr: the run stops with one line naming the step and the last good checkpoint,
     whose file is untouched. print-freq 1 catches it at the progress line, 100 at the next --save-every save."""

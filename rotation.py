@@ -1,0 +1,174 @@
+# RotNet: Gidaris, Singh, Komodakis, "Unsupervised Representation Learning by Predicting Image Rotations",
+# ICLR 2018 (arXiv:1803.07728). Defaults follow gidariss/FeatureLearningRotNet (config/ImageNet_RotNet_*.py).
+#
+#   python rotation.py --data /imagenet                                   # one GPU (or CPU)
+#   torchrun --nproc_per_node=8 rotation.py --data /imagenet              # 8 GPUs
+#
+# ImageNet defaults are what the official config RUNS: its optimizer says lr 0.1, but LUT_lr sets the lr from
+# epoch 0 on, so training starts at 0.01 (batch 192) and drops x0.1 at epochs 15, 30, 45 of 50. (The paper,
+# Sec. 3.2: lr 0.01, /10 after epochs 10 and 20 of 30.)
+# CIFAR-10 recipe of config/CIFAR10_RotNet_NIN4blocks.py (batch 128 at lr 0.1, x0.2 at 60/120/160 of 200):
+#   python rotation.py --dataset cifar10 --data ./data --arch resnet18 --batch-size 128 --lr 0.2 --epochs 200
+#       --schedule 60 120 160 --lr-decay 0.2
+# --batch-size counts IMAGES: each one enters the batch four times (4B samples), and the lr is not rescaled
+# for that, as the official code. The probe reads the trunk's last pooled layer on the whole, unrotated image.
+import argparse
+import os
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torchvision import transforms as T
+
+import common
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="RotNet pretraining + kNN / linear evaluation")
+    # TRY NOT TO MODIFY: flags shared by every sslref method file
+    p.add_argument("--dataset", default="imagefolder", choices=list(common.DEFAULT_IMAGE_SIZE), help="dataset kind")
+    p.add_argument("--data", default="", help="dataset folder (imagefolder: DATA/train and DATA/val)")
+    p.add_argument("--arch", default="resnet50", help="torchvision ResNet name, or resnet-tiny for CPU runs")
+    p.add_argument("--epochs", type=common.positive_int, default=50, help="pretraining epochs (official ImageNet config: 50)")
+    p.add_argument("--batch-size", type=common.positive_int, default=192, help="GLOBAL batch of images (x4 rotations), split over ranks")
+    # official ImageNet: lr 0.01 at batch 192 (its LUT_lr) = 0.01333 per 256 images
+    p.add_argument("--lr", type=common.nonneg_float, default=0.01 * 256 / 192, help="base lr per 256 images; peak = lr * batch / 256")
+    p.add_argument("--wd", type=common.nonneg_float, default=5e-4, help="weight decay (official 5e-4)")
+    p.add_argument("--workers", type=common.nonneg_int, default=min(8, os.cpu_count() or 1), help="data-loading workers per rank")
+    p.add_argument("--seed", type=int, default=0, help="seed of model init, data order, augmentations and training step")
+    p.add_argument("--image-size", type=common.nonneg_int, default=0, help="crop size (0: the dataset's default)")
+    p.add_argument("--subset", type=common.nonneg_int, default=0, help="use N evenly spaced training images (0: all)")
+    p.add_argument("--max-steps", type=common.nonneg_int, default=0, help="stop (and checkpoint) after N steps in total (0: never)")
+    p.add_argument("--save-every", type=common.nonneg_int, default=0, help="also checkpoint every N steps (0: at each epoch end only)")
+    p.add_argument("--out", default="runs/rotation", help="output folder: metrics.jsonl, checkpoint.pth, backbone.pth")
+    p.add_argument("--resume", default="", help="checkpoint.pth to continue from (or backbone.pth with --eval-only)")
+    p.add_argument("--eval-only", action="store_true", help="only evaluate (the --resume weights, else random init)")
+    p.add_argument("--knn-k", type=common.positive_int, default=200, help="neighbours of the weighted kNN monitor")
+    p.add_argument("--knn-t", type=common.positive_float, default=0.1, help="temperature of the weighted kNN monitor")
+    p.add_argument("--probe-epochs", type=common.nonneg_int, default=100, help="epochs of the linear probe (0: kNN only)")
+    p.add_argument("--eval-every", type=common.nonneg_int, default=0, help="kNN monitor every N epochs (0: only at the end)")
+    p.add_argument("--print-freq", type=common.positive_int, default=50, help="progress line every N steps")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on CUDA")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    # ALGO LOGIC: RotNet hyper-parameters (official ImageNet config: SGD Nesterov, momentum 0.9)
+    p.add_argument("--momentum", type=common.unit_float, default=0.9, help="SGD (Nesterov) momentum")
+    p.add_argument("--schedule", type=common.nonneg_int, nargs="*", default=[15, 30, 45], help="epochs where lr drops x--lr-decay")
+    p.add_argument("--lr-decay", type=common.unit_float, default=0.1, help="lr factor at each --schedule milestone (CIFAR: 0.2)")
+    args = p.parse_args(argv)
+    args.image_size = args.image_size or common.DEFAULT_IMAGE_SIZE[args.dataset]
+    return args
+
+
+# ALGO LOGIC: augmentation. A square crop and a flip (official dataloader.py); the rotations come on the device
+def rotation_augmentation(args):
+    size = args.image_size
+    if size <= 64:  # official CIFAR: 32 px crop of the 4 px zero-padded image (padding scaled with the size)
+        crop = [T.RandomCrop(size, padding=size // 8)]
+    else:  # official ImageNet config (random_sized_crop): a random-sized crop, square, torchvision's defaults
+        crop = [T.RandomResizedCrop(size)]
+    return T.Compose([
+        *crop,
+        T.RandomHorizontalFlip(),
+        T.ToTensor(),
+        common.normalize(args.dataset),
+    ])
+
+
+def rotate_batch(x):
+    """(B, C, S, S) -> (4B, C, S, S) and labels (4B,): each image rotated by 0, 90, 180 and 270 degrees
+    counter-clockwise (label k = k quarter turns), its four copies adjacent as the official loader.
+    torch.rot90 permutes pixels: no interpolation, so no artefact tells the rotations apart (Sec. 2.2)."""
+    rotated = torch.stack([torch.rot90(x, k, dims=(2, 3)) for k in range(4)], dim=1)  # (B, 4, C, S, S)
+    labels = torch.arange(4, device=x.device).repeat(len(x))  # 0 1 2 3 0 1 2 3 ...
+    return rotated.flatten(0, 1), labels
+
+
+# ALGO LOGIC: model. The trunk and a 4-way linear classifier of the rotation
+class RotNet(nn.Module):
+    def __init__(self, arch, image_size):
+        super().__init__()
+        self.encoder, width = common.build_backbone(arch, image_size)
+        self.classifier = nn.Linear(width, 4)
+
+    def forward(self, x):
+        return self.classifier(self.encoder(x))
+
+
+def learning_rate(epoch, args):
+    """Per epoch as the official LUT_lr: x--lr-decay at each --schedule milestone."""
+    lr = args.lr * args.batch_size / 256  # --lr is per 256 images (not per rotated sample)
+    return lr * args.lr_decay ** sum(epoch >= milestone for milestone in args.schedule)
+
+
+def main(argv=None):
+    # TRY NOT TO MODIFY: distributed start-up, seeding, data
+    args = parse_args(argv)
+    rank, world_size, device = common.init_distributed()
+    if args.batch_size % world_size:
+        common.fail(f"--batch-size {args.batch_size} is not divisible by the world size {world_size}; "
+                    f"use a multiple of {world_size}")
+    args.amp = args.amp and device.type == "cuda"
+    common.seed_everything(args.seed)
+    if rank == 0:
+        os.makedirs(args.out, exist_ok=True)
+    pretrain_set, probe_train_set, probe_test_set = common.build_datasets(args, rotation_augmentation(args))
+    probe_train_loader = common.eval_loader(probe_train_set, args, world_size, rank)
+    probe_test_loader = common.eval_loader(probe_test_set, args, world_size, rank)
+
+    model = RotNet(args.arch, args.image_size).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    # official: SGD with Nesterov momentum, weight decay on every parameter
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0, momentum=args.momentum, weight_decay=args.wd,
+                                nesterov=args.momentum > 0)
+
+    # TRY NOT TO MODIFY: resume, evaluation-only, DDP wrapper
+    run = common.Run(args, model, optimizer, model.encoder, (probe_train_loader, probe_test_loader), device,
+                     rank, world_size)
+    start_epoch, start_step = run.resume()
+    if args.eval_only:
+        return run.final_evaluation()
+    loader, sampler = common.train_loader(pretrain_set, args, world_size, rank)
+    ddp_model = model
+    if world_size > 1:  # per-GPU BN over that GPU's 4b rotated samples, as the official single-GPU batch
+        ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    if args.compile:
+        ddp_model = torch.compile(ddp_model)
+    steps_per_epoch = len(sampler) // sampler.batch_size
+    run.start(steps_per_epoch, start_epoch, start_step)
+
+    # ALGO LOGIC: training loop
+    for epoch in range(start_epoch, args.epochs):
+        if run.done():  # also when resuming a run that already reached --max-steps
+            break
+        sampler.set_epoch(epoch)
+        sampler.start_step = start_step if epoch == start_epoch else 0  # skip what a resumed run already did
+        lr = learning_rate(epoch, args)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        model.train()
+        for step, (x, _, _) in enumerate(loader, start=sampler.start_step):
+            # all four rotations of an image in the same batch, normalised together by BN (Sec. 2.2)
+            x, rotation = rotate_batch(x.to(device, non_blocking=True))  # (4b, C, S, S), (4b,)
+            if device.type == "cuda":
+                x = x.to(memory_format=torch.channels_last)
+            with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
+                logits = ddp_model(x)
+            loss = F.cross_entropy(logits.float(), rotation)  # mean over the 4b samples
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if run.after_step(epoch, step, loss, lr):  # progress, checkpoints, monitor, divergence stop
+                break
+
+    # TRY NOT TO MODIFY: final evaluation and consistency check across ranks
+    return run.final_evaluation()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
