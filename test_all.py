@@ -763,3 +763,46 @@ def test_instdisc_beats_random_init_on_fashion_mnist(tmp_path):
           f"(memory-bank kNN {trained['knn_bank_top1']:.2f})")
     assert trained["knn_top1"] >= random_init["knn_top1"] + 5
     assert trained["knn_bank_top1"] >= 30  # the bank itself classifies (chance: 10)
+
+
+@pytest.mark.skipif(not os.path.isdir(common.DEBIAN_FASHION_MNIST), reason="apt-get install dataset-fashion-mnist")
+def test_rotation_beats_random_init_on_fashion_mnist(tmp_path):
+    # the official CIFAR recipe (batch 128 at lr 0.1, Nesterov momentum 0.9, wd 5e-4), 2 epochs of 10,000 images
+    args = FASHION + ["--batch-size", "128"]
+    random_init = rotation.main(args + ["--eval-only", "--out", str(tmp_path / "random")])
+    trained = rotation.main(args + ["--epochs", "2", "--lr", "0.2", "--schedule", "--out", str(tmp_path / "rotation")])
+    print(f"kNN top-1: random init {random_init['knn_top1']:.2f}, RotNet {trained['knn_top1']:.2f}")
+    assert trained["knn_top1"] >= random_init["knn_top1"] + 4
+
+
+def held_out_puzzle_accuracy(out, n=1000):
+    """Top-1 of the trained puzzle classifier on puzzles cut from n probe-test images it never saw."""
+    ckpt = load_state(out)
+    args = jigsaw.parse_args(["--dataset", "fashion-mnist", "--num-permutations", str(ckpt["args"]["num_permutations"])])
+    model = jigsaw.JigsawNet("resnet-tiny", args.image_size, ckpt["model"]["permutations"])
+    model.load_state_dict(ckpt["model"])
+    puzzles = common.Transformed(torch.utils.data.Subset(common.fashion_mnist("", "test"), range(n)),
+                                 jigsaw.JigsawPuzzle(args, model.permutations), seed=1)
+    tiles, order = zip(*[puzzles[(i, 0)][0] for i in range(n)])
+    with torch.no_grad():
+        predicted = model.eval()(torch.stack(tiles)).argmax(1)
+    return 100.0 * (predicted == torch.tensor(order)).float().mean().item()
+
+
+@pytest.mark.skipif(not os.path.isdir(common.DEBIAN_FASHION_MNIST), reason="apt-get install dataset-fashion-mnist")
+def test_jigsaw_solves_held_out_puzzles_on_fashion_mnist(tmp_path):
+    """At 28 px the tiles are 8 px: the puzzle is learnt and generalises, but the trunk's last pooled layer does not
+    beat its random init on whole images (measured, 10,000 images: 3 epochs with the 1000-class set, kNN 67.1
+    against 67.8; 100 classes, kNN 67.1 / linear 76.2 against 67.8 / 78.1; at 48 px with 14 px tiles, kNN 61.0 /
+    linear 75.6 against 61.1 / 78.4). So this test checks the puzzle, and prints the probe against random init."""
+    args = FASHION + ["--batch-size", "128"]
+    random_init = jigsaw.main(args + ["--eval-only", "--out", str(tmp_path / "random")])
+    out = str(tmp_path / "jigsaw")
+    trained = jigsaw.main(args + ["--epochs", "3", "--lr", "0.05", "--schedule", "--out", out])
+    accuracy = held_out_puzzle_accuracy(out)
+    losses = [m["loss"] for m in read_metrics(out) if "loss" in m]
+    print(f"held-out puzzle top-1 {accuracy:.1f}% (chance 0.1%); training loss {losses[0]:.2f} -> {losses[-1]:.2f}; "
+          f"kNN top-1: random init {random_init['knn_top1']:.2f}, Jigsaw {trained['knn_top1']:.2f}")
+    assert accuracy >= 5  # measured 15.5 after 3 epochs (the paper's ImageNet CFN: 71 after 350K steps)
+    assert losses[-1] < 0.75 * np.log(1000) < losses[0] + 0.1
+    assert trained["knn_top1"] >= random_init["knn_top1"] - 3  # the trunk was not wrecked on the way
