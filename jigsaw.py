@@ -100,7 +100,8 @@ def cut_tiles(image, cell, tile, jitter):
     may move by up to +-jitter px, staying inside the cell. Advanced indexing, no loop over tiles."""
     C = image.shape[0]
     cells = torch.tensor([(r, c) for r in range(3) for c in range(3)]) * cell  # (9, 2) cell corners
-    place = torch.randint(0, cell - tile + 1, (9, 1, 2))
+    margin = jitter if cell - tile >= 2 * jitter else 0  # room for the channel shifts, so they rarely clamp
+    place = torch.randint(margin, cell - tile - margin + 1, (9, 1, 2))
     shift = torch.randint(-jitter, jitter + 1, (9, C, 2))
     corners = cells[:, None] + (place + shift).clamp(0, cell - tile)  # (9, C, 2)
     offsets = torch.arange(tile)
@@ -154,9 +155,9 @@ class JigsawNet(nn.Module):
         b = tiles.shape[0]
         f = self.encoder(tiles.flatten(0, 1))  # (b, 9, C, t, t) -> (9b, C, t, t): one batch through the trunk
         h = F.relu(self.fc6(f)).reshape(b, -1)  # (9b, fc6) -> (b, 9*fc6), concatenated in position order
-        h = h if keep6 is None else h * keep6
+        h = h if keep6 is None else h * keep6.to(h.dtype)  # 0 and 2 are exact in bf16
         h = F.relu(self.fc7(h))
-        h = h if keep7 is None else h * keep7
+        h = h if keep7 is None else h * keep7.to(h.dtype)
         return self.fc8(h)
 
 
@@ -181,7 +182,8 @@ def main(argv=None):
         common.fail(f"--batch-size {args.batch_size} is not divisible by the world size {world_size}; "
                     f"use a multiple of {world_size}")
     if args.num_permutations > 362880:
-        common.fail(f"--num-permutations {args.num_permutations} is more than the 9! = 362880 orders of 9 tiles")
+        common.fail(f"--num-permutations {args.num_permutations} is more than the 9! = 362880 orders of 9 tiles; "
+                    "use at most 362880 (the paper: 1000)")
     args.amp = args.amp and device.type == "cuda"
     common.seed_everything(args.seed)
     if rank == 0:

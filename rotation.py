@@ -63,8 +63,8 @@ def parse_args(argv=None):
 # ALGO LOGIC: augmentation. A square crop and a flip (official dataloader.py); the rotations come on the device
 def rotation_augmentation(args):
     size = args.image_size
-    if size <= 64:  # official CIFAR: 32 px crop of the 4 px zero-padded image (padding scaled with the size)
-        crop = [T.RandomCrop(size, padding=size // 8)]
+    if args.dataset in ("cifar10", "cifar100", "fashion-mnist"):  # small whole images, as official CIFAR:
+        crop = [T.Resize(size), T.RandomCrop(size, padding=size // 8)]  # 4 px zero padding at 32, scaled
     else:  # official ImageNet config (random_sized_crop): a random-sized crop, square, torchvision's defaults
         crop = [T.RandomResizedCrop(size)]
     return T.Compose([
@@ -149,7 +149,7 @@ def main(argv=None):
             group["lr"] = lr
         model.train()
         for step, (x, _, _) in enumerate(loader, start=sampler.start_step):
-            # all four rotations of an image in the same batch, normalised together by BN (Sec. 2.2)
+            # all four rotations of an image in the same batch (Sec. 3.1, implementation details), one BN batch
             x, rotation = rotate_batch(x.to(device, non_blocking=True))  # (4b, C, S, S), (4b,)
             if device.type == "cuda":
                 x = x.to(memory_format=torch.channels_last)
