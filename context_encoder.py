@@ -186,8 +186,10 @@ class Generator(nn.Module):
     def __init__(self, arch, image_size, kind):
         super().__init__()
         self.encoder, channels = common.build_backbone(arch, image_size)
+        self.encoder.eval()  # measure the feature map's side without touching the BN statistics
         with torch.no_grad():
             side = self.feature_map(torch.zeros(1, 3, image_size, image_size)).shape[-1]
+        self.encoder.train()
         self.bottleneck = ChannelWiseFC(channels, side)
         self.out_size = image_size // 2 if kind == "center" else image_size
         cin, width, layers = channels, min(512, channels), []
@@ -257,19 +259,25 @@ class Optimizers:
 
 # ALGO LOGIC: losses (Sec. 3.2): lambda_rec * masked L2 + lambda_adv * adversarial
 def reconstruction_loss(prediction, target, weight):
-    """Weighted squared error, summed over channels and averaged over pixels and images (official MSECriterion
-    with its gradient scaled by the weight map)."""
+    """Weighted squared error averaged over all elements (official MSECriterion, its gradient scaled by the
+    weight map)."""
     return (weight[:, None] * (prediction.float() - target.float()) ** 2).mean()
 
 
-def save_grid(masked, prediction, original, args, path):
-    """PNG with three rows: masked input, inpainted image (prediction pasted into its region), original."""
+def inpainted(prediction, x, hole, kind):
+    """The region the discriminator judges: the predicted centre square as it is (official), or for random
+    masks the image with the prediction in its hole only (the rest is context, never trained by L2)."""
+    return prediction if kind == "center" else torch.where(hole[:, None], prediction, x.to(prediction.dtype))
+
+
+def save_grid(masked, prediction, original, hole, args, path):
+    """PNG with three rows: masked input, inpainted image (the prediction pasted into the hole), original."""
     filled = original.clone()
     if args.mask == "center":
         lo, half = original.shape[-1] // 4, original.shape[-1] // 2
         filled[..., lo:lo + half, lo:lo + half] = prediction
     else:
-        filled = prediction
+        filled = torch.where(hole[:, None], prediction.to(original.dtype), original)
     mean, std = (torch.tensor(v, device=original.device)[:, None, None] for v in common.MEAN_STD[args.dataset])
     rows = (torch.cat([masked, filled, original]).float() * std + mean).clamp(0, 1)  # back to [0, 1] pixels
     torchvision.utils.save_image(rows, path, nrow=len(original))
@@ -297,7 +305,7 @@ def main(argv=None):
         model = model.to(memory_format=torch.channels_last)
     # official train.lua: Adam, beta1 0.5, constant lr; with the joint loss the encoder-decoder's lr is 10x the
     # discriminator's (paper Sec. 5.1), with L2 alone it is --lr
-    lr_g = args.lr * (args.gen_lr_ratio if args.adv_weight > 0 else 1.0)
+    lr_g = args.lr * (args.gen_lr_ratio if args.adv_weight > 0 and args.rec_weight > 0 else 1.0)
     opt_g = torch.optim.Adam(model.generator.parameters(), lr=lr_g, betas=(args.beta1, 0.999), weight_decay=args.wd)
     opt_d = torch.optim.Adam(model.discriminator.parameters(), lr=args.lr, betas=(args.beta1, 0.999),
                              weight_decay=args.wd)
@@ -339,6 +347,7 @@ def main(argv=None):
                 masked = masked.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
                 prediction = generator(masked)
+            fake = inpainted(prediction, x, hole, args.mask)
             if adversarial:  # discriminator step first, real and inpainted in separate batches (official)
                 with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
                     real_logits, fake_logits = discriminator(target), None
@@ -346,7 +355,7 @@ def main(argv=None):
                 opt_d.zero_grad(set_to_none=True)
                 loss_d_real.backward()
                 with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
-                    fake_logits = discriminator(prediction.detach())
+                    fake_logits = discriminator(fake.detach())
                 loss_d_fake = F.binary_cross_entropy_with_logits(fake_logits.float(), torch.zeros_like(fake_logits.float()))
                 loss_d_fake.backward()
                 opt_d.step()
@@ -354,7 +363,7 @@ def main(argv=None):
             loss = args.rec_weight * loss_rec
             if adversarial:  # the encoder-decoder tries to make D call its output real
                 with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
-                    fooled = discriminator(prediction)
+                    fooled = discriminator(fake)
                 loss = loss + args.adv_weight * F.binary_cross_entropy_with_logits(
                     fooled.float(), torch.ones_like(fooled.float()))
             opt_g.zero_grad(set_to_none=True)
@@ -362,7 +371,7 @@ def main(argv=None):
             opt_g.step()
             if rank == 0 and (step + 1 == steps_per_epoch or run.global_step + 1 == run.last_step):
                 # at each epoch end (each monitor) and the last step, what it learnt, for the eye
-                save_grid(masked[:8], prediction[:8].detach(), x[:8], args,
+                save_grid(masked[:8], prediction[:8].detach(), x[:8], hole[:8], args,
                           os.path.join(args.out, f"inpainting_step{run.global_step + 1}.png"))
             if run.after_step(epoch, step, loss, lr_g):  # progress, checkpoints, monitor, divergence stop
                 break
