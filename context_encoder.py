@@ -84,8 +84,8 @@ def overlap_width(size):
 
 
 def center_mask(size):
-    """(hole, weight): the filled hole is the central square of half the side minus an overlap border, which
-    stays visible; the decoder predicts the whole central square, weighting L2 x10 on that border (train.lua)."""
+    """The filled hole: the central square of half the side less an overlap border, which stays visible; the
+    decoder predicts the whole central square, its L2 weighted x10 on that border (train.lua; loss_weights)."""
     half, o = size // 2, overlap_width(size)
     lo = size // 4
     hole = torch.zeros(size, size, dtype=torch.bool)
