@@ -350,7 +350,7 @@ def main(argv=None):
             fake = inpainted(prediction, x, hole, args.mask)
             if adversarial:  # discriminator step first, real and inpainted in separate batches (official)
                 with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
-                    real_logits, fake_logits = discriminator(target), None
+                    real_logits = discriminator(target)
                 loss_d_real = F.binary_cross_entropy_with_logits(real_logits.float(), torch.ones_like(real_logits.float()))
                 opt_d.zero_grad(set_to_none=True)
                 loss_d_real.backward()
