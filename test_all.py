@@ -17,6 +17,7 @@ import torchvision
 
 import common
 import context_encoder
+import cpc
 import instdisc
 import jigsaw
 import moco
@@ -29,9 +30,9 @@ TINY = ["--dataset", "imagefolder", "--arch", "resnet-tiny", "--image-size", "32
 # each method file with the flags that make TINY runs (batch 16 or 4) valid for it
 METHODS = {"simclr": (simclr, []), "moco": (moco, ["--moco-k", "64", "--bn-splits", "2", "--mlp", "--aug-plus"]),
            "instdisc": (instdisc, ["--nce-k", "16"]), "rotation": (rotation, []),
-           "jigsaw": (jigsaw, ["--num-permutations", "24"]), "context_encoder": (context_encoder, [])}
+           "jigsaw": (jigsaw, ["--num-permutations", "24"]), "context_encoder": (context_encoder, []), "cpc": (cpc, ["--context-blocks", "1"])}
 TRUNK_PREFIX = {"simclr": "encoder.", "moco": "encoder_q.trunk.", "instdisc": "encoder.", "rotation": "encoder.",
-                "jigsaw": "encoder.", "context_encoder": "generator.encoder."}  # in checkpoint["model"]
+                "jigsaw": "encoder.", "context_encoder": "generator.encoder.", "cpc": "encoder."}  # in checkpoint["model"]
 
 
 @pytest.fixture(scope="session")
@@ -536,6 +537,102 @@ def test_context_encoder_image_too_small(tiny_imagefolder, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------
+# CPC: patches, causality, InfoNCE, two ranks
+# ---------------------------------------------------------------------------------------
+def test_cpc_patches_are_the_expected_windows():
+    assert cpc.patch_geometry(224) == (256, 64, 32)  # v1 Sec. 3.2: 7x7 patches of 64, stride 32, of a 256 crop
+    crop, patch, stride = cpc.patch_geometry(28)
+    assert (crop, patch, stride) == (32, 8, 4)
+    x = torch.arange(2 * 3 * crop * crop, dtype=torch.float).reshape(2, 3, crop, crop)
+    patches = cpc.cut_patches(x, patch, stride)
+    assert patches.shape == (2, 49, 3, patch, patch)
+    for b in range(2):
+        for r in range(7):
+            for c in range(7):
+                assert torch.equal(patches[b, 7 * r + c], x[b, :, r * stride:r * stride + patch, c * stride:c * stride + patch])
+
+
+def rows_seen(context, dim=4, rows=7):
+    """For each output row i, the input rows whose values change it (by the gradient of row i's sum)."""
+    z = torch.randn(2, dim, rows, 5, requires_grad=True)
+    seen = []
+    for i in range(rows):
+        grad, = torch.autograd.grad(context(z)[:, :, i].sum(), z)
+        seen.append({r for r in range(rows) if grad[:, :, r].abs().sum() > 0})
+    return seen
+
+
+def test_cpc_context_sees_only_the_rows_above():
+    torch.manual_seed(0)
+    context = torch.nn.Sequential(*[cpc.CausalBlock(4, hidden=8) for _ in range(3)], torch.nn.ReLU())
+    for i, seen in enumerate(rows_seen(context)):
+        assert seen and max(seen) <= i, (i, seen)  # nothing below row i, and it does see something
+        assert seen == set(range(max(0, i - 3), i + 1))  # each block's 2x1 convolution reaches one row further up
+    plain = torch.nn.Conv2d(4, 4, 3, padding=1)  # the check catches a plain 3x3 convolution, which leaks row i+1
+    assert any(max(seen) > i for i, seen in enumerate(rows_seen(plain)))
+
+
+def naive_info_nce(z, predictions, steps):
+    b, D, H, W = z.shape
+    candidates = [(n, r, c) for n in range(b) for r in range(H) for c in range(W)]
+    per_step = []
+    for k, pred in zip(steps, predictions):
+        losses = []
+        for n in range(b):
+            for i in range(H - k):
+                for j in range(W):
+                    scores = [float(z[n2, :, r, c] @ pred[n, :, i, j]) for n2, r, c in candidates]
+                    positive = candidates.index((n, i + k, j))
+                    losses.append(-scores[positive] + float(np.log(np.sum(np.exp(scores)))))
+        per_step.append(np.mean(losses))
+    return float(np.mean(per_step))
+
+
+def test_cpc_info_nce_matches_naive_loop():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(2, 3, 7, 2, generator=g)
+    steps = [2, 3]
+    predictions = [torch.randn(2, 3, 7 - k, 2, generator=g) for k in steps]
+    assert cpc.info_nce(z, predictions, steps).item() == pytest.approx(naive_info_nce(z, predictions, steps), rel=1e-5)
+
+
+def _cpc_loss_and_grads(rank, world_size, init_file, out_file):
+    """CPC loss and gradients on this rank's share of a fixed global batch of 4 images (layer norm: no batch
+    statistics, so one process on the whole batch must agree with 2 ranks)."""
+    if world_size > 1:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    torch.manual_seed(0)
+    model = cpc.CPC("resnet-tiny", 28, "layer", steps=[1, 2], context_blocks=1)
+    patches = torch.randn(4, 49, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    n = 4 // world_size
+    ddp = torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
+    z, predictions = ddp(patches[rank * n:(rank + 1) * n])
+    loss = cpc.info_nce(z, predictions, model.steps)
+    loss.backward()
+    mean_loss = common.all_reduce_mean(loss.detach()).item()
+    if rank == 0:
+        torch.save({"loss": mean_loss, "grads": [p.grad.clone() for p in model.parameters()]}, out_file)
+    if world_size > 1:
+        dist.destroy_process_group()
+
+
+def test_cpc_two_ranks_equal_one_process(tmp_path):
+    _cpc_loss_and_grads(0, 1, None, tmp_path / "single.pt")
+    torch.multiprocessing.spawn(_cpc_loss_and_grads, args=(2, tmp_path / "init", tmp_path / "ddp.pt"), nprocs=2)
+    single, ddp = torch.load(tmp_path / "single.pt"), torch.load(tmp_path / "ddp.pt")
+    assert ddp["loss"] == pytest.approx(single["loss"], rel=1e-5)
+    for g_ddp, g_single in zip(ddp["grads"], single["grads"]):
+        torch.testing.assert_close(g_ddp, g_single, rtol=1e-4, atol=1e-6)
+
+
+def test_cpc_geometry_and_skip_errors(tiny_imagefolder, tmp_path):
+    expect_error(TINY + ["--data", tiny_imagefolder, "--image-size", "8", "--out", str(tmp_path)],
+                 "--image-size 8", "needs --image-size >= 11", module=cpc)
+    expect_error(TINY + ["--data", tiny_imagefolder, "--skip-rows", "5", "--out", str(tmp_path)],
+                 "--skip-rows 5", module=cpc)
+
+
+# ---------------------------------------------------------------------------------------
 # Probing
 # ---------------------------------------------------------------------------------------
 def test_knn_matches_naive_vote_and_separates_clusters():
@@ -667,7 +764,8 @@ def test_backbone_loads_into_torchvision(method, tiny_imagefolder, tmp_path):
     if method == "instdisc":  # the paper's bank kNN needs the trained bank, which backbone.pth does not hold
         assert "knn_bank_top1" in final and "knn_bank_top1" not in again
     state = torch.load(os.path.join(out, "backbone.pth"))
-    net = torchvision.models.resnet18()
+    # CPC's trunk has no normalisation layers (v1): build torchvision's with the same norm_layer
+    net = torchvision.models.resnet18(**({"norm_layer": cpc.norm_layer("none")} if method == "cpc" else {}))
     missing, unexpected = net.load_state_dict(state, strict=False)
     assert sorted(missing) == ["fc.bias", "fc.weight"] and unexpected == []
     # every tensor of the torchvision model is the trained trunk's (BN statistics included)
@@ -675,7 +773,8 @@ def test_backbone_loads_into_torchvision(method, tiny_imagefolder, tmp_path):
     for key, value in net.state_dict().items():
         if not key.startswith("fc."):
             assert torch.equal(value, trained[TRUNK_PREFIX[method] + key]), key
-    assert not torch.equal(net.layer4[1].bn2.running_mean, torch.zeros(512))  # trained, not the initial buffers
+    if method != "cpc":
+        assert not torch.equal(net.layer4[1].bn2.running_mean, torch.zeros(512))  # trained, not the initial buffers
 
 
 # ---------------------------------------------------------------------------------------
@@ -760,7 +859,7 @@ def test_truncated_checkpoint(method, tiny_imagefolder, tmp_path):
 
 
 @pytest.mark.parametrize("method, print_freq", [("simclr", "1"), ("moco", "100"), ("instdisc", "1"), ("rotation", "100"),
-                                                ("jigsaw", "1"), ("context_encoder", "1")])
+                                                ("jigsaw", "1"), ("context_encoder", "1"), ("cpc", "100")])
 def test_divergence_stops_and_keeps_the_good_checkpoint(method, print_freq, tiny_imagefolder, tmp_path):
     """A good epoch, then a huge lr: the run stops with one line naming the step and the last good checkpoint,
     whose file is untouched. print-freq 1 catches it at the progress line, 100 at the next --save-every save."""

@@ -1,0 +1,273 @@
+# CPC: van den Oord, Li, Vinyals, "Representation Learning with Contrastive Predictive Coding", 2018
+# (arXiv:1807.03748, Sec. 3.2 images); v2: Hénaff et al., "Data-Efficient Image Recognition with Contrastive
+# Predictive Coding", ICML 2020 (arXiv:1905.09272). No official code was released; defaults are the papers'.
+#
+#   python cpc.py --data /imagenet                                   # one GPU (or CPU)
+#   torchrun --nproc_per_node=8 cpc.py --data /imagenet              # 8 GPUs
+#   torchrun --nproc_per_node=8 cpc.py --data /imagenet --v2         # layer norm, per-patch augmentation, skip rows
+#
+# Each image becomes a 7x7 grid of half-overlapping patches; the trunk encodes every patch on its own (z); a
+# row-causal context network summarises the rows above (c); W_k c at row i must pick out z at row i + k among all
+# patches of the global batch (InfoNCE). EVALUATION DIFFERS from the other files: the probe's feature is the
+# trunk's output averaged over the patch grid of the whole image (the mean of z, as v2 and the common
+# reimplementations; c would need the context network, which backbone.pth does not hold).
+import argparse
+import os
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torchvision import transforms as T
+
+import common
+
+GRID = 7  # patches per side (Sec. 3.2)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="CPC pretraining + kNN / linear evaluation")
+    # TRY NOT TO MODIFY: flags shared by every sslref method file
+    p.add_argument("--dataset", default="imagefolder", choices=list(common.DEFAULT_IMAGE_SIZE), help="dataset kind")
+    p.add_argument("--data", default="", help="dataset folder (imagefolder: DATA/train and DATA/val)")
+    p.add_argument("--arch", default="resnet50", help="torchvision ResNet name, or resnet-tiny for CPU runs")
+    p.add_argument("--epochs", type=common.positive_int, default=100, help="pretraining epochs (papers: not stated; chosen)")
+    p.add_argument("--batch-size", type=common.positive_int, default=512, help="GLOBAL batch of images, split over ranks (v1: 32 GPUs x 16)")
+    p.add_argument("--lr", type=common.nonneg_float, default=2e-4, help="Adam lr (v1 Sec. 3.2: 2e-4; not scaled with the batch)")
+    p.add_argument("--wd", type=common.nonneg_float, default=0.0, help="weight decay (papers: none stated)")
+    p.add_argument("--workers", type=common.nonneg_int, default=min(8, os.cpu_count() or 1), help="data-loading workers per rank")
+    p.add_argument("--seed", type=int, default=0, help="seed of model init, data order and augmentations")
+    p.add_argument("--image-size", type=common.nonneg_int, default=0, help="probe image size; sets the patch grid (0: the dataset's default)")
+    p.add_argument("--subset", type=common.nonneg_int, default=0, help="use N evenly spaced training images (0: all)")
+    p.add_argument("--max-steps", type=common.nonneg_int, default=0, help="stop (and checkpoint) after N steps in total (0: never)")
+    p.add_argument("--save-every", type=common.nonneg_int, default=0, help="also checkpoint every N steps (0: at each epoch end only)")
+    p.add_argument("--out", default="runs/cpc", help="output folder: metrics.jsonl, checkpoint.pth, backbone.pth")
+    p.add_argument("--resume", default="", help="checkpoint.pth to continue from (or backbone.pth with --eval-only)")
+    p.add_argument("--eval-only", action="store_true", help="only evaluate (the --resume weights, else random init)")
+    p.add_argument("--knn-k", type=common.positive_int, default=200, help="neighbours of the weighted kNN monitor")
+    p.add_argument("--knn-t", type=common.positive_float, default=0.1, help="temperature of the weighted kNN monitor")
+    p.add_argument("--probe-epochs", type=common.nonneg_int, default=100, help="epochs of the linear probe (0: kNN only)")
+    p.add_argument("--eval-every", type=common.nonneg_int, default=0, help="kNN monitor every N epochs (0: only at the end)")
+    p.add_argument("--print-freq", type=common.positive_int, default=50, help="progress line every N steps")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on CUDA")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    # ALGO LOGIC: CPC hyper-parameters
+    p.add_argument("--v2", action="store_true", help="CPC v2: --norm layer, per-patch colour dropping and flips, --skip-rows 2")
+    p.add_argument("--norm", default=None, choices=["none", "batch", "layer"],
+                   help="trunk normalisation (v1 Sec. 3.2: 'We did not use Batch-Norm' -> none; v2: layer)")
+    p.add_argument("--pred-steps", type=common.positive_int, default=5, help="K: predict up to K rows below (v1: 5)")
+    p.add_argument("--skip-rows", type=common.nonneg_int, default=None, help="skip the nearest rows, which overlap the context (v1: 0, v2: 2)")
+    p.add_argument("--context-blocks", type=common.positive_int, default=5, help="residual blocks of the context network (v2: 5)")
+    args = p.parse_args(argv)
+    args.image_size = args.image_size or common.DEFAULT_IMAGE_SIZE[args.dataset]
+    args.norm = args.norm or ("layer" if args.v2 else "none")
+    args.skip_rows = args.skip_rows if args.skip_rows is not None else (2 if args.v2 else 0)
+    return args
+
+
+# ALGO LOGIC: the patch grid (Sec. 3.2: 64 px patches, stride 32, of a 256 crop of the image resized to 300)
+def patch_geometry(image_size):
+    """(crop, patch, stride): 256 / 64 / 32 at --image-size 224, scaled by image_size / 224 with an even patch so
+    that the 7 x 7 grid at half overlap tiles the crop exactly (28 px: 32 / 8 / 4; 32 px: 40 / 10 / 5)."""
+    def geometry(size):
+        patch = 2 * round(32 * size / 224)
+        return patch + (GRID - 1) * patch // 2, patch, patch // 2
+    crop, patch, stride = geometry(image_size)
+    if patch < 4:  # a 2 px stride or more, so neighbouring patches are not near-copies
+        smallest = next(s for s in range(1, 1000) if geometry(s)[1] >= 4)
+        common.fail(f"--image-size {image_size} gives {patch} px patches; CPC's 7x7 grid of half-overlapping "
+                    f"patches needs --image-size >= {smallest}")
+    return crop, patch, stride
+
+
+def cut_patches(x, patch, stride):
+    """(b, C, crop, crop) -> (b, 49, C, patch, patch), row-major, with two unfolds (no loops)."""
+    b, C = x.shape[:2]
+    p = x.unfold(2, patch, stride).unfold(3, patch, stride)  # (b, C, 7, 7, patch, patch)
+    return p.permute(0, 2, 3, 1, 4, 5).reshape(b, -1, C, patch, patch)
+
+
+class PatchGrid:
+    """image -> its patches (49, C, p, p). v1: a random crop of the resized image, a flip and greyscale for the
+    whole image, then each patch jittered (a random 60/64 sub-crop, padded back); v2 adds per-patch colour dropping
+    (keep one channel) and flips."""
+
+    def __init__(self, args):
+        self.crop, self.patch, self.stride = patch_geometry(args.image_size)
+        self.v2 = args.v2
+        self.image = T.Compose([
+            T.Resize(round(self.crop * 300 / 256)),
+            T.RandomCrop(self.crop),
+            T.RandomHorizontalFlip(),
+            *([] if args.v2 else [T.Grayscale(num_output_channels=3)]),  # v1 Sec. 3.2: greyscale images
+            T.ToTensor(),
+            common.normalize(args.dataset),
+        ])
+
+    def __call__(self, image):
+        patches = cut_patches(self.image(image)[None], self.patch, self.stride)[0]  # (49, C, p, p)
+        n, C, p, _ = patches.shape
+        keep = round(p * 60 / 64)  # spatial jitter: a random keep x keep window, the rest zero (the mean)
+        y, x = torch.randint(0, p - keep + 1, (2, n))
+        rows, cols = torch.arange(p), torch.arange(p)
+        inside = ((rows[None, :, None] >= y[:, None, None]) & (rows[None, :, None] < (y + keep)[:, None, None]) &
+                  (cols[None, None, :] >= x[:, None, None]) & (cols[None, None, :] < (x + keep)[:, None, None]))
+        patches = patches * inside[:, None]
+        if self.v2:  # colour dropping: each patch keeps one of its three channels (v2 Sec. 4.1)
+            kept = torch.randint(0, C, (n,))
+            patches = patches * F.one_hot(kept, C).to(patches.dtype)[:, :, None, None]
+            flip = torch.rand(n) < 0.5
+            patches = torch.where(flip[:, None, None, None], patches.flip(-1), patches)
+        return patches
+
+
+# ALGO LOGIC: model. z = mean-pooled trunk per patch; c = row-causal context network; W_k per step
+def norm_layer(kind):
+    """torchvision's ResNet takes norm_layer(channels): v1's no normalisation, BN, or per-patch layer norm."""
+    return {"none": lambda c: nn.Identity(), "batch": nn.BatchNorm2d, "layer": lambda c: nn.GroupNorm(1, c)}[kind]
+
+
+class CausalBlock(nn.Module):
+    """A residual block whose output row i sees input rows <= i only (v2's context block): 1x1, a 1x3 within
+    the row, then one row of zeros padded on top and a 2x1 'valid' convolution over rows i-1 and i, then 1x1."""
+
+    def __init__(self, dim, hidden=256):
+        super().__init__()
+        self.reduce, self.within_row = nn.Conv2d(dim, hidden, 1), nn.Conv2d(hidden, hidden, (1, 3), padding=(0, 1))
+        self.from_above, self.expand = nn.Conv2d(hidden, hidden, (2, 1)), nn.Conv2d(hidden, dim, 1)
+
+    def forward(self, c):
+        h = self.within_row(F.relu(self.reduce(c)))
+        h = self.from_above(F.pad(h, (0, 0, 1, 0)))  # pad (left, right, top, bottom): one row on top
+        return c + self.expand(F.relu(h))
+
+
+class CPC(nn.Module):
+    def __init__(self, arch, image_size, norm, steps, context_blocks):
+        super().__init__()
+        self.encoder, dim = common.build_backbone(arch, image_size, norm_layer=norm_layer(norm))
+        self.context = nn.Sequential(*[CausalBlock(dim) for _ in range(context_blocks)], nn.ReLU())
+        self.steps = list(steps)  # k = skip_rows + 1 .. K: only the steps used have a W_k (DDP needs every one used)
+        self.W = nn.ModuleList(nn.Conv2d(dim, dim, 1, bias=False) for _ in self.steps)  # W_k: linear, per step
+
+    def encode(self, patches):
+        """(b, 49, C, p, p) -> z (b, D, 7, 7): every patch on its own through the trunk, as one batch of 49b."""
+        b = patches.shape[0]
+        z = self.encoder(patches.flatten(0, 1))  # (49b, D), mean-pooled by the trunk
+        return z.reshape(b, GRID, GRID, -1).permute(0, 3, 1, 2)
+
+    def forward(self, patches):
+        """-> z (b, D, 7, 7) and, per step k, the predictions W_k c of rows k .. 6 made from rows 0 .. 6-k."""
+        z = self.encode(patches)
+        c = self.context(z)  # row i has seen rows <= i only
+        return z, [W_k(c[:, :, :GRID - k]) for k, W_k in zip(self.steps, self.W)]
+
+
+def info_nce(z, predictions, steps):
+    """InfoNCE (v1 Eq. 4) for every image, position (i, j) and step k: the score of a candidate z' is
+    z'.(W_k c_ij); the positive is z at (i+k, j), the negatives every other z of the GLOBAL batch (other positions
+    and other images, gathered with gradient). Cross-entropy averaged over positions, then over steps."""
+    b, D, H, Wd = z.shape
+    rank = dist.get_rank() if common.is_distributed() else 0
+    z_all = common.gather_with_grad(z.float().permute(0, 2, 3, 1).reshape(b * H * Wd, D))  # (N*49, D) candidates
+    losses = []
+    for k, prediction in zip(steps, predictions):  # prediction: (b, D, H-k, W)
+        logits = prediction.float().permute(0, 2, 3, 1).reshape(-1, D) @ z_all.T  # (b*(H-k)*W, N*49)
+        img, row, col = torch.meshgrid(torch.arange(b), torch.arange(H - k), torch.arange(Wd), indexing="ij")
+        target = ((rank * b + img) * H + row + k) * Wd + col  # where z at (i + k, j) sits among the candidates
+        losses.append(F.cross_entropy(logits, target.flatten().to(logits.device)))
+    return torch.stack(losses).mean()
+
+
+class GridMean(nn.Module):
+    """The probe's feature: the trunk's z averaged over the patch grid of the whole image (resized to the crop).
+    Its state_dict is the trunk's, so backbone.pth is the trunk in torchvision's layout."""
+
+    def __init__(self, model, image_size):
+        super().__init__()
+        self.model, (self.crop, self.patch, self.stride) = model, patch_geometry(image_size)
+
+    def forward(self, x):
+        x = F.interpolate(x, size=self.crop, mode="bilinear", align_corners=False) if x.shape[-1] != self.crop else x
+        return self.model.encode(cut_patches(x, self.patch, self.stride)).mean((2, 3))
+
+    def state_dict(self, *args, **kwargs):
+        return self.model.encoder.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict, strict=True):
+        return self.model.encoder.load_state_dict(state_dict, strict)
+
+
+def main(argv=None):
+    # TRY NOT TO MODIFY: distributed start-up, seeding, data
+    args = parse_args(argv)
+    rank, world_size, device = common.init_distributed()
+    if args.batch_size % world_size:
+        common.fail(f"--batch-size {args.batch_size} is not divisible by the world size {world_size}; "
+                    f"use a multiple of {world_size}")
+    if args.skip_rows + 1 > min(args.pred_steps, GRID - 1):  # steps k = skip+1 .. K, each with a row k below
+        common.fail(f"--skip-rows {args.skip_rows} leaves no step to predict of --pred-steps {args.pred_steps} "
+                    f"on a {GRID}-row grid; use --skip-rows < {min(args.pred_steps, GRID - 1)}")
+    args.amp = args.amp and device.type == "cuda"
+    common.seed_everything(args.seed)
+    if rank == 0:
+        os.makedirs(args.out, exist_ok=True)
+    pretrain_set, probe_train_set, probe_test_set = common.build_datasets(args, PatchGrid(args))
+    probe_train_loader = common.eval_loader(probe_train_set, args, world_size, rank)
+    probe_test_loader = common.eval_loader(probe_test_set, args, world_size, rank)
+
+    steps = range(args.skip_rows + 1, min(args.pred_steps, GRID - 1) + 1)
+    model = CPC(args.arch, args.image_size, args.norm, steps, args.context_blocks).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.wd)  # v1 Sec. 3.2
+
+    # TRY NOT TO MODIFY: resume, evaluation-only, DDP wrapper
+    run = common.Run(args, model, optimizer, GridMean(model, args.image_size), (probe_train_loader, probe_test_loader),
+                     device, rank, world_size)
+    start_epoch, start_step = run.resume()
+    if args.eval_only:
+        return run.final_evaluation()
+    loader, sampler = common.train_loader(pretrain_set, args, world_size, rank)
+    ddp_model = model
+    if world_size > 1:
+        if args.norm == "batch" and device.type == "cuda":  # one set of statistics over all patches of the batch
+            ddp_model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        ddp_model = nn.parallel.DistributedDataParallel(ddp_model, device_ids=[device] if device.type == "cuda" else None)
+    if args.compile:
+        ddp_model = torch.compile(ddp_model)
+    steps_per_epoch = len(sampler) // sampler.batch_size
+    run.start(steps_per_epoch, start_epoch, start_step)
+
+    # ALGO LOGIC: training loop
+    for epoch in range(start_epoch, args.epochs):
+        if run.done():  # also when resuming a run that already reached --max-steps
+            break
+        sampler.set_epoch(epoch)
+        sampler.start_step = start_step if epoch == start_epoch else 0  # skip what a resumed run already did
+        for group in optimizer.param_groups:  # constant (v1); set here, not from a checkpoint
+            group["lr"] = args.lr
+        model.train()
+        for step, (patches, _, _) in enumerate(loader, start=sampler.start_step):
+            patches = patches.to(device, non_blocking=True)  # (b, 49, C, p, p)
+            if device.type == "cuda":  # channels_last per patch: the trunk's (49b, C, p, p) view keeps it
+                patches = patches.flatten(0, 1).contiguous(memory_format=torch.channels_last).unflatten(0, patches.shape[:2])
+            with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
+                z, predictions = ddp_model(patches)
+            loss = info_nce(z, predictions, model.steps)  # fp32, outside autocast
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if run.after_step(epoch, step, loss, args.lr):  # progress, checkpoints, monitor, divergence stop
+                break
+
+    # TRY NOT TO MODIFY: final evaluation and consistency check across ranks
+    return run.final_evaluation()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
