@@ -998,3 +998,18 @@ def test_context_encoder_learns_to_inpaint_on_fashion_mnist(tmp_path):
     assert trained["knn_top1"] >= random_init["knn_top1"] + 1.5
     assert trained["linear_top1"] >= random_init["linear_top1"] + 1.5
     assert os.path.exists(os.path.join(out, f"inpainting_step{2 * 10000 // 64}.png"))
+
+
+@pytest.mark.skipif(not os.path.isdir(common.DEBIAN_FASHION_MNIST), reason="apt-get install dataset-fashion-mnist")
+def test_cpc_beats_random_init_on_fashion_mnist(tmp_path):
+    # v1 as is (no normalisation, steps 1..5, greyscale, patch jitter) with Adam at 2e-3, not v1's 2e-4: a 3-epoch run
+    # of 4,000 images is 187 steps (measured here at 2e-4 on 2,000 images: kNN 42.0 against 42.7 at random init)
+    args = FASHION + ["--subset", "4000", "--batch-size", "64"]
+    random_init = cpc.main(args + ["--eval-only", "--out", str(tmp_path / "random")])
+    out = str(tmp_path / "cpc")
+    trained = cpc.main(args + ["--epochs", "3", "--lr", "2e-3", "--out", out])
+    losses = [m["loss"] for m in read_metrics(out) if "loss" in m]
+    print(f"InfoNCE {losses[0]:.2f} -> {losses[-1]:.2f} (log of the 64 x 49 candidates: {np.log(64 * 49):.2f}); "
+          f"kNN top-1 on the grid-mean z: random init {random_init['knn_top1']:.2f}, CPC {trained['knn_top1']:.2f}")
+    assert losses[-1] < losses[0] - 1
+    assert trained["knn_top1"] >= random_init["knn_top1"] + 5
