@@ -1,6 +1,7 @@
 """Shared plumbing for the sslref method files: data, distributed start-up, gathers,
 backbones, checkpoints, metrics and probing (kNN + linear probe). Nothing method-specific."""
 import argparse
+import copy
 import gzip
 import json
 import math
@@ -389,6 +390,8 @@ class Run:
         self.last_good = None  # (path, global step) of the newest checkpoint known to hold finite values
         self.epochs_done = self.global_step = 0
         self.first_bad_step = torch.tensor(NEVER, device=device)  # on the device: no host sync per step
+        # --baselines: the trunk as the method initialised it (before --resume), probed beside the trained one
+        self.initial_backbone = copy.deepcopy(backbone.state_dict()) if getattr(args, "baselines", False) else None
 
     def resume(self):
         """Load --resume (with --eval-only also a backbone.pth) -> (epoch, step in epoch) to start at."""
@@ -481,10 +484,23 @@ class Run:
     def evaluate(self, linear=True):
         return evaluate(self.backbone, *self.probe_loaders, self.device, self.args, linear)
 
+    def baselines(self):
+        """The same probes on the random-init trunk and, for images of <= 64 px, on the raw (normalised) pixels."""
+        trained = copy.deepcopy(self.backbone.state_dict())
+        self.backbone.load_state_dict(self.initial_backbone)
+        results = {f"random_init_{k}": v for k, v in self.evaluate().items()}
+        self.backbone.load_state_dict(trained)
+        if self.args.image_size <= 64:
+            pixels = evaluate(nn.Flatten(), *self.probe_loaders, self.device, self.args)
+            results.update({f"raw_pixels_{k}": v for k, v in pixels.items()})
+        return results
+
     def final_evaluation(self, extra=None):
         """kNN + linear probe of the trunk, `extra()` (a method's own results), the replicas' weight difference."""
         results = self.evaluate()
         results.update(extra() if extra else {})
+        if self.initial_backbone is not None:
+            results.update(self.baselines())
         if self.world_size > 1:
             results["rank_weight_max_diff"] = max_param_diff_across_ranks(self.model)
         self.log(epoch=self.epochs_done, step=self.global_step, **results)

@@ -44,6 +44,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default="runs/context_encoder", help="output folder: metrics.jsonl, checkpoint.pth, backbone.pth, PNGs")
     p.add_argument("--resume", default="", help="checkpoint.pth to continue from (or backbone.pth with --eval-only)")
     p.add_argument("--eval-only", action="store_true", help="only evaluate (the --resume weights, else random init)")
+    p.add_argument("--baselines", action="store_true", help="also probe the random-init trunk and raw pixels (<= 64 px)")
     p.add_argument("--knn-k", type=common.positive_int, default=200, help="neighbours of the weighted kNN monitor")
     p.add_argument("--knn-t", type=common.positive_float, default=0.1, help="temperature of the weighted kNN monitor")
     p.add_argument("--probe-epochs", type=common.nonneg_int, default=100, help="epochs of the linear probe (0: kNN only)")

@@ -46,6 +46,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default="runs/cpc", help="output folder: metrics.jsonl, checkpoint.pth, backbone.pth")
     p.add_argument("--resume", default="", help="checkpoint.pth to continue from (or backbone.pth with --eval-only)")
     p.add_argument("--eval-only", action="store_true", help="only evaluate (the --resume weights, else random init)")
+    p.add_argument("--baselines", action="store_true", help="also probe the random-init trunk and raw pixels (<= 64 px)")
     p.add_argument("--knn-k", type=common.positive_int, default=200, help="neighbours of the weighted kNN monitor")
     p.add_argument("--knn-t", type=common.positive_float, default=0.1, help="temperature of the weighted kNN monitor")
     p.add_argument("--probe-epochs", type=common.nonneg_int, default=100, help="epochs of the linear probe (0: kNN only)")
@@ -56,12 +57,15 @@ def parse_args(argv=None):
     # ALGO LOGIC: CPC hyper-parameters
     p.add_argument("--v2", action="store_true", help="CPC v2: --norm layer, per-patch colour dropping and flips, --skip-rows 2")
     p.add_argument("--norm", default=None, choices=["none", "batch", "layer"],
-                   help="trunk normalisation (v1 Sec. 3.2: 'We did not use Batch-Norm' -> none; v2: layer)")
+                   help="trunk normalisation (v1 Sec. 3.2: 'We did not use Batch-Norm' -> none; v2: layer; batch lets "
+                        "patches share statistics, which v2 found the model exploits: for comparison only)")
     p.add_argument("--pred-steps", type=common.positive_int, default=5, help="K: predict up to K rows below (v1: 5)")
-    p.add_argument("--skip-rows", type=common.nonneg_int, default=None, help="skip the nearest rows, which overlap the context (v1: 0, v2: 2)")
+    p.add_argument("--skip-rows", type=common.nonneg_int, default=None, help="skip the nearest rows (row i+1 shares half its pixels with row i) (v1: 0, v2: 2)")
     p.add_argument("--context-blocks", type=common.positive_int, default=5, help="residual blocks of the context network (v2: 5)")
     args = p.parse_args(argv)
     args.image_size = args.image_size or common.DEFAULT_IMAGE_SIZE[args.dataset]
+    if args.pred_steps > GRID - 1:
+        common.fail(f"--pred-steps {args.pred_steps} reaches past the {GRID}-row grid; use --pred-steps <= {GRID - 1} (v1: 5)")
     args.norm = args.norm or ("layer" if args.v2 else "none")
     args.skip_rows = args.skip_rows if args.skip_rows is not None else (2 if args.v2 else 0)
     return args
@@ -109,12 +113,17 @@ class PatchGrid:
     def __call__(self, image):
         patches = cut_patches(self.image(image)[None], self.patch, self.stride)[0]  # (49, C, p, p)
         n, C, p, _ = patches.shape
-        keep = round(p * 60 / 64)  # spatial jitter: a random keep x keep window, the rest zero (the mean)
-        y, x = torch.randint(0, p - keep + 1, (2, n))
-        rows, cols = torch.arange(p), torch.arange(p)
-        inside = ((rows[None, :, None] >= y[:, None, None]) & (rows[None, :, None] < (y + keep)[:, None, None]) &
-                  (cols[None, None, :] >= x[:, None, None]) & (cols[None, None, :] < (x + keep)[:, None, None]))
-        patches = patches * inside[:, None]
+        # spatial jitter (v1 Sec. 3.2): a random keep x keep crop of each patch (60 of 64), padded back to p x p
+        # at a random place, so the content moves and overlapping neighbours no longer line up pixel for pixel
+        keep = min(p - 1, p * 60 // 64)
+        src_y, src_x, dst_y, dst_x = torch.randint(0, p - keep + 1, (4, n, 1))
+        rows = torch.arange(p)[None]  # output pixel r shows input pixel r - dst + src, if inside the pasted crop
+        in_y, in_x = rows - dst_y + src_y, rows - dst_x + src_x  # (n, p) each
+        inside = ((rows >= dst_y) & (rows < dst_y + keep))[:, :, None] & ((rows >= dst_x) & (rows < dst_x + keep))[:, None, :]
+        moved = patches[torch.arange(n)[:, None, None], :, in_y.clamp(0, p - 1)[:, :, None], in_x.clamp(0, p - 1)[:, None, :]]
+        # (n, p, p, C) -> (n, C, p, p), the rest 0 (the mean); contiguous, as the workers' collate would make it, so
+        # the trunk sees one memory layout (and gives the same bits) whatever --workers is
+        patches = (moved.permute(0, 3, 1, 2) * inside[:, None]).contiguous()
         if self.v2:  # colour dropping: each patch keeps one of its three channels (v2 Sec. 4.1)
             kept = torch.randint(0, C, (n,))
             patches = patches * F.one_hot(kept, C).to(patches.dtype)[:, :, None, None]
@@ -182,14 +191,21 @@ def info_nce(z, predictions, steps):
 
 
 class GridMean(nn.Module):
-    """The probe's feature: the trunk's z averaged over the patch grid of the whole image (resized to the crop).
-    Its state_dict is the trunk's, so backbone.pth is the trunk in torchvision's layout."""
+    """The probe's feature: the trunk's z averaged over the patch grid of the whole image (resized to the crop),
+    in greyscale for v1 as in training. Its state_dict is the trunk's, so backbone.pth is the trunk in torchvision's
+    layout."""
 
-    def __init__(self, model, image_size):
+    def __init__(self, model, args):
         super().__init__()
-        self.model, (self.crop, self.patch, self.stride) = model, patch_geometry(image_size)
+        self.model, (self.crop, self.patch, self.stride) = model, patch_geometry(args.image_size)
+        self.greyscale = not args.v2
+        self.mean_std = common.MEAN_STD[args.dataset]
 
     def forward(self, x):
+        if self.greyscale:  # torchvision's Grayscale luma on the unnormalised image, then normalised again
+            mean, std, luma_weights = (x.new_tensor(v)[:, None, None] for v in (*self.mean_std, [0.299, 0.587, 0.114]))
+            luma = ((x * std + mean) * luma_weights).sum(1, keepdim=True)
+            x = (luma - mean) / std
         x = F.interpolate(x, size=self.crop, mode="bilinear", align_corners=False) if x.shape[-1] != self.crop else x
         return self.model.encode(cut_patches(x, self.patch, self.stride)).mean((2, 3))
 
@@ -225,7 +241,7 @@ def main(argv=None):
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.wd)  # v1 Sec. 3.2
 
     # TRY NOT TO MODIFY: resume, evaluation-only, DDP wrapper
-    run = common.Run(args, model, optimizer, GridMean(model, args.image_size), (probe_train_loader, probe_test_loader),
+    run = common.Run(args, model, optimizer, GridMean(model, args), (probe_train_loader, probe_test_loader),
                      device, rank, world_size)
     start_epoch, start_step = run.resume()
     if args.eval_only:

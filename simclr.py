@@ -24,7 +24,7 @@ def parse_args(argv=None):
     p.add_argument("--arch", default="resnet50", help="torchvision ResNet name, or resnet-tiny for CPU runs")
     p.add_argument("--epochs", type=common.positive_int, default=100, help="pretraining epochs (paper: 100 to 800)")
     p.add_argument("--batch-size", type=common.positive_int, default=4096, help="GLOBAL batch size, split over ranks")
-    p.add_argument("--lr", type=common.nonneg_float, default=0.3, help="base lr per 256 images; peak = lr * batch / 256")
+    p.add_argument("--lr", type=common.nonneg_float, default=0.3, help="base lr; peak = lr * batch / 256 (see --lr-scaling)")
     p.add_argument("--wd", type=common.nonneg_float, default=1e-6, help="weight decay (official default 1e-6)")
     p.add_argument("--workers", type=common.nonneg_int, default=min(8, os.cpu_count() or 1), help="data-loading workers per rank")
     p.add_argument("--seed", type=int, default=0, help="seed of model init, data order, augmentations and training step")
@@ -35,6 +35,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default="runs/simclr", help="output folder: metrics.jsonl, checkpoint.pth, backbone.pth")
     p.add_argument("--resume", default="", help="checkpoint.pth to continue from (or backbone.pth with --eval-only)")
     p.add_argument("--eval-only", action="store_true", help="only evaluate (the --resume weights, else random init)")
+    p.add_argument("--baselines", action="store_true", help="also probe the random-init trunk and raw pixels (<= 64 px)")
     p.add_argument("--knn-k", type=common.positive_int, default=200, help="neighbours of the weighted kNN monitor")
     p.add_argument("--knn-t", type=common.positive_float, default=0.1, help="temperature of the weighted kNN monitor")
     p.add_argument("--probe-epochs", type=common.nonneg_int, default=100, help="epochs of the linear probe (0: kNN only)")
@@ -44,6 +45,9 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     # ALGO LOGIC: SimCLR hyper-parameters
     p.add_argument("--temperature", type=common.positive_float, default=0.1, help="NT-Xent temperature tau (ImageNet 0.1, CIFAR 0.5)")
+    p.add_argument("--lr-scaling", default="linear", choices=["linear", "sqrt"],
+                   help="peak lr = lr * batch / 256 (linear) or lr * sqrt(batch) (sqrt: App. B.1, with --lr 0.075 for "
+                        "small batches and short runs); the official learning_rate_scaling")
     p.add_argument("--warmup-epochs", type=common.nonneg_float, default=10, help="linear lr warm-up before cosine decay")
     p.add_argument("--color-jitter-strength", type=common.nonneg_float, default=1.0, help="s of the colour distortion (CIFAR 0.5)")
     p.add_argument("--proj-dim", type=common.positive_int, default=128, help="output width of the projection head g")
@@ -195,7 +199,8 @@ def main(argv=None):
     steps_per_epoch = len(sampler) // sampler.batch_size
     run.start(steps_per_epoch, start_epoch, start_step)
     total_steps, warmup_steps = args.epochs * steps_per_epoch, round(args.warmup_epochs * steps_per_epoch)
-    peak_lr = args.lr * args.batch_size / 256  # linear scaling (official learning_rate_scaling='linear')
+    # official learning_rate_scaling: 'linear' (the default) or 'sqrt', which App. B.1 finds better for small batches
+    peak_lr = args.lr * (args.batch_size / 256 if args.lr_scaling == "linear" else math.sqrt(args.batch_size))
 
     # ALGO LOGIC: training loop
     for epoch in range(start_epoch, args.epochs):

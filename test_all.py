@@ -1013,3 +1013,60 @@ def test_cpc_beats_random_init_on_fashion_mnist(tmp_path):
           f"kNN top-1 on the grid-mean z: random init {random_init['knn_top1']:.2f}, CPC {trained['knn_top1']:.2f}")
     assert losses[-1] < losses[0] - 1
     assert trained["knn_top1"] >= random_init["knn_top1"] + 5
+
+
+def test_cpc_patch_jitter_moves_the_content_and_the_probe_sees_grey():
+    args = cpc.parse_args(["--dataset", "cifar10", "--image-size", "224"])
+    grid = cpc.PatchGrid(args)
+    image = torchvision.transforms.functional.to_pil_image(torch.rand(3, 300, 300))
+    torch.manual_seed(0)
+    patches = grid(image)  # (49, 3, 64, 64), greyscale (v1): every channel the same up to normalisation
+    assert patches.shape == (49, 3, 64, 64)
+    zero = (patches == 0).all(1)  # the padding: exactly 64 - 60 rows and columns of each patch
+    assert ((~zero).any(2).sum(1) == 60).all() and ((~zero).any(1).sum(1) == 60).all()
+    # the content moved: undo the crop and compare with the unjittered grid of the same image
+    torch.manual_seed(0)
+    clean = cpc.cut_patches(grid.image(image)[None], grid.patch, grid.stride)[0]
+    assert not all(torch.equal(p[:, ~z], c[:, ~z]) for p, c, z in zip(patches, clean, zero))
+    # the v1 probe turns colour into grey as training did: a grey image gives the same feature as its colour copy
+    model = cpc.CPC("resnet-tiny", 32, "none", steps=[1], context_blocks=1).eval()
+    probe = cpc.GridMean(model, cpc.parse_args(["--dataset", "cifar10"]))
+    colour = torch.randn(2, 3, 32, 32)
+    mean, std = (torch.tensor(v)[:, None, None] for v in common.MEAN_STD["cifar10"])
+    grey = (((colour * std + mean) * torch.tensor([0.299, 0.587, 0.114])[:, None, None]).sum(1, keepdim=True) - mean) / std
+    with torch.no_grad():
+        torch.testing.assert_close(probe(colour), probe(grey))
+
+
+# ---------------------------------------------------------------------------------------
+# Benchmarks: the runner and the speed script, at tiny size
+# ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def tiny_fashion(tmp_path_factory):
+    """A Fashion-MNIST folder of 64 training and 32 test images (random pixels, every class)."""
+    folder = tmp_path_factory.mktemp("fashion")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 64), ("test", 32)):
+        images_name, labels_name = common.FASHION_FILES[split]
+        write_idx_gz(folder / images_name, rng.integers(0, 256, (n, 28, 28)))
+        write_idx_gz(folder / labels_name, np.arange(n) % 10)
+    return str(folder)
+
+
+def test_benchmark_runner_writes_every_row(tiny_fashion, tmp_path):
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "benchmarks"))
+    import run as benchmark
+    table = benchmark.main(["--protocol", "smoke", "--data", tiny_fashion, "--out", str(tmp_path),
+                            "--runs", str(tmp_path / "runs")])
+    names = [row["method"] for row in table["rows"]]
+    assert names == benchmark.METHODS + ["random-init", "raw-pixels", "supervised"]
+    for row in table["rows"]:
+        assert 0 <= row["knn_top1"] <= 100 and 0 <= row["linear_top1"] <= 100 and row["seconds"] > 0, row
+    # each method really trained its 2 steps, and the table holds what the method's own run printed
+    for name in benchmark.METHODS:
+        metrics = read_metrics(str(tmp_path / "runs" / name))
+        assert metrics[-1]["step"] == 2 and metrics[-1]["knn_top1"] == table["rows"][names.index(name)]["knn_top1"]
+    saved = json.load(open(tmp_path / "results.json"))["smoke"]
+    assert saved["rows"] == table["rows"] and saved["commit"] and saved["hardware"]
+    md = open(tmp_path / "results.md").read()
+    assert "| supervised |" in md and "`smoke` protocol" in md
