@@ -11,6 +11,7 @@
 # the whole unmasked image, as for every method. Images live in the normalised space of common.normalize, so
 # the dataset mean is 0 there: the hole is filled with 0, and the decoder's output is linear (official: tanh
 # on [-1, 1] images).
+# Short runs (benchmarks/run.py): these defaults at train.lua's batch 64, random-region masks.
 import argparse
 import math
 import os

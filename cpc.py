@@ -6,7 +6,7 @@
 #   torchrun --nproc_per_node=8 cpc.py --data /imagenet              # 8 GPUs
 #   torchrun --nproc_per_node=8 cpc.py --data /imagenet --v2         # layer norm, per-patch augmentation, skip rows
 #   python cpc.py --dataset fashion-mnist --arch resnet-tiny --subset 4000 --epochs 3 --batch-size 64 --lr 2e-3
-#       # a short run: v1's 2e-4 is for ~300K steps; at 2e-3 kNN rose 51.1 -> 62.2 in 3 minutes on 2 CPU cores
+#       # short runs (the test, benchmarks/run.py): v1's 2e-4 is for ~300K steps; 2e-3 learns in a few hundred
 #
 # Each image becomes a 7x7 grid of half-overlapping patches; the trunk encodes every patch on its own (z); a
 # row-causal context network summarises the rows above (c); W_k c at row i must pick out z at row i + k among all

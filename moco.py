@@ -11,6 +11,7 @@
 #   --dataset cifar10 --arch resnet18 --batch-size 512 --lr 0.03 (= its lr 0.06 at batch 512) --cos --wd 5e-4
 #   --moco-k 4096 --moco-m 0.99 --moco-t 0.1 --bn-splits 8 --aug-plus (blur is off at <= 64 px, as in the demo;
 #   the demo crops with scale 0.08-1 and its kNN reads the 128-d head output, ours the trunk: not like for like)
+# Short runs (benchmarks/run.py): MoCo v2 with the demo's K 4096, m 0.99, T 0.1 at batch 128, --lr 0.06.
 import argparse
 import copy
 import math

@@ -10,6 +10,7 @@
 # CIFAR-10 recipe of config/CIFAR10_RotNet_NIN4blocks.py (batch 128 at lr 0.1, x0.2 at 60/120/160 of 200):
 #   python rotation.py --dataset cifar10 --data ./data --arch resnet18 --batch-size 128 --lr 0.2 --epochs 200
 #       --schedule 60 120 160 --lr-decay 0.2
+# Short runs (benchmarks/run.py): that CIFAR recipe's lr (--batch-size 128 --lr 0.2) with no drops (--schedule).
 # --batch-size counts IMAGES: each one enters the batch four times (4B samples), and the lr is not rescaled
 # for that, as the official code. The probe reads the trunk's last pooled layer on the whole, unrotated image.
 import argparse

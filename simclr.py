@@ -3,6 +3,9 @@
 #
 # CIFAR recipe of the official README: --dataset cifar10 --arch resnet18 --batch-size 512 --epochs 1000
 #   --lr 1.0 --wd 1e-4 --temperature 0.5 --color-jitter-strength 0.5 (blur is off at <= 64 px).
+# Short runs and small batches (benchmarks/run.py; the README's first command): --lr-scaling sqrt --lr 0.075
+#   (App. B.1: square-root scaling at 0.075 is better for small batches and few epochs) --warmup-epochs 0.5
+#   --color-jitter-strength 0.5 (CIFAR's).
 import argparse
 import math
 import os

@@ -635,6 +635,31 @@ def test_cpc_geometry_and_skip_errors(tiny_imagefolder, tmp_path):
 # ---------------------------------------------------------------------------------------
 # Probing
 # ---------------------------------------------------------------------------------------
+def test_simclr_sqrt_lr_scaling(tiny_imagefolder, tmp_path):
+    """--lr-scaling sqrt: peak lr = lr * sqrt(batch) (official learning_rate_scaling), linear: lr * batch / 256."""
+    args = TINY + ["--data", tiny_imagefolder, "--batch-size", "16", "--warmup-epochs", "0", "--probe-epochs", "0",
+                   "--max-steps", "1", "--print-freq", "1"]
+    for scaling, peak in (("sqrt", 0.075 * 4), ("linear", 0.075 * 16 / 256)):
+        out = str(tmp_path / scaling)
+        simclr.main(args + ["--lr", "0.075", "--lr-scaling", scaling, "--out", out])
+        assert read_metrics(out)[0]["lr"] == pytest.approx(peak)  # step 0 of the cosine is the peak
+
+
+def test_baselines_probe_the_initial_trunk_and_raw_pixels(tiny_imagefolder, tmp_path):
+    """--baselines adds the random-init trunk (the same as --eval-only without weights) and raw pixels."""
+    args = TINY + ["--data", tiny_imagefolder, "--batch-size", "16", "--probe-epochs", "5"]
+    random_init = rotation.main(args + ["--eval-only", "--out", str(tmp_path / "random")])
+    trained = rotation.main(args + ["--epochs", "1", "--baselines", "--out", str(tmp_path / "trained")])
+    assert trained["random_init_knn_top1"] == random_init["knn_top1"]
+    assert trained["random_init_linear_top1"] == random_init["linear_top1"]
+    probe_train, probe_test = (common.Transformed(torchvision.datasets.ImageFolder(os.path.join(tiny_imagefolder, split)),
+                                                  common.eval_transform("imagefolder", 32)) for split in ("train", "val"))
+    pixels = [torch.stack([ds[i][0] for i in range(len(ds))]).flatten(1) for ds in (probe_train, probe_test)]
+    labels = [torch.tensor([ds[i][1] for i in range(len(ds))]) for ds in (probe_train, probe_test)]
+    assert trained["raw_pixels_knn_top1"] == pytest.approx(common.knn_classify(pixels[0], labels[0], pixels[1], labels[1], k=5))
+    assert trained.keys() >= {"knn_top1", "linear_top1", "raw_pixels_linear_top1", "random_init_linear_top5"}
+
+
 def test_knn_matches_naive_vote_and_separates_clusters():
     g = torch.Generator().manual_seed(0)
     train_f, train_y = torch.randn(50, 6, generator=g), torch.randint(0, 3, (50,), generator=g)
@@ -1070,3 +1095,26 @@ def test_benchmark_runner_writes_every_row(tiny_fashion, tmp_path):
     assert saved["rows"] == table["rows"] and saved["commit"] and saved["hardware"]
     md = open(tmp_path / "results.md").read()
     assert "| supervised |" in md and "`smoke` protocol" in md
+    # the gpu and cpu protocols' flags parse in every method file (the gpu protocol itself needs a GPU to run)
+    for protocol in ("cpu", "gpu"):
+        bench_args = benchmark.parse_args(["--protocol", protocol])
+        for name in benchmark.METHODS:
+            epochs = benchmark.PROTOCOLS[protocol]["epochs"][name]
+            parsed = METHODS[name][0].parse_args(benchmark.shared_flags(bench_args) + benchmark.RECIPES[name] +
+                                                 ["--epochs", str(epochs)])
+            assert parsed.epochs == epochs and parsed.dataset == "fashion-mnist"
+
+
+def test_speed_script_records_what_each_method_feeds_its_trunk():
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "benchmarks"))
+    import speed
+    rows = {row["method"]: row for row in speed.main(["--batch-size", "8", "--steps", "1", "--warmup", "1",
+                                                       "--data-images", "4"])}
+    assert list(rows) == speed.METHODS
+    expected = {"simclr": "(16, 3, 32, 32)", "moco": "(8, 3, 32, 32), (8, 3, 32, 32) no grad",
+                "instdisc": "(8, 3, 32, 32)", "cpc": "(392, 3, 10, 10)", "rotation": "(32, 3, 32, 32)",
+                "jigsaw": "(72, 3, 9, 9)", "context_encoder": "(8, 3, 32, 32)"}
+    for name, row in rows.items():
+        assert row["trunk_inputs"] == expected[name], (name, row["trunk_inputs"])
+        assert row["step_img_s"] > 0 and row["trunk_img_s"] > 0 and row["data_img_s"] > 0
+        assert row["ratio"] == pytest.approx(row["step_img_s"] / row["trunk_img_s"])

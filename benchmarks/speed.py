@@ -1,0 +1,225 @@
+"""Training-step speed of every sslref method against the limit of its backbone, in one process.
+
+    python benchmarks/speed.py                                              # CPU: resnet-tiny at 32 px
+    python benchmarks/speed.py --arch resnet50 --image-size 224 --batch-size 64   # CUDA: bf16, channels_last
+
+For each method it reports, in images per second:
+- step: the method's own training loop (its file's main(), unchanged) fed one augmented batch that is already on
+  the device, every step: forward, loss, backward, optimiser, queue / bank updates, all of it;
+- trunk: the bare trunk's forward + backward on exactly the tensors the method pushes through it, recorded by a
+  hook during one real step (2 views for SimCLR, a forward + backward and a no-grad forward for MoCo, 4B rotations,
+  9B tiles, 49B patches, ...), without the method's heads, losses or optimiser;
+- ratio: step / trunk (1.0 = nothing beyond the backbone);
+- data: the method's augmentation pipeline alone on one CPU thread (one data worker), on in-memory images, so
+  that --workers can be sized: a GPU step at S img/s needs about S / data workers.
+"""
+import argparse
+import contextlib
+import copy
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+import torchvision
+from torch.utils.data import default_collate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import common  # noqa: E402
+
+METHODS = ["simclr", "moco", "instdisc", "cpc", "rotation", "jigsaw", "context_encoder"]
+METHOD_FLAGS = {"instdisc": ["--nce-k", "4096"], "moco": ["--mlp", "--aug-plus"]}  # MoCo v2; lemniscate's K
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--methods", nargs="*", default=METHODS)
+    p.add_argument("--arch", default="resnet-tiny")
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="images per step")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (cudnn autotuning, compile)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps")
+    p.add_argument("--data-images", type=int, default=64, help="images through the augmentation pipeline")
+    p.add_argument("--compile", action="store_true", help="pass --compile to the methods (the trunk is compiled too)")
+    return p.parse_args(argv)
+
+
+class SyntheticImages(torch.utils.data.Dataset):
+    """Random RGB images a little larger than the crop (as ImageNet's are), decoded already, labels 0..9."""
+
+    def __init__(self, n, side):
+        self.n, self.side, self.labels = n, side, [i % 10 for i in range(n)]
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        g = torch.Generator().manual_seed(i)
+        pixels = torch.randint(0, 256, (self.side, self.side, 3), generator=g, dtype=torch.uint8)
+        return torchvision.transforms.functional.to_pil_image(pixels.numpy()), self.labels[i]
+
+
+class FixedBatch:
+    """Stands in for the training loader and its sampler: the same batch, already on the device, every step."""
+
+    def __init__(self, batch, steps, batch_size):
+        self.batch, self.steps, self.batch_size, self.start_step = batch, steps, batch_size, 0
+
+    def __iter__(self):
+        return iter([self.batch] * self.steps)
+
+    def __len__(self):  # as the sampler: images per epoch
+        return self.steps * self.batch_size
+
+    def set_epoch(self, epoch):
+        pass
+
+
+def to_device(batch, device):
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    return type(batch)(to_device(b, device) for b in batch)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+@contextlib.contextmanager
+def patched(obj, name, value):
+    old = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, old)
+
+
+def measure_method(name, args, device):
+    """-> (step img/s, recorded trunk calls, trunk copies, pretraining dataset) from the method's own main()."""
+    module = __import__(name)
+    state = {"calls": [], "trunks": {}, "marks": [], "dataset": None}
+    side = max(args.image_size + 4, round(args.image_size * 1.15))
+    total = args.warmup + args.steps
+
+    def build_datasets(margs, train_transform):
+        probe = common.Transformed(SyntheticImages(16, side), common.eval_transform(margs.dataset, margs.image_size))
+        state["dataset"] = common.Transformed(SyntheticImages(max(4096, args.batch_size), side), train_transform,
+                                              margs.seed)
+        return state["dataset"], probe, probe
+
+    def train_loader(dataset, margs, world_size, rank):
+        batch = to_device(default_collate([dataset[(i, 0)] for i in range(margs.batch_size)]), device)
+        fixed = FixedBatch(batch, total, margs.batch_size)
+        return fixed, fixed
+
+    run_init, after_step = common.Run.__init__, common.Run.after_step
+
+    def init(run, margs, model, *rest):
+        run_init(run, margs, model, *rest)
+        for trunk in (m for m in model.modules() if isinstance(m, torchvision.models.ResNet)):
+            state["trunks"][id(trunk)] = copy.deepcopy(trunk)
+            # on conv1, whose input is the trunk's: the context encoder runs the trunk's layers up to its feature map
+            trunk.conv1.register_forward_hook(lambda m, inputs, out, key=id(trunk): state["calls"].append(
+                (tuple(inputs[0].shape), torch.is_grad_enabled(), m.training, key)) if not state["marks"] else None)
+
+    def timed_after_step(run, epoch, step, loss, lr):
+        if run.global_step + 1 in (1, args.warmup, total):  # after the first step (the hooks' record) and the window
+            sync(device)
+            state["marks"].append(time.perf_counter())
+        return after_step(run, epoch, step, loss, lr)
+
+    flags = ["--dataset", "imagefolder", "--arch", args.arch, "--image-size", str(args.image_size),
+             "--batch-size", str(args.batch_size), "--workers", "0", "--epochs", "1", "--max-steps", str(total),
+             "--print-freq", str(10 ** 9), "--probe-epochs", "0", "--seed", "0"] + METHOD_FLAGS.get(name, [])
+    flags += ["--compile"] if args.compile else []
+    if name == "moco":
+        flags += ["--moco-k", str(args.batch_size * (65536 // args.batch_size))]
+    with tempfile.TemporaryDirectory() as out, \
+            patched(common, "build_datasets", build_datasets), patched(common, "train_loader", train_loader), \
+            patched(common.Run, "__init__", init), patched(common.Run, "after_step", timed_after_step), \
+            patched(common.Run, "final_evaluation", lambda run, extra=None: {}):
+        module.main(flags + ["--out", out])
+    step_img_s = args.batch_size * args.steps / (state["marks"][-1] - state["marks"][-2])
+    return step_img_s, state
+
+
+def measure_trunk(state, args, device, amp):
+    """Forward + backward of copies of the method's trunks on random tensors of the recorded shapes."""
+    calls = state["calls"]
+    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    inputs = [torch.randn(shape, device=device).contiguous(memory_format=fmt) for shape, *_ in calls]
+    trunks = {key: t.to(device) for key, t in state["trunks"].items()}
+    if args.compile:
+        trunks = {key: torch.compile(t) for key, t in trunks.items()}
+
+    def step():
+        outputs = []
+        for x, (_, grad, training, key) in zip(inputs, calls):
+            trunks[key].train(training)
+            with torch.set_grad_enabled(grad), torch.autocast(device.type, torch.bfloat16, enabled=amp):
+                out = trunks[key](x)
+            if grad:
+                outputs.append(out.float().mean())
+        torch.stack(outputs).sum().backward()
+
+    for _ in range(args.warmup):
+        step()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    sync(device)
+    return args.batch_size * args.steps / (time.perf_counter() - start)
+
+
+def measure_data(dataset, n):
+    """The augmentation pipeline on one thread, as one data worker runs it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        start = time.perf_counter()
+        for i in range(n):
+            dataset[(i, 0)]
+        return n / (time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def describe(calls):
+    """'2 x (32, 3, 32, 32)' style summary of the trunk calls of one step; 'no grad' for forward-only ones."""
+    seen = {}
+    for shape, grad, _, _ in calls:
+        key = f"{tuple(shape)}{'' if grad else ' no grad'}"
+        seen[key] = seen.get(key, 0) + 1
+    return ", ".join(f"{n} x {key}" if n > 1 else key for key, n in seen.items())
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    amp = device.type == "cuda"
+    where = torch.cuda.get_device_name() if amp else f"{os.cpu_count()} CPU cores"
+    print(f"{args.arch} at {args.image_size} px, batch {args.batch_size}, {where}" +
+          (", bf16 autocast, channels_last" if amp else "") + (", torch.compile" if args.compile else ""))
+    print(f"| method | step img/s | trunk img/s | ratio | data img/s per worker | trunk inputs per step |")
+    print("|---|---|---|---|---|---|")
+    rows = []
+    for name in args.methods:
+        common.seed_everything(0)
+        step_img_s, state = measure_method(name, args, device)
+        trunk_img_s = measure_trunk(state, args, device, amp)
+        data_img_s = measure_data(state["dataset"], args.data_images)
+        rows.append({"method": name, "step_img_s": step_img_s, "trunk_img_s": trunk_img_s,
+                     "ratio": step_img_s / trunk_img_s, "data_img_s": data_img_s, "trunk_inputs": describe(state["calls"])})
+        print(f"| {name} | {step_img_s:.0f} | {trunk_img_s:.0f} | {step_img_s / trunk_img_s:.2f} | {data_img_s:.0f} | "
+              f"{rows[-1]['trunk_inputs']} |", flush=True)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
