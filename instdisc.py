@@ -48,6 +48,7 @@ def parse_args(argv=None):
     p.add_argument("--knn-t", type=common.positive_float, default=0.1, help="temperature of the weighted kNN monitor")
     p.add_argument("--probe-epochs", type=common.nonneg_int, default=100, help="epochs of the linear probe (0: kNN only)")
     p.add_argument("--eval-every", type=common.nonneg_int, default=0, help="kNN monitor every N epochs (0: only at the end)")
+    p.add_argument("--monitor-subset", type=common.nonneg_int, default=0, help="the monitor's kNN on N class-balanced images of each probe set (0: all)")
     p.add_argument("--print-freq", type=common.positive_int, default=50, help="progress line every N steps")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on CUDA")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -168,9 +169,10 @@ def bank_knn(model, bank_labels, probe_test_loader, device, args):
     k and sigma from --knn-k 200 --knn-t 0.1 (official cifar.py: 0.1; its ImageNet main.py uses --nce-t 0.07)."""
     if (bank_labels < 0).any():  # STL-10's unlabelled images
         return {}
-    test_v, test_y = common.extract_features(model, probe_test_loader, device, args.amp)
-    return {"knn_bank_top1": common.knn_classify(model.memory, bank_labels.to(device), test_v, test_y,
-                                                 args.knn_k, args.knn_t)}
+    test_v, test_y, _ = common.extract_features(model, probe_test_loader, device, args.amp)  # this rank's share
+    rows = torch.arange(len(model.memory), device=device)[common.rank():: common.world()]  # and its share of the bank
+    return {"knn_bank_top1": common.knn_classify(model.memory[rows], bank_labels.to(device)[rows], test_v, test_y,
+                                                 args.knn_k, args.knn_t, train_index=rows)}
 
 
 def main(argv=None):

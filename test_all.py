@@ -671,7 +671,7 @@ def test_knn_matches_naive_vote_and_separates_clusters():
         order = sims.argsort(descending=True)[:k]
         votes = [sum(float(torch.exp(sims[j] / t)) for j in order if train_y[j] == c) for c in range(3)]
         correct += int(np.argmax(votes) == int(y))
-    assert common.knn_classify(train_f, train_y, test_f, test_y, k, t, chunk=6) == pytest.approx(100 * correct / 20)
+    assert common.knn_classify(train_f, train_y, test_f, test_y, k, t, memory_bytes=16 * 50 * 6) == pytest.approx(100 * correct / 20)  # chunks of 6
 
     centres = torch.randn(4, 32, generator=g) * 5
     y = torch.arange(400) % 4
@@ -689,6 +689,145 @@ def test_linear_probe_learns_separable_and_not_random_labels():
     random_y = torch.randint(0, 5, (1000,), generator=g)
     top1, _ = common.linear_probe(f[:800], random_y[:800], f[800:], random_y[800:], epochs=30)
     assert top1 < 40  # chance is 20%
+
+
+def tied_probe_data():
+    """Features with many exactly equal cosine similarities, and sizes that do not divide by 2 ranks: rows of four
+    1s among 8 (norm 2, so every similarity is an exact multiple of 1/4), duplicated rows with other labels."""
+    g = torch.Generator().manual_seed(0)
+
+    def rows(n):
+        return torch.zeros(n, 8).scatter_(1, torch.rand(n, 8, generator=g).argsort(1)[:, :4], 1.0)
+    base = rows(40)
+    train_f = torch.cat([base, base[:21]])  # 61 rows, 21 of them duplicates
+    train_y = torch.randint(0, 4, (61,), generator=g)
+    test_f, test_y = rows(37), torch.randint(0, 4, (37,), generator=g)
+    return train_f, train_y, test_f, test_y
+
+
+def naive_knn_lower_index_wins(train_f, train_y, test_f, test_y, k, t):
+    correct = 0
+    for f, y in zip(test_f, test_y):
+        sims = (F.normalize(train_f, dim=1) @ F.normalize(f, dim=0)).tolist()
+        order = sorted(range(len(sims)), key=lambda j: (-sims[j], j))[:k]  # ties: the lower train index first
+        votes = [sum(np.exp(sims[j] / t) for j in order if train_y[j] == c) for c in range(4)]
+        correct += int(np.argmax(votes) == int(y))
+    return 100.0 * correct / len(test_y)
+
+
+def _sharded_probes(rank, world_size, init_file, out_file):
+    """Each rank passes its strided share (as DistributedSampler deals them) to the sharded kNN and linear probe."""
+    if world_size > 1:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    train_f, train_y, test_f, test_y = tied_probe_data()
+    mine = torch.arange(len(train_f))[rank::world_size]
+    test_mine = torch.arange(len(test_f))[rank::world_size]
+    results = {"knn": [common.knn_classify(train_f[mine], train_y[mine], test_f[test_mine], test_y[test_mine], k, 0.1,
+                                           train_index=mine, memory_bytes=16 * 2 * 31 * 5) for k in (1, 5, 20, 61)]}
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(8, 3, generator=g)
+    f = torch.randn(5001, 8, generator=g) * 3 + 2
+    y = (f @ w + torch.randn(5001, 3, generator=g) * 2).argmax(1)  # noisy linear labels: accuracy well below 100
+    share = torch.arange(4001)[rank::world_size]
+    held_out = torch.arange(4001, 5001)[rank::world_size]
+    results["linear"] = common.linear_probe(f[share], y[share], f[held_out], y[held_out], epochs=10)
+    results["rows"] = (len(share), len(held_out))
+    gathered = [None] * world_size
+    if world_size > 1:
+        dist.all_gather_object(gathered, results)
+        dist.destroy_process_group()
+    else:
+        gathered = [results]
+    if rank == 0:
+        torch.save(gathered, out_file)
+
+
+def test_sharded_knn_and_linear_probe_equal_one_process(tmp_path):
+    _sharded_probes(0, 1, None, tmp_path / "single.pt")
+    torch.multiprocessing.spawn(_sharded_probes, args=(2, tmp_path / "init", tmp_path / "ddp.pt"), nprocs=2)
+    (single,), ranks = torch.load(tmp_path / "single.pt"), torch.load(tmp_path / "ddp.pt")
+    train_f, train_y, test_f, test_y = tied_probe_data()
+    for k, knn in zip((1, 5, 20, 61), single["knn"]):  # the one-process kNN is the vote written out
+        assert knn == pytest.approx(naive_knn_lower_index_wins(train_f, train_y, test_f, test_y, k, 0.1)), k
+    for r in ranks:
+        assert r["knn"] == single["knn"]  # exactly, on every rank, ties included
+        # the linear probe: each rank trained on its ~half, gradients averaged; within 1 point of one process
+        # (the minibatches hold other samples, so only the optimum is shared, not the path)
+        assert abs(r["linear"][0] - single["linear"][0]) <= 1.0 and r["linear"] == ranks[0]["linear"]
+    print(f"linear top-1: one process {single['linear'][0]:.2f}, two ranks {ranks[0]['linear'][0]:.2f}")
+    assert single["linear"][0] < 97 and [r["rows"] for r in ranks] == [(2001, 500), (2000, 500)]
+
+
+class IndexedVectors(torch.utils.data.Dataset):
+    """n vectors of size dim, made from the index on the fly (the dataset itself holds nothing)."""
+
+    def __init__(self, n, dim):
+        self.n, self.dim = n, dim
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return torch.arange(self.dim, dtype=torch.float).mul_(i % 101 + 1).sin_(), i % 10, i
+
+
+def _evaluation_shares_and_peak(rank, world_size, init_file, n, out_file):
+    import resource
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    args = rotation.parse_args(["--batch-size", "512", "--workers", "0", "--probe-epochs", "1", "--knn-k", "20"])
+    args.amp = False
+    common.KNN_MEMORY_BYTES = 2 ** 22  # the kNN's fixed working set, small, so the features' share shows
+    train, test = IndexedVectors(n, 1024), IndexedVectors(500, 1024)
+    loaders = [common.eval_loader(ds, args, world_size, rank) for ds in (train, test)]
+    common.evaluate(torch.nn.Identity(), *loaders, torch.device("cpu"), args)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    shares = [None] * world_size
+    mine = common.extract_features(torch.nn.Identity(), loaders[0], torch.device("cpu"))[2].tolist()
+    dist.all_gather_object(shares, (mine, peak))
+    if rank == 0:
+        torch.save(shares, out_file)
+    dist.destroy_process_group()
+
+
+def test_each_rank_holds_its_share_and_evaluation_memory_grows_as_n_over_world(tmp_path):
+    """Two gloo ranks, two synthetic sizes: each rank extracts exactly its share (no padding repeats), and the
+    process's peak memory grows by about N / world x 1024 floats, not N x 1024."""
+    peaks = {}
+    for n in (20_001, 60_001):
+        torch.multiprocessing.spawn(_evaluation_shares_and_peak, args=(2, tmp_path / f"init{n}", n, tmp_path / f"{n}.pt"),
+                                    nprocs=2)
+        shares = torch.load(tmp_path / f"{n}.pt")
+        (rank0, peak0), (rank1, peak1) = shares
+        assert len(rank0) == (n + 1) // 2 and len(rank1) == n // 2 and sorted(rank0 + rank1) == list(range(n))
+        peaks[n] = max(peak0, peak1)
+    all_features = 40_000 * 1024 * 4  # what holding every extra feature on each rank would add
+    growth = peaks[60_001] - peaks[20_001]
+    print(f"peak per rank: {peaks[20_001] / 2**20:.0f} MiB at N 20,001, {peaks[60_001] / 2**20:.0f} MiB at "
+          f"N 60,001: +{growth / 2**20:.0f} MiB (N / world x 1024 fp32: {all_features / 2 / 2**20:.0f} MiB)")
+    assert 0.3 * all_features < growth < 0.75 * all_features
+
+
+def test_monitor_subset_is_class_balanced_and_fixed(tiny_imagefolder, tmp_path):
+    labels = torch.tensor([0] * 50 + [1] * 30 + [2] * 20)
+    picked = common.balanced_subset(labels, 30)
+    assert picked == sorted(picked) and picked == common.balanced_subset(labels, 30)  # a fixed list
+    assert collections.Counter(labels[picked].tolist()) == {0: 10, 1: 10, 2: 10}
+    # in a run: the monitor reads that subset of each probe set, every epoch, on both ranks; the end reads all
+    out = str(tmp_path)
+    r = torchrun("rotation.py", *TINY, "--data", tiny_imagefolder, "--batch-size", "16", "--epochs", "2",
+                 "--eval-every", "1", "--monitor-subset", "4", "--probe-epochs", "0", "--out", out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    monitors = [m for m in read_metrics(out) if "knn_top1" in m]
+    assert len(monitors) == 2  # epoch 1's monitor, then the final evaluation
+    args = rotation.parse_args(TINY + ["--data", tiny_imagefolder, "--monitor-subset", "4"])
+    model = torch.nn.Linear(1, 1)
+    _, probe_train, probe_test = common.build_datasets(args, None)
+    loaders = [common.eval_loader(ds, args, 1, 0) for ds in (probe_train, probe_test)]
+    run = common.Run(args, model, torch.optim.SGD(model.parameters(), lr=0.1), model, loaders, torch.device("cpu"), 0, 1)
+    for full, monitor in zip(loaders, run.monitor_loaders):
+        chosen = monitor.dataset.indices
+        assert chosen == common.balanced_subset(common.dataset_labels(full.dataset), 4)
+        assert collections.Counter(common.dataset_labels(full.dataset)[chosen].tolist()) == {0: 2, 1: 2}
 
 
 # ---------------------------------------------------------------------------------------
