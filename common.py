@@ -531,10 +531,11 @@ def rank():
     return dist.get_rank() if is_distributed() else 0
 
 
-def all_reduce_sum(x, op=None):
+def across_ranks(x, op=dist.ReduceOp.SUM):
+    """x reduced over the ranks (a copy; x itself in one process)."""
     if is_distributed():
         x = x.clone()
-        dist.all_reduce(x, op=op or dist.ReduceOp.SUM)
+        dist.all_reduce(x, op=op)
     return x
 
 
@@ -587,12 +588,16 @@ def knn_classify(train_f, train_y, test_f, test_y, k=200, t=0.1, train_index=Non
                            + [train_f.new_zeros(0, dtype=torch.float)]).clamp_min(1e-12)
     test_f = F.normalize(test_f.float(), dim=1).to(train_f.dtype)
     counts = torch.tensor([len(train_f), len(test_f)], device=device)
-    n_train, n_test = all_reduce_sum(counts).tolist()
-    max_train, max_test = all_reduce_sum(counts, dist.ReduceOp.MAX).tolist()
-    num_classes = int(all_reduce_sum(torch.cat([train_y, test_y, train_y.new_zeros(1)]).max(), dist.ReduceOp.MAX)) + 1
+    n_train, n_test = across_ranks(counts).tolist()
+    max_train, max_test = across_ranks(counts, dist.ReduceOp.MAX).tolist()
+    num_classes = int(across_ranks(torch.cat([train_y, test_y, train_y.new_zeros(1)]).max(), dist.ReduceOp.MAX)) + 1
     k = min(k, n_train)
-    memory_bytes = memory_bytes or KNN_MEMORY_BYTES  # fp32 similarities + masks + int32 cumsum: 16 bytes each
+    memory_bytes = memory_bytes or KNN_MEMORY_BYTES
+    if device.type == "cuda":  # and never more than half of what the GPU has free
+        memory_bytes = min(memory_bytes, torch.cuda.mem_get_info(device)[0] // 2)
+    # per similarity: fp32 value, two bool masks, an int32 cumsum, the take mask: under 16 bytes
     chunk = max(1, memory_bytes // (16 * w * max(1, max_train)))
+    chunk = int(across_ranks(torch.tensor(chunk, device=device), dist.ReduceOp.MIN))  # one chunk size for all
     correct = torch.zeros((), device=device)
     for s in range(0, max_test, chunk):
         mine = test_f[s:s + chunk]
@@ -624,13 +629,13 @@ def knn_classify(train_f, train_y, test_f, test_y, k=200, t=0.1, train_index=Non
 
 def _column_stats(train_f, rows=8192):
     """Mean and (unbiased) std of the features over all ranks' rows, in fp32 blocks (no fp32 copy of the set)."""
-    count = all_reduce_sum(torch.tensor(float(len(train_f)), device=train_f.device))
+    count = across_ranks(torch.tensor(float(len(train_f)), device=train_f.device))
     total = sum((train_f[s:s + rows].float().sum(0) for s in range(0, len(train_f), rows)),
                 torch.zeros(train_f.shape[1], device=train_f.device))
-    mean = all_reduce_sum(total) / count
+    mean = across_ranks(total) / count
     squares = sum((((train_f[s:s + rows].float() - mean) ** 2).sum(0) for s in range(0, len(train_f), rows)),
                   torch.zeros(train_f.shape[1], device=train_f.device))
-    return mean, (all_reduce_sum(squares) / (count - 1)).sqrt() + 1e-6
+    return mean, (across_ranks(squares) / (count - 1)).sqrt() + 1e-6
 
 
 def linear_probe(train_f, train_y, test_f, test_y, epochs=100, lr=0.1, batch_size=256, seed=0):
@@ -639,7 +644,7 @@ def linear_probe(train_f, train_y, test_f, test_y, epochs=100, lr=0.1, batch_siz
     rank steps through its own rows, batch_size / world at a time, and the gradients are averaged across ranks."""
     device, w, r = train_f.device, world(), rank()
     g = torch.Generator(device="cpu").manual_seed(seed)
-    num_classes = int(all_reduce_sum(torch.cat([train_y, test_y, train_y.new_zeros(1)]).max(), dist.ReduceOp.MAX)) + 1
+    num_classes = int(across_ranks(torch.cat([train_y, test_y, train_y.new_zeros(1)]).max(), dist.ReduceOp.MAX)) + 1
     mean, std = _column_stats(train_f)
     head = nn.Linear(train_f.shape[1], num_classes).to(device)
     with torch.no_grad():  # the same initial head on every rank
@@ -648,7 +653,7 @@ def linear_probe(train_f, train_y, test_f, test_y, epochs=100, lr=0.1, batch_siz
     if r:  # each rank its own order of its rows (rank 0 keeps the one-process sequence)
         g.manual_seed(seed + 1000003 * r)
     local_batch = max(1, -(-batch_size // w))
-    steps_per_epoch = int(all_reduce_sum(torch.tensor(-(-len(train_f) // local_batch), device=device),
+    steps_per_epoch = int(across_ranks(torch.tensor(-(-len(train_f) // local_batch), device=device),
                                          dist.ReduceOp.MAX))
     opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, epochs * steps_per_epoch))
@@ -672,7 +677,7 @@ def linear_probe(train_f, train_y, test_f, test_y, epochs=100, lr=0.1, batch_siz
             top5 = head((test_f[s:s + 65536].float() - mean) / std).topk(min(5, num_classes), dim=1).indices
             y = test_y[s:s + 65536, None]
             correct += torch.stack([(top5[:, :1] == y).sum(), (top5 == y).sum()])
-    correct = all_reduce_sum(correct) / all_reduce_sum(torch.tensor(float(len(test_f)), device=device))
+    correct = across_ranks(correct) / across_ranks(torch.tensor(float(len(test_f)), device=device))
     return (correct[0].item() * 100, correct[1].item() * 100)
 
 
