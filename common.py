@@ -596,7 +596,7 @@ def knn_classify(train_f, train_y, test_f, test_y, k=200, t=0.1, train_index=Non
     if device.type == "cuda":  # and never more than half of what the GPU has free
         memory_bytes = min(memory_bytes, torch.cuda.mem_get_info(device)[0] // 2)
     # per similarity: fp32 value, two bool masks, an int32 cumsum, the take mask: under 16 bytes
-    chunk = max(1, memory_bytes // (16 * w * max(1, max_train)))
+    chunk = max(1, min(max_test, memory_bytes // (16 * w * max(1, max_train))))
     chunk = int(across_ranks(torch.tensor(chunk, device=device), dist.ReduceOp.MIN))  # one chunk size for all
     correct = torch.zeros((), device=device)
     for s in range(0, max_test, chunk):
