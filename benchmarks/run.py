@@ -6,7 +6,7 @@
 Each method pretrains on the training split with its own file's recipe for short runs (documented there), then
 the same probes score its frozen trunk: weighted kNN (k 200, t 0.1) and a 30-epoch linear probe, trained on the
 pretraining images and tested on the 10,000 test images. Anchors on the same probes: the random-init trunk, raw
-pixels, and the same trunk trained with labels (cross-entropy) for a comparable time. Writes
+pixels, and the same trunk trained with labels (cross-entropy) for as many epochs as the longest method. Writes
 benchmarks/results.json (every protocol run so far) and benchmarks/results.md (its tables).
 """
 import argparse
@@ -53,7 +53,7 @@ PROTOCOLS = {
     # the whole table in under 30 minutes on 2 CPU cores: about 2-3 minutes of pretraining per method
     "cpu": {"flags": ["--arch", "resnet-tiny", "--subset", "10000", "--workers", "2"],
             "epochs": {"simclr": 5, "moco": 5, "instdisc": 5, "cpc": 1, "rotation": 2, "jigsaw": 3,
-                       "context_encoder": 2, "supervised": 2}},
+                       "context_encoder": 2, "supervised": 5}},  # supervised: the most epochs any method gets
     # one H100/H200: all 60,000 images, the same number of epochs for every method, the table in about 5 minutes
     "gpu": {"flags": ["--arch", "resnet18", "--workers", str(min(16, os.cpu_count() or 1))],
             "epochs": dict.fromkeys(METHODS + ["supervised"], 2)},
