@@ -578,9 +578,13 @@ def knn_classify(train_f, train_y, test_f, test_y, k=200, t=0.1, train_index=Non
     rank passes its share of both sets (train_index: the global indices of its train rows, for the tie-break);
     the ranks score each gathered test chunk against their own train rows, keep their top-k (similarity, label),
     and merge those into the global top-k, ties going to the lower train index. The chunk is sized so the
-    similarity matrix and its masks stay within memory_bytes. Returns top-1 in percent, the same on every rank."""
+    similarity matrix, its masks and the merge stay within memory_bytes. Returns top-1 in percent, the same on
+    every rank, and exactly one process's result on CPU (on GPU, cuBLAS may round a dot product of a shard-shaped
+    matmul differently in the last bit, which can reorder near-ties)."""
     device, w = test_f.device, world()
-    train_index = torch.arange(len(train_f), device=device) if train_index is None else train_index.to(device)
+    if train_index is None:  # the sampler's layout: rank r holds r, r + w, r + 2w, ...
+        train_index = rank() + w * torch.arange(len(train_f), device=device)
+    train_index = train_index.to(device)
     if (train_index.diff() < 0).any():  # ascending global index, so that ties can go to the lower index
         order = train_index.argsort()
         train_f, train_y, train_index = train_f[order], train_y[order], train_index[order]
@@ -592,19 +596,20 @@ def knn_classify(train_f, train_y, test_f, test_y, k=200, t=0.1, train_index=Non
     n_train, n_test = across_ranks(counts).tolist()
     max_train, max_test = across_ranks(counts, dist.ReduceOp.MAX).tolist()
     num_classes = int(across_ranks(torch.cat([train_y, test_y, train_y.new_zeros(1)]).max(), dist.ReduceOp.MAX)) + 1
-    k = min(k, n_train)
+    k, kmax = min(k, n_train), min(k, max_train)  # each rank sends kmax candidates per query
     memory_bytes = memory_bytes or KNN_MEMORY_BYTES
     if device.type == "cuda":  # and never more than half of what the GPU has free
         memory_bytes = min(memory_bytes, torch.cuda.mem_get_info(device)[0] // 2)
-    # per similarity: fp32 value, two bool masks, an int32 cumsum, the take mask: under 16 bytes
-    chunk = max(1, min(max_test, memory_bytes // (16 * w * max(1, max_train))))
+    # per query: 16 bytes per similarity (fp32 value, bool masks, int32 cumsum), ~48 per merged candidate
+    chunk = max(1, min(max_test, memory_bytes // (w * (16 * max(1, max_train) + 48 * w * kmax))))
     chunk = int(across_ranks(torch.tensor(chunk, device=device), dist.ReduceOp.MIN))  # one chunk size for all
+    chunk = -(-max_test // -(-max_test // chunk)) if max_test else 1  # the same chunks, evened out
     correct = torch.zeros((), device=device)
     for s in range(0, max_test, chunk):
         mine = test_f[s:s + chunk]
         queries = gather(_pad_rows(mine, chunk)) if w > 1 else mine  # (w * chunk, D): every rank's chunk
         labels = gather(_pad_rows(test_y[s:s + chunk], chunk, -1)) if w > 1 else test_y[s:s + chunk]
-        sim = (queries @ train_f.T).float() / train_norm  # (rows, this rank's train rows)
+        sim = ((queries @ train_f.T).float() / train_norm).nan_to_num_(nan=-float("inf"))  # (rows, my train rows)
         kk = min(k, len(train_f))
         if kk:  # this rank's top-kk, exactly: all above the kk-th value, then its ties in index order
             threshold = sim.topk(kk, dim=1).values[:, -1:]
@@ -614,10 +619,10 @@ def knn_classify(train_f, train_y, test_f, test_y, k=200, t=0.1, train_index=Non
             cand = (sim.gather(1, idx), train_index[idx], train_y[idx])
         else:
             cand = (sim.new_empty(len(sim), 0), train_index.new_empty(len(sim), 0), train_y.new_empty(len(sim), 0))
-        # every rank sends exactly k candidates per query (-inf pads a rank with fewer train rows)
-        cand = [_pad_rows(c.T, k, v).T for c, v in zip(cand, (-float("inf"), n_train, 0))]
+        # every rank sends exactly kmax candidates per query (-inf pads a rank with fewer train rows)
+        cand = [_pad_rows(c.T, kmax, v).T for c, v in zip(cand, (-float("inf"), n_train, 0))]
         if w > 1:
-            cand = [torch.cat(gather(c[None]).unbind(0), dim=1) for c in cand]  # (rows, w * k)
+            cand = [torch.cat(gather(c[None]).unbind(0), dim=1) for c in cand]  # (rows, w * kmax)
         cand_sim, cand_index, cand_y = cand
         by_index = cand_index.argsort(dim=1)  # merge: sort by index, then stably by similarity
         by_sim = cand_sim.gather(1, by_index).argsort(dim=1, descending=True, stable=True)[:, :k]
@@ -642,7 +647,8 @@ def _column_stats(train_f, rows=8192):
 def linear_probe(train_f, train_y, test_f, test_y, epochs=100, lr=0.1, batch_size=256, seed=0):
     """Linear classifier on cached frozen features -> (top-1, top-5) in percent. Standardised inputs (as MAE's
     parameter-free BN), weights N(0, 0.01), bias 0, SGD momentum 0.9, cosine lr, no weight decay. Sharded: each
-    rank steps through its own rows, batch_size / world at a time, and the gradients are averaged across ranks."""
+    rank steps through its own rows, batch_size / world at a time; the gradients, summed across ranks, are those of
+    the mean loss over the whole step's rows."""
     device, w, r = train_f.device, world(), rank()
     g = torch.Generator(device="cpu").manual_seed(seed)
     num_classes = int(across_ranks(torch.cat([train_y, test_y, train_y.new_zeros(1)]).max(), dist.ReduceOp.MAX)) + 1
@@ -654,22 +660,24 @@ def linear_probe(train_f, train_y, test_f, test_y, epochs=100, lr=0.1, batch_siz
     if r:  # each rank its own order of its rows (rank 0 keeps the one-process sequence)
         g.manual_seed(seed + 1000003 * r)
     local_batch = max(1, -(-batch_size // w))
-    steps_per_epoch = int(across_ranks(torch.tensor(-(-len(train_f) // local_batch), device=device),
-                                         dist.ReduceOp.MAX))
+    lengths = gather(torch.tensor([len(train_f)], device=device)).tolist() if w > 1 else [len(train_f)]
+    steps_per_epoch = max(1, -(-max(lengths) // local_batch))
     opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, epochs * steps_per_epoch))
     for _ in range(epochs):
         perm = torch.randperm(len(train_f), generator=g).to(device)
         for s in range(steps_per_epoch):
-            b = perm[s * local_batch:(s + 1) * local_batch]  # empty on a rank whose rows ran out
+            b = perm[s * local_batch:(s + 1) * local_batch]  # short or empty on a rank whose rows ran out
+            rows = sum(min(local_batch, max(0, n - s * local_batch)) for n in lengths)  # this step's, all ranks
             logits = head((train_f[b].float() - mean) / std)
-            loss = F.cross_entropy(logits, train_y[b], reduction="sum") / max(1, len(b))
+            loss = F.cross_entropy(logits, train_y[b], reduction="sum") / max(1, rows)  # the global batch mean
             opt.zero_grad(set_to_none=False)
             loss.backward()
-            if w > 1:
-                for p in head.parameters():
-                    dist.all_reduce(p.grad)
-                    p.grad /= w
+            if w > 1:  # the sum over ranks is the gradient of the global batch's mean: one all-reduce per step
+                grads = torch.cat([p.grad.flatten() for p in head.parameters()])
+                dist.all_reduce(grads)
+                for p, grad in zip(head.parameters(), grads.split([p.numel() for p in head.parameters()])):
+                    p.grad.copy_(grad.view_as(p))
             opt.step()
             sched.step()
     correct = torch.zeros(2, device=device)
@@ -683,7 +691,8 @@ def linear_probe(train_f, train_y, test_f, test_y, epochs=100, lr=0.1, batch_siz
 
 
 def balanced_subset(labels, n):
-    """n indices spread evenly over each class's samples (n / classes per class), sorted: the same on every rank."""
+    """Indices spread evenly over each class's samples, n / classes per class (at least one, so more than n when
+    n < classes), sorted: a function of the labels alone, so the same on every rank and every epoch."""
     classes = labels.unique()
     per_class = max(1, n // len(classes))
     picked = []

@@ -170,9 +170,9 @@ def bank_knn(model, bank_labels, probe_test_loader, device, args):
     if (bank_labels < 0).any():  # STL-10's unlabelled images
         return {}
     test_v, test_y, _ = common.extract_features(model, probe_test_loader, device, args.amp)  # this rank's share
-    rows = torch.arange(len(model.memory), device=device)[common.rank():: common.world()]  # and its share of the bank
-    return {"knn_bank_top1": common.knn_classify(model.memory[rows], bank_labels.to(device)[rows], test_v, test_y,
-                                                 args.knn_k, args.knn_t, train_index=rows)}
+    r, w = common.rank(), common.world()  # and its share of the bank: rows r, r + w, ... (a view, not a copy)
+    return {"knn_bank_top1": common.knn_classify(model.memory[r::w], bank_labels[r::w].to(device), test_v, test_y,
+                                                 args.knn_k, args.knn_t)}
 
 
 def main(argv=None):

@@ -183,6 +183,7 @@ def main(argv=None):
     if unknown:
         common.fail(f"unknown rows {sorted(unknown)}; pick from {METHODS + ['random-init', 'raw-pixels', 'supervised']}")
     os.makedirs(args.out, exist_ok=True)
+    code = commit()  # the code that runs, taken before the runs
     rows = []
     for name in args.methods:
         start = time.time()
@@ -193,7 +194,7 @@ def main(argv=None):
               f"({rows[-1]['seconds']:.0f} s)", flush=True)
     path = os.path.join(args.out, "results.json")
     everything = json.load(open(path)) if os.path.exists(path) else {}
-    everything[args.protocol] = {"hardware": hardware(), "commit": commit(), "date": datetime.date.today().isoformat(),
+    everything[args.protocol] = {"hardware": hardware(), "commit": code, "date": datetime.date.today().isoformat(),
                                  "torch": torch.__version__, "rows": rows}
     with open(path, "w") as f:
         json.dump(everything, f, indent=1)
