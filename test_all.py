@@ -1167,7 +1167,8 @@ def test_context_encoder_learns_to_inpaint_on_fashion_mnist(tmp_path):
 @pytest.mark.skipif(not os.path.isdir(common.DEBIAN_FASHION_MNIST), reason="apt-get install dataset-fashion-mnist")
 def test_cpc_beats_random_init_on_fashion_mnist(tmp_path):
     # v1 as is (no normalisation, steps 1..5, greyscale, patch jitter) with Adam at 2e-3, not v1's 2e-4: a 3-epoch run
-    # of 4,000 images is 187 steps (measured here at 2e-4 on 2,000 images: kNN 42.0 against 42.7 at random init)
+    # of 4,000 images is 187 steps (measured here: loss 7.47 -> 6.16, kNN 61.6 against 51.1 at random init; at 2e-4
+    # on 2,000 images, kNN 42.0 against 42.7)
     args = FASHION + ["--subset", "4000", "--batch-size", "64"]
     random_init = cpc.main(args + ["--eval-only", "--out", str(tmp_path / "random")])
     out = str(tmp_path / "cpc")
@@ -1175,7 +1176,7 @@ def test_cpc_beats_random_init_on_fashion_mnist(tmp_path):
     losses = [m["loss"] for m in read_metrics(out) if "loss" in m]
     print(f"InfoNCE {losses[0]:.2f} -> {losses[-1]:.2f} (log of the 64 x 49 candidates: {np.log(64 * 49):.2f}); "
           f"kNN top-1 on the grid-mean z: random init {random_init['knn_top1']:.2f}, CPC {trained['knn_top1']:.2f}")
-    assert losses[-1] < losses[0] - 1
+    assert losses[-1] < losses[0] - 0.5
     assert trained["knn_top1"] >= random_init["knn_top1"] + 5
 
 
