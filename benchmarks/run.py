@@ -134,6 +134,8 @@ def run_anchor(name, args):
     for epoch in range(epochs):
         sampler.set_epoch(epoch)
         for images, labels, _ in loader:
+            if step == total:  # --max-steps reached (the smoke protocol): no further step in any epoch
+                break
             with torch.autocast(device.type, torch.bfloat16, enabled=margs.amp):
                 loss = F.cross_entropy(model(images.to(device)), labels.to(device))
             optimizer.zero_grad(set_to_none=True)
@@ -141,8 +143,6 @@ def run_anchor(name, args):
             optimizer.step()
             schedule.step()
             step += 1
-            if step >= total:
-                break
     return common.evaluate(trunk, *loaders, device, margs), epochs, f"cross-entropy, batch {margs.batch_size}"
 
 

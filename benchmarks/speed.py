@@ -21,7 +21,6 @@ import sys
 import tempfile
 import time
 
-import numpy as np
 import torch
 import torchvision
 from torch.utils.data import default_collate
