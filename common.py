@@ -2,6 +2,7 @@
 backbones, checkpoints, metrics and probing (kNN + linear probe). Nothing method-specific."""
 import argparse
 import copy
+import functools
 import gzip
 import json
 import math
@@ -15,7 +16,9 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+from PIL import Image, ImageFilter  # Pillow comes with torchvision
 from torchvision import transforms as T
+from torchvision.transforms import functional as TF
 
 
 def fail(msg):
@@ -107,13 +110,27 @@ def download(dataset_cls, root, files, **kwargs):
         fail(f"could not download {dataset_cls.__name__} into {root} ({e}); place {files} there by hand and rerun")
 
 
+class BadImage(Exception):
+    """An image file that does not decode; the loaders turn it into a one-line error."""
+
+
+def decode_image(path, root):
+    """ImageFolder's PIL loader (RGB, decoded once per sample for all its views); a file PIL cannot decode raises
+    BadImage naming it relative to --data."""
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except (OSError, ValueError, SyntaxError) as e:  # truncated, not an image, corrupt headers
+        raise BadImage(f"cannot decode {os.path.relpath(path, root)} under --data ({e}); replace or delete it") from None
+
+
 def image_folder(root, split):
     path = os.path.join(root or "", split)
     if not os.path.isdir(path):
         fail(f"no folder {path}: --dataset imagefolder expects DATA/train/<class>/*.jpg and DATA/val/<class>/*.jpg; "
              "check --data or pick another --dataset")
     try:
-        return torchvision.datasets.ImageFolder(path)
+        return torchvision.datasets.ImageFolder(path, loader=functools.partial(decode_image, root=root))
     except (FileNotFoundError, RuntimeError) as e:
         fail(f"{path} holds no images in class folders ({e})")
 
@@ -162,6 +179,163 @@ class Transformed(torch.utils.data.Dataset):
             return self.transform(image), label, index
 
 
+# ---- Augmentation: geometry in the data workers, photometric ops batched on the device ----------------
+# A method's training transform runs in two stages. The workers decode each image once, apply its geometry (crops and
+# flips, PIL) to every view, and draw every parameter of the photometric ops from the per-sample seed (torchvision's
+# get_params, so the same distributions); they hand uint8 tensors over. The device then applies colour jitter,
+# grayscale and blur to the whole batch, each sample with its own parameters, and normalises. With
+# --no-device-augment the workers apply the same ops with PIL from the same parameters, as the official loaders do.
+class ColorJitter:
+    """T.ColorJitter inside T.RandomApply(p): brightness, contrast, saturation and hue in a random order per sample.
+    Parameters: [applied, order (4), b, c, s, h]."""
+    params = 9
+
+    def __init__(self, brightness, contrast, saturation, hue, p=1.0):
+        self.jitter, self.p = T.ColorJitter(brightness, contrast, saturation, hue), p  # its range checks and bounds
+
+    def draw(self):
+        if torch.rand(1) > self.p:  # T.RandomApply: applied when rand <= p
+            return torch.tensor([0.0, 0, 1, 2, 3, 1, 1, 1, 0])
+        j = self.jitter
+        order, *factors = T.ColorJitter.get_params(j.brightness, j.contrast, j.saturation, j.hue)
+        factors = [(0.0 if i == 3 else 1.0) if f is None else f for i, f in enumerate(factors)]  # None: unjittered
+        return torch.tensor([1.0, *order.tolist(), *factors])
+
+    def pil(self, image, q):
+        if q[0]:
+            adjust = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+            for i in q[1:5].long().tolist():
+                image = adjust[i](image, q[5 + i].item())
+        return image
+
+    def batch(self, x, q):
+        """x (B, 3, H, W) in [0, 1]. Brightness, contrast and saturation are torchvision's blends with 0, the mean grey
+        level or the grey image; hue shifts the HSV hue, once per sample: the ops before it, hue, the ops after it."""
+        order, factors = q[:, 1:5].long(), q[:, 5:]
+        order = torch.where(q[:, :1] > 0, order, -1)  # not applied: every slot does nothing
+        hue_at = (order == 3).int().argmax(1, keepdim=True)  # (B, 1); 0 when not applied (then no hue either)
+        slots = torch.arange(4, device=x.device)
+        for op in torch.where(slots < hue_at, order, -1).T:  # (B,) per slot: 0 b, 1 c, 2 s, -1 nothing
+            x = _blend_slot(x, op, factors)
+        x = torch.where(_per_sample(order[:, 0] >= 0), _adjust_hue(x, factors[:, 3]), x)
+        for op in torch.where(slots > hue_at, order, -1).T:
+            x = _blend_slot(x, op, factors)
+        return x
+
+
+def _per_sample(v):
+    return v[:, None, None, None]
+
+
+def _grey(x):  # (B, 3, H, W) -> (B, 1, H, W), the ITU-R 601 luma of torchvision's rgb_to_grayscale
+    return 0.2989 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
+
+
+def _blend_slot(x, op, factors):
+    """factor * x + (1 - factor) * reference, clamped to [0, 1] (torchvision's _blend), per sample: brightness blends
+    with black, contrast with the image's mean grey level, saturation with its grey image; op -1 leaves x as it is."""
+    factor = torch.where(op >= 0, factors.gather(1, op.clamp(min=0)[:, None])[:, 0], 1.0)
+    grey = _grey(x)
+    reference = torch.where(_per_sample(op == 1), grey.mean((1, 2, 3), keepdim=True),
+                            torch.where(_per_sample(op == 2), grey, 0.0))
+    return (_per_sample(factor) * x + _per_sample(1 - factor) * reference).clamp(0, 1)
+
+
+def _adjust_hue(x, h):
+    """Rotate each sample's hue by h (B,) of a turn in HSV, as torchvision's tensor adjust_hue (PIL's differs: it
+    rounds hue to 8 bits, so within 1/255 of a channel); saturation and value stay."""
+    r, g, b = x.unbind(1)
+    v, c = x.amax(1), x.amax(1) - x.amin(1)  # value and chroma
+    s = torch.where(v > 0, c / v.clamp_min(1e-12), 0.0)
+    c_ = c.clamp_min(1e-12)
+    sector = torch.where(v == r, (g - b) / c_, torch.where(v == g, 2 + (b - r) / c_, 4 + (r - g) / c_))  # in [-1, 5)
+    hue6 = torch.remainder(sector + 6 * _per_sample(h)[:, 0], 6)  # hue in sixths of a turn, shifted
+    # back to RGB: channel n (R 5, G 3, B 1) is v - v s clamp(min(k, 4 - k), 0, 1) with k = (n + hue6) mod 6
+    k = torch.remainder(torch.tensor([5.0, 3.0, 1.0], device=x.device)[None, :, None, None] + hue6[:, None], 6)
+    return v[:, None] - (v * s)[:, None] * torch.minimum(k, 4 - k).clamp(0, 1)
+
+
+class RandomGrayscale:
+    """T.RandomGrayscale(p): the grey image in all three channels. Parameters: [applied]."""
+    params = 1
+
+    def __init__(self, p):
+        self.p = p
+
+    def draw(self):
+        return torch.tensor([float(torch.rand(1) < self.p)])
+
+    def pil(self, image, q):  # PIL's convert("L") rounds the luma to 8 bits
+        return TF.rgb_to_grayscale(image, num_output_channels=3) if q[0] else image
+
+    def batch(self, x, q):
+        return torch.where(_per_sample(q[:, 0] > 0), _grey(x).expand_as(x), x)
+
+
+class GaussianBlur:
+    """T.GaussianBlur(kernel_size, sigma) inside T.RandomApply(p); sigma uniform in [sigma_min, sigma_max]
+    (get_params). Parameters: [applied, sigma]. The device convolves rows then columns with the kernel_size-tap kernel
+    (reflect padding), which equals torchvision's 2-D kernel; the PIL path is the official MoCo loader's
+    ImageFilter.GaussianBlur(radius=sigma), an untruncated Gaussian (three box blurs)."""
+    params = 2
+
+    def __init__(self, kernel_size, sigma=(0.1, 2.0), p=1.0):
+        self.kernel_size, self.sigma, self.p = kernel_size, sigma, p
+
+    def draw(self):
+        if torch.rand(1) > self.p:
+            return torch.tensor([0.0, 1.0])
+        return torch.tensor([1.0, T.GaussianBlur.get_params(*self.sigma)])
+
+    def pil(self, image, q):
+        return image.filter(ImageFilter.GaussianBlur(radius=q[1].item())) if q[0] else image
+
+    def batch(self, x, q):
+        B, C, H, W = x.shape
+        r = self.kernel_size // 2
+        t = torch.arange(-r, r + 1, dtype=x.dtype, device=x.device)
+        kernel = (-0.5 * (t / q[:, 1:2]) ** 2).exp()
+        kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(C, 0)  # (B C, 2r + 1)
+        y = F.pad(x.reshape(1, B * C, H, W), (r, r, r, r), mode="reflect")  # each channel its own group
+        y = F.conv2d(y, kernel[:, None, None, :], groups=B * C)  # along rows, then along columns
+        y = F.conv2d(y, kernel[:, None, :, None], groups=B * C).view(B, C, H, W)
+        return torch.where(_per_sample(q[:, 0] > 0), y, x)
+
+
+class Augmentation:
+    """image -> `views` views: (uint8 (V, 3, S, S), photometric parameters (V, P)). `geometry`: torchvision
+    transforms on the PIL image (crop, flip); `photometric`: the ops above, in order. `to_device` finishes a batch."""
+
+    def __init__(self, args, geometry, photometric=(), views=1):
+        self.geometry, self.photometric, self.views = T.Compose(geometry), list(photometric), views
+        self.on_device, self.mean_std = getattr(args, "device_augment", True), MEAN_STD[args.dataset]
+
+    def __call__(self, image):
+        images, params = [], []
+        for _ in range(self.views):
+            view = self.geometry(image)
+            q = [op.draw() for op in self.photometric]
+            if not self.on_device:  # the CPU path: PIL does it here, from the same parameters
+                for op, qi in zip(self.photometric, q):
+                    view = op.pil(view, qi)
+            images.append(TF.pil_to_tensor(view))
+            params.append(torch.cat(q) if q else torch.zeros(0))
+        return torch.stack(images), torch.stack(params)
+
+    def to_device(self, batch, device):
+        """(uint8 (B, V, 3, S, S), parameters (B, V, P)) from the loader -> (V B, 3, S, S) float on the device, view by
+        view (view 0 of all samples, then view 1, ...), photometric ops applied (device path) and normalised."""
+        x, params = (t.to(device, non_blocking=True).transpose(0, 1).flatten(0, 1) for t in batch)
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        x = x.float() / 255
+        if self.on_device:
+            for op, q in zip(self.photometric, params.split([op.params for op in self.photometric], dim=1)):
+                x = op.batch(x, q)
+        mean, std = (torch.tensor(v, device=device)[None, :, None, None] for v in self.mean_std)
+        return (x - mean) / std
+
+
 class EpochSampler(torch.utils.data.distributed.DistributedSampler):
     """DistributedSampler that yields (index, epoch) keys and can start mid-epoch (for --resume)."""
 
@@ -207,12 +381,27 @@ def dataset_labels(ds):
     return torch.as_tensor(np.asarray(ds.targets if hasattr(ds, "targets") else ds.labels), dtype=torch.long)
 
 
+class Loader(torch.utils.data.DataLoader):
+    """DataLoader whose undecodable image stops the run with one line (a worker re-raises it with its traceback)."""
+
+    def __iter__(self):
+        batches = super().__iter__()
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except BadImage as e:
+                fail(str(e).strip().splitlines()[-1].split("BadImage: ")[-1])
+            yield batch
+
+
 def train_loader(dataset, args, world_size, rank):
     sampler = EpochSampler(dataset, args.batch_size // world_size, num_replicas=world_size, rank=rank, shuffle=True,
                            seed=args.seed, drop_last=True)
     if len(sampler) < sampler.batch_size:
         fail(f"{len(dataset)} training images give no full batch of {args.batch_size}; lower --batch-size or raise --subset")
-    loader = torch.utils.data.DataLoader(dataset, batch_size=sampler.batch_size, sampler=sampler, drop_last=True,
+    loader = Loader(dataset, batch_size=sampler.batch_size, sampler=sampler, drop_last=True,
                                          num_workers=args.workers, pin_memory=torch.cuda.is_available(),
                                          persistent_workers=args.workers > 0)
     return loader, sampler
@@ -220,7 +409,7 @@ def train_loader(dataset, args, world_size, rank):
 
 def eval_loader(dataset, args, world_size, rank):
     sampler = torch.utils.data.distributed.DistributedSampler(dataset, world_size, rank, shuffle=False)
-    return torch.utils.data.DataLoader(dataset, batch_size=max(1, args.batch_size // world_size), sampler=sampler,
+    return Loader(dataset, batch_size=max(1, args.batch_size // world_size), sampler=sampler,
                                        num_workers=args.workers, pin_memory=torch.cuda.is_available())
 
 

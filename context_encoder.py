@@ -52,7 +52,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-every", type=common.nonneg_int, default=0, help="kNN monitor every N epochs (0: only at the end)")
     p.add_argument("--monitor-subset", type=common.nonneg_int, default=0, help="the monitor's kNN on N class-balanced images of each probe set (0: all)")
     p.add_argument("--print-freq", type=common.positive_int, default=50, help="progress line every N steps")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on CUDA")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on CUDA)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     # ALGO LOGIC: context encoder hyper-parameters (official train.lua)
     p.add_argument("--mask", default="random-region", choices=["center", "random-block", "random-region"],
@@ -295,7 +295,7 @@ def main(argv=None):
                     f"use a multiple of {world_size}")
     if args.image_size < 8:  # the centre hole is half the side less a border of at least 1 px on each side
         common.fail(f"--image-size {args.image_size} leaves no room for a hole inside its context; use 8 or more")
-    args.amp = args.amp and device.type == "cuda"
+    args.amp = device.type == "cuda" if args.amp is None else args.amp
     common.seed_everything(args.seed)
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)

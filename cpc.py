@@ -53,7 +53,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-every", type=common.nonneg_int, default=0, help="kNN monitor every N epochs (0: only at the end)")
     p.add_argument("--monitor-subset", type=common.nonneg_int, default=0, help="the monitor's kNN on N class-balanced images of each probe set (0: all)")
     p.add_argument("--print-freq", type=common.positive_int, default=50, help="progress line every N steps")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on CUDA")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on CUDA)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     # ALGO LOGIC: CPC hyper-parameters
     p.add_argument("--v2", action="store_true", help="CPC v2: --norm layer, per-patch colour dropping and flips, --skip-rows 2")
@@ -227,7 +227,7 @@ def main(argv=None):
     if args.skip_rows + 1 > min(args.pred_steps, GRID - 1):  # steps k = skip+1 .. K, each with a row k below
         common.fail(f"--skip-rows {args.skip_rows} leaves no step to predict of --pred-steps {args.pred_steps} "
                     f"on a {GRID}-row grid; use --skip-rows < {min(args.pred_steps, GRID - 1)}")
-    args.amp = args.amp and device.type == "cuda"
+    args.amp = device.type == "cuda" if args.amp is None else args.amp
     common.seed_everything(args.seed)
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)

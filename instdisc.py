@@ -35,6 +35,8 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=common.nonneg_float, default=0.03, help="base lr per 256 images; peak = lr * batch / 256")
     p.add_argument("--wd", type=common.nonneg_float, default=1e-4, help="weight decay (official 1e-4)")
     p.add_argument("--workers", type=common.nonneg_int, default=min(8, os.cpu_count() or 1), help="data-loading workers per rank")
+    p.add_argument("--device-augment", action=argparse.BooleanOptionalAction, default=True,
+                   help="colour ops batched on the training device (no: PIL in the data workers)")
     p.add_argument("--seed", type=int, default=0, help="seed of model init, data order, augmentations and training step")
     p.add_argument("--image-size", type=common.nonneg_int, default=0, help="crop size (0: the dataset's default)")
     p.add_argument("--subset", type=common.nonneg_int, default=0, help="use N evenly spaced training images (0: all)")
@@ -50,7 +52,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-every", type=common.nonneg_int, default=0, help="kNN monitor every N epochs (0: only at the end)")
     p.add_argument("--monitor-subset", type=common.nonneg_int, default=0, help="the monitor's kNN on N class-balanced images of each probe set (0: all)")
     p.add_argument("--print-freq", type=common.positive_int, default=50, help="progress line every N steps")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on CUDA")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on CUDA)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     # ALGO LOGIC: instance discrimination hyper-parameters (official main.py)
     p.add_argument("--momentum", type=common.unit_float, default=0.9, help="SGD momentum")
@@ -64,15 +66,15 @@ def parse_args(argv=None):
     return args
 
 
-# ALGO LOGIC: augmentation, one view per image, as the official main.py
+# ALGO LOGIC: augmentation, one view per image, as the official main.py; the workers crop and flip, the colour ops
+# run batched on the device (common.Augmentation; the flip commutes with them)
 def instdisc_augmentation(args):
-    return T.Compose([
+    return common.Augmentation(args, geometry=[
         T.RandomResizedCrop(args.image_size, scale=(0.2, 1.0)),
-        T.RandomGrayscale(p=0.2),
-        T.ColorJitter(0.4, 0.4, 0.4, 0.4),
         T.RandomHorizontalFlip(),
-        T.ToTensor(),
-        common.normalize(args.dataset),
+    ], photometric=[
+        common.RandomGrayscale(p=0.2),
+        common.ColorJitter(0.4, 0.4, 0.4, 0.4),
     ])
 
 
@@ -182,11 +184,12 @@ def main(argv=None):
     if args.batch_size % world_size:
         common.fail(f"--batch-size {args.batch_size} is not divisible by the world size {world_size}; "
                     f"use a multiple of {world_size}")
-    args.amp = args.amp and device.type == "cuda"
+    args.amp = device.type == "cuda" if args.amp is None else args.amp
     common.seed_everything(args.seed)
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
-    pretrain_set, probe_train_set, probe_test_set = common.build_datasets(args, instdisc_augmentation(args))
+    augmentation = instdisc_augmentation(args)
+    pretrain_set, probe_train_set, probe_test_set = common.build_datasets(args, augmentation)
     probe_train_loader = common.eval_loader(probe_train_set, args, world_size, rank)
     probe_test_loader = common.eval_loader(probe_test_set, args, world_size, rank)
 
@@ -232,10 +235,8 @@ def main(argv=None):
         for group in optimizer.param_groups:
             group["lr"] = lr
         model.train()
-        for step, (x, _, y) in enumerate(loader, start=sampler.start_step):  # y: the images' own indices
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if device.type == "cuda":
-                x = x.to(memory_format=torch.channels_last)
+        for step, (view, _, y) in enumerate(loader, start=sampler.start_step):  # y: the images' own indices
+            x, y = augmentation.to_device(view, device), y.to(device, non_blocking=True)
             with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
                 v = ddp_model(x)  # (b, D) unit vectors, fp32
             if args.nce_k:  # NCE with noise from the bank (fp32, outside autocast)

@@ -50,7 +50,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-every", type=common.nonneg_int, default=0, help="kNN monitor every N epochs (0: only at the end)")
     p.add_argument("--monitor-subset", type=common.nonneg_int, default=0, help="the monitor's kNN on N class-balanced images of each probe set (0: all)")
     p.add_argument("--print-freq", type=common.positive_int, default=50, help="progress line every N steps")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on CUDA")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on CUDA)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     # ALGO LOGIC: jigsaw hyper-parameters
     p.add_argument("--momentum", type=common.unit_float, default=0.9, help="SGD momentum (official solver 0.9)")
@@ -188,7 +188,7 @@ def main(argv=None):
     if args.num_permutations > 362880:
         common.fail(f"--num-permutations {args.num_permutations} is more than the 9! = 362880 orders of 9 tiles; "
                     "use at most 362880 (the paper: 1000)")
-    args.amp = args.amp and device.type == "cuda"
+    args.amp = device.type == "cuda" if args.amp is None else args.amp
     common.seed_everything(args.seed)
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)

@@ -39,6 +39,8 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=common.nonneg_float, default=0.03, help="base lr per 256 images; peak = lr * batch / 256")
     p.add_argument("--wd", type=common.nonneg_float, default=1e-4, help="weight decay (official 1e-4)")
     p.add_argument("--workers", type=common.nonneg_int, default=min(8, os.cpu_count() or 1), help="data-loading workers per rank")
+    p.add_argument("--device-augment", action=argparse.BooleanOptionalAction, default=True,
+                   help="colour ops batched on the training device (no: PIL in the data workers)")
     p.add_argument("--seed", type=int, default=0, help="seed of model init, data order, augmentations and training step")
     p.add_argument("--image-size", type=common.nonneg_int, default=0, help="crop size (0: the dataset's default)")
     p.add_argument("--subset", type=common.nonneg_int, default=0, help="use N evenly spaced training images (0: all)")
@@ -54,7 +56,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-every", type=common.nonneg_int, default=0, help="kNN monitor every N epochs (0: only at the end)")
     p.add_argument("--monitor-subset", type=common.nonneg_int, default=0, help="the monitor's kNN on N class-balanced images of each probe set (0: all)")
     p.add_argument("--print-freq", type=common.positive_int, default=50, help="progress line every N steps")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on CUDA")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on CUDA)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     # ALGO LOGIC: MoCo hyper-parameters (official main_moco.py)
     p.add_argument("--momentum", type=common.unit_float, default=0.9, help="SGD momentum")
@@ -73,40 +75,30 @@ def parse_args(argv=None):
     return args
 
 
-# ALGO LOGIC: augmentations, written out as the official main_moco.py
+# ALGO LOGIC: augmentations, written out as the official main_moco.py. The workers crop and flip; the colour ops run
+# batched on the device (common.Augmentation). The flip moves ahead of them: a mirror commutes with per-pixel colour
+# ops and with a symmetric blur, so the views are distributed as the official order makes them
 def moco_augmentation(args):
     size = args.image_size
     if args.aug_plus:  # MoCo v2 (SimCLR-style)
-        # official blurs with PIL's radius sigma; torchvision needs a kernel: 10% of the side as SimCLR.
+        # official blurs with PIL's radius sigma; the device needs a kernel: 10% of the side as SimCLR.
         # The official CIFAR demo has no blur, so it is off at <= 64 px
-        blur = [] if size <= 64 else [T.RandomApply([T.GaussianBlur(2 * (size // 20) + 1, sigma=(0.1, 2.0))], p=0.5)]
-        return T.Compose([
+        blur = [] if size <= 64 else [common.GaussianBlur(2 * (size // 20) + 1, sigma=(0.1, 2.0), p=0.5)]
+        return common.Augmentation(args, views=2, geometry=[  # the query and its positive key
             T.RandomResizedCrop(size, scale=(0.2, 1.0)),
-            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-            T.RandomGrayscale(p=0.2),
-            *blur,
             T.RandomHorizontalFlip(),
-            T.ToTensor(),
-            common.normalize(args.dataset),
+        ], photometric=[
+            common.ColorJitter(0.4, 0.4, 0.4, 0.1, p=0.8),
+            common.RandomGrayscale(p=0.2),
+            *blur,
         ])
-    return T.Compose([  # MoCo v1 (as the InstDisc code)
+    return common.Augmentation(args, views=2, geometry=[  # MoCo v1 (as the InstDisc code)
         T.RandomResizedCrop(size, scale=(0.2, 1.0)),
-        T.RandomGrayscale(p=0.2),
-        T.ColorJitter(0.4, 0.4, 0.4, 0.4),
         T.RandomHorizontalFlip(),
-        T.ToTensor(),
-        common.normalize(args.dataset),
+    ], photometric=[
+        common.RandomGrayscale(p=0.2),
+        common.ColorJitter(0.4, 0.4, 0.4, 0.4),
     ])
-
-
-class TwoCropsTransform:
-    """Two independent crops of one image: the query and its positive key."""
-
-    def __init__(self, transform):
-        self.transform = transform
-
-    def __call__(self, image):
-        return self.transform(image), self.transform(image)
 
 
 # ALGO LOGIC: model
@@ -228,11 +220,12 @@ def main(argv=None):
     if split_bn and args.batch_size % args.bn_splits:
         common.fail(f"--batch-size {args.batch_size} is not divisible by --bn-splits {args.bn_splits}; "
                     "pick a divisor of the batch size")
-    args.amp = args.amp and device.type == "cuda"
+    args.amp = device.type == "cuda" if args.amp is None else args.amp
     common.seed_everything(args.seed)
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
-    pretrain_set, probe_train_set, probe_test_set = common.build_datasets(args, TwoCropsTransform(moco_augmentation(args)))
+    augmentation = moco_augmentation(args)
+    pretrain_set, probe_train_set, probe_test_set = common.build_datasets(args, augmentation)
     probe_train_loader = common.eval_loader(probe_train_set, args, world_size, rank)
     probe_test_loader = common.eval_loader(probe_test_set, args, world_size, rank)
 
@@ -271,10 +264,8 @@ def main(argv=None):
         for group in optimizer.param_groups:
             group["lr"] = lr
         model.train()
-        for step, ((im_q, im_k), _, _) in enumerate(loader, start=sampler.start_step):
-            im_q, im_k = im_q.to(device, non_blocking=True), im_k.to(device, non_blocking=True)
-            if device.type == "cuda":
-                im_q, im_k = im_q.to(memory_format=torch.channels_last), im_k.to(memory_format=torch.channels_last)
+        for step, (views, _, _) in enumerate(loader, start=sampler.start_step):
+            im_q, im_k = augmentation.to_device(views, device).chunk(2)  # colour ops, normalisation
             generator = common.step_generator(args.seed, run.global_step, device)  # the shuffle's permutation
             with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
                 q, k = ddp_model(im_q, im_k, generator)

@@ -52,7 +52,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-every", type=common.nonneg_int, default=0, help="kNN monitor every N epochs (0: only at the end)")
     p.add_argument("--monitor-subset", type=common.nonneg_int, default=0, help="the monitor's kNN on N class-balanced images of each probe set (0: all)")
     p.add_argument("--print-freq", type=common.positive_int, default=50, help="progress line every N steps")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on CUDA")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on CUDA)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     # ALGO LOGIC: RotNet hyper-parameters (official ImageNet config: SGD Nesterov, momentum 0.9)
     p.add_argument("--momentum", type=common.unit_float, default=0.9, help="SGD (Nesterov) momentum")
@@ -70,12 +70,7 @@ def rotation_augmentation(args):
         crop = [T.Resize(size), T.RandomCrop(size, padding=size // 8)]  # 4 px zero padding at 32, scaled
     else:  # official ImageNet config (random_sized_crop): a random-sized crop, square, torchvision's defaults
         crop = [T.RandomResizedCrop(size)]
-    return T.Compose([
-        *crop,
-        T.RandomHorizontalFlip(),
-        T.ToTensor(),
-        common.normalize(args.dataset),
-    ])
+    return common.Augmentation(args, geometry=[*crop, T.RandomHorizontalFlip()])  # uint8, normalised on the device
 
 
 def rotate_batch(x):
@@ -111,11 +106,12 @@ def main(argv=None):
     if args.batch_size % world_size:
         common.fail(f"--batch-size {args.batch_size} is not divisible by the world size {world_size}; "
                     f"use a multiple of {world_size}")
-    args.amp = args.amp and device.type == "cuda"
+    args.amp = device.type == "cuda" if args.amp is None else args.amp
     common.seed_everything(args.seed)
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
-    pretrain_set, probe_train_set, probe_test_set = common.build_datasets(args, rotation_augmentation(args))
+    augmentation = rotation_augmentation(args)
+    pretrain_set, probe_train_set, probe_test_set = common.build_datasets(args, augmentation)
     probe_train_loader = common.eval_loader(probe_train_set, args, world_size, rank)
     probe_test_loader = common.eval_loader(probe_test_set, args, world_size, rank)
 
@@ -151,9 +147,9 @@ def main(argv=None):
         for group in optimizer.param_groups:
             group["lr"] = lr
         model.train()
-        for step, (x, _, _) in enumerate(loader, start=sampler.start_step):
+        for step, (view, _, _) in enumerate(loader, start=sampler.start_step):
             # all four rotations of an image in the same batch (Sec. 3.1, implementation details), one BN batch
-            x, rotation = rotate_batch(x.to(device, non_blocking=True))  # (4b, C, S, S), (4b,)
+            x, rotation = rotate_batch(augmentation.to_device(view, device))  # (4b, C, S, S), (4b,)
             if device.type == "cuda":
                 x = x.to(memory_format=torch.channels_last)
             with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):

@@ -30,6 +30,8 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=common.nonneg_float, default=0.3, help="base lr; peak = lr * batch / 256 (see --lr-scaling)")
     p.add_argument("--wd", type=common.nonneg_float, default=1e-6, help="weight decay (official default 1e-6)")
     p.add_argument("--workers", type=common.nonneg_int, default=min(8, os.cpu_count() or 1), help="data-loading workers per rank")
+    p.add_argument("--device-augment", action=argparse.BooleanOptionalAction, default=True,
+                   help="colour ops batched on the training device (no: PIL in the data workers)")
     p.add_argument("--seed", type=int, default=0, help="seed of model init, data order, augmentations and training step")
     p.add_argument("--image-size", type=common.nonneg_int, default=0, help="crop size (0: the dataset's default)")
     p.add_argument("--subset", type=common.nonneg_int, default=0, help="use N evenly spaced training images (0: all)")
@@ -45,7 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-every", type=common.nonneg_int, default=0, help="kNN monitor every N epochs (0: only at the end)")
     p.add_argument("--monitor-subset", type=common.nonneg_int, default=0, help="the monitor's kNN on N class-balanced images of each probe set (0: all)")
     p.add_argument("--print-freq", type=common.positive_int, default=50, help="progress line every N steps")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on CUDA")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on CUDA)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     # ALGO LOGIC: SimCLR hyper-parameters
     p.add_argument("--temperature", type=common.positive_float, default=0.1, help="NT-Xent temperature tau (ImageNet 0.1, CIFAR 0.5)")
@@ -60,30 +62,22 @@ def parse_args(argv=None):
     return args
 
 
-# ALGO LOGIC: augmentations (paper Appendix A)
+# ALGO LOGIC: augmentations (paper Appendix A). The workers crop and flip; the colour ops run batched on the device
+# (common.Augmentation), each view with its own parameters
 def simclr_augmentation(args):
     s, size = args.color_jitter_strength, args.image_size
     # blur kernel is 10% of the side (odd); the CIFAR recipe drops blur for small images
-    blur = [] if size <= 64 else [T.RandomApply([T.GaussianBlur(2 * (size // 20) + 1, sigma=(0.1, 2.0))], p=0.5)]
-    return T.Compose([
+    blur = [] if size <= 64 else [common.GaussianBlur(2 * (size // 20) + 1, sigma=(0.1, 2.0), p=0.5)]
+    return common.Augmentation(args, views=2, geometry=[
         # official: bicubic resize, up to 100 crop tries (torchvision tries 10, then centre-crops)
         T.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC),
         T.RandomHorizontalFlip(),
+    ], photometric=[
         # random order as official; torchvision's brightness is multiplicative (official v1: additive)
-        T.RandomApply([T.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=0.8),
-        T.RandomGrayscale(p=0.2),
+        common.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s, p=0.8),
+        common.RandomGrayscale(p=0.2),
         *blur,
-        T.ToTensor(),
-        common.normalize(args.dataset),  # official feeds [0, 1] pixels; mean/std scaling is a BN-neutral habit
-    ])
-
-
-class TwoViews:
-    def __init__(self, transform):
-        self.transform = transform
-
-    def __call__(self, image):
-        return self.transform(image), self.transform(image)
+    ])  # normalised on the device: official feeds [0, 1] pixels; mean/std scaling is a BN-neutral habit
 
 
 # ALGO LOGIC: model. h = f(x) is the ResNet trunk, z = g(h) the projection head (Sec. 2.1)
@@ -171,11 +165,12 @@ def main(argv=None):
     if args.batch_size % world_size:
         common.fail(f"--batch-size {args.batch_size} is not divisible by the world size {world_size}; "
                     f"use a multiple of {world_size}")
-    args.amp = args.amp and device.type == "cuda"
+    args.amp = device.type == "cuda" if args.amp is None else args.amp
     common.seed_everything(args.seed)
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
-    pretrain_set, probe_train_set, probe_test_set = common.build_datasets(args, TwoViews(simclr_augmentation(args)))
+    augmentation = simclr_augmentation(args)
+    pretrain_set, probe_train_set, probe_test_set = common.build_datasets(args, augmentation)
     probe_train_loader = common.eval_loader(probe_train_set, args, world_size, rank)
     probe_test_loader = common.eval_loader(probe_test_set, args, world_size, rank)
 
@@ -213,14 +208,12 @@ def main(argv=None):
         sampler.set_epoch(epoch)
         sampler.start_step = start_step if epoch == start_epoch else 0  # skip what a resumed run already did
         model.train()
-        for step, ((x1, x2), _, _) in enumerate(loader, start=sampler.start_step):
+        for step, (views, _, _) in enumerate(loader, start=sampler.start_step):
             lr = learning_rate(run.global_step, total_steps, warmup_steps, peak_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            # one forward over both views, so BN normalises them together (official)
-            x = torch.cat([x1.to(device, non_blocking=True), x2.to(device, non_blocking=True)])
-            if device.type == "cuda":
-                x = x.to(memory_format=torch.channels_last)
+            # both views in one forward (view 1 of every image, then view 2), so BN normalises them together (official)
+            x = augmentation.to_device(views, device)
             with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
                 z1, z2 = ddp_model(x).chunk(2)
             # official objective sums the two directions (2x Eq. 1); under LARS this scale sets
