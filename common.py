@@ -185,6 +185,8 @@ class Transformed(torch.utils.data.Dataset):
 # get_params, so the same distributions); they hand uint8 tensors over. The device then applies colour jitter,
 # grayscale and blur to the whole batch, each sample with its own parameters, and normalises. With
 # --no-device-augment the workers apply the same ops with PIL from the same parameters, as the official loaders do.
+# Each op has draw() (in the worker), pil(image, q) (the CPU path) and batch(x, q): x (B, 3, H, W) floats in [0, 1], the
+# parameters q (B, params); on CPU, batch() overwrites x (Augmentation owns it), to save a copy per op.
 class ColorJitter:
     """T.ColorJitter inside T.RandomApply(p): brightness, contrast, saturation and hue in a random order per sample.
     Parameters: [applied, order (4), b, c, s, h]."""
@@ -211,15 +213,13 @@ class ColorJitter:
     def batch(self, x, q):
         """x (B, 3, H, W) in [0, 1]. Brightness, contrast and saturation are torchvision's blends with 0, the mean grey
         level or the grey image; hue shifts the HSV hue, once per sample: the ops before it, hue, the ops after it."""
-        order, factors = q[:, 1:5].long(), q[:, 5:]
-        order = torch.where(q[:, :1] > 0, order, -1)  # not applied: every slot does nothing
-        hue_at = (order == 3).int().argmax(1, keepdim=True)  # (B, 1); 0 when not applied (then no hue either)
-        slots = torch.arange(4, device=x.device)
-        for op in torch.where(slots < hue_at, order, -1).T:  # (B,) per slot: 0 b, 1 c, 2 s, -1 nothing
-            x = _blend_slot(x, op, factors)
-        x = torch.where(_per_sample(order[:, 0] >= 0), _adjust_hue(x, factors[:, 3]), x)
-        for op in torch.where(slots > hue_at, order, -1).T:
-            x = _blend_slot(x, op, factors)
+        order, factors = torch.where(q[:, :1] > 0, q[:, 1:5].long(), -1), q[:, 5:]  # not applied: every slot empty
+        hue_at = (order == 3).int().argmax(1)  # (B,); 0 when not applied
+        for slot in range(3):  # up to three ops before the hue
+            x = _where(x, (slot < hue_at), _blend_slot, order[:, slot], factors)
+        x = _where(x, order[:, 0] >= 0, _adjust_hue, factors[:, 3])
+        for slot in range(1, 4):  # and after it
+            x = _where(x, (slot > hue_at) & (order[:, 0] >= 0), _blend_slot, order[:, slot], factors)
         return x
 
 
@@ -227,32 +227,46 @@ def _per_sample(v):
     return v[:, None, None, None]
 
 
+def _where(x, applied, fn, *per_sample):
+    """fn(x, *per_sample) for the samples where `applied` (B,), x for the others. On CUDA all samples are computed and
+    torch.where picks (no host sync); on CPU only the applied ones (nothing to sync with, as PIL), written into x."""
+    if x.device.type != "cpu":
+        return torch.where(_per_sample(applied), fn(x, *per_sample), x)
+    index = applied.nonzero()[:, 0]
+    if len(index) == len(x):
+        return fn(x, *per_sample)
+    if len(index):
+        x[index] = fn(x[index], *(v[index] for v in per_sample))
+    return x
+
+
 def _grey(x):  # (B, 3, H, W) -> (B, 1, H, W), the ITU-R 601 luma of torchvision's rgb_to_grayscale
-    return 0.2989 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
+    return (x[:, 0:1] * 0.2989).add_(x[:, 1:2], alpha=0.587).add_(x[:, 2:3], alpha=0.114)
 
 
 def _blend_slot(x, op, factors):
-    """factor * x + (1 - factor) * reference, clamped to [0, 1] (torchvision's _blend), per sample: brightness blends
-    with black, contrast with the image's mean grey level, saturation with its grey image; op -1 leaves x as it is."""
-    factor = torch.where(op >= 0, factors.gather(1, op.clamp(min=0)[:, None])[:, 0], 1.0)
+    """factor * x + (1 - factor) * reference, clamped to [0, 1] (torchvision's _blend), per sample: op 0 brightness
+    blends with black, 1 contrast with the image's mean grey level, 2 saturation with its grey image."""
+    factor = factors.gather(1, op.clamp(min=0)[:, None])[:, 0]  # (B,)
     grey = _grey(x)
-    reference = torch.where(_per_sample(op == 1), grey.mean((1, 2, 3), keepdim=True),
-                            torch.where(_per_sample(op == 2), grey, 0.0))
-    return (_per_sample(factor) * x + _per_sample(1 - factor) * reference).clamp(0, 1)
+    contrast, saturation = (op == 1) * (1 - factor), (op == 2) * (1 - factor)  # the reference's weights
+    reference = torch.addcmul(_per_sample(grey.mean((1, 2, 3)) * contrast), grey, _per_sample(saturation))
+    return torch.addcmul(reference, x, _per_sample(factor)).clamp_(0, 1)
 
 
 def _adjust_hue(x, h):
-    """Rotate each sample's hue by h (B,) of a turn in HSV, as torchvision's tensor adjust_hue (PIL's differs: it
-    rounds hue to 8 bits, so within 1/255 of a channel); saturation and value stay."""
+    """Rotate each sample's hue by h (B,) of a turn in HSV, as torchvision's tensor adjust_hue (PIL's rounds the hue
+    to 8 bits, so it differs by about 1/255 of a channel); saturation and value stay."""
     r, g, b = x.unbind(1)
-    v, c = x.amax(1), x.amax(1) - x.amin(1)  # value and chroma
-    s = torch.where(v > 0, c / v.clamp_min(1e-12), 0.0)
-    c_ = c.clamp_min(1e-12)
-    sector = torch.where(v == r, (g - b) / c_, torch.where(v == g, 2 + (b - r) / c_, 4 + (r - g) / c_))  # in [-1, 5)
-    hue6 = torch.remainder(sector + 6 * _per_sample(h)[:, 0], 6)  # hue in sixths of a turn, shifted
-    # back to RGB: channel n (R 5, G 3, B 1) is v - v s clamp(min(k, 4 - k), 0, 1) with k = (n + hue6) mod 6
-    k = torch.remainder(torch.tensor([5.0, 3.0, 1.0], device=x.device)[None, :, None, None] + hue6[:, None], 6)
-    return v[:, None] - (v * s)[:, None] * torch.minimum(k, 4 - k).clamp(0, 1)
+    v = torch.maximum(torch.maximum(r, g), b)
+    c = v - torch.minimum(torch.minimum(r, g), b)  # value and chroma (= v s)
+    # hue in sixths of a turn, from the sector of the largest channel; shifted by 6 h, plus 6 to stay positive
+    hue6 = torch.where(v == r, g - b, torch.where(v == g, (b - r).add_(c, alpha=2), (r - g).add_(c, alpha=4)))
+    hue6.div_(c.clamp_min(1e-12)).add_(6 * h[:, None, None] + 6)
+    # back to RGB: channel n (R 5, G 3, B 1) is v - c clamp(2 - |k - 2|, 0, 1), k = (n + hue6) mod 6; in place
+    k = hue6[:, None] + x.new_tensor([5.0, 3.0, 1.0])[None, :, None, None]
+    k.remainder_(6).sub_(2).abs_().neg_().add_(2).clamp_(0, 1)
+    return k.mul_(c[:, None]).neg_().add_(v[:, None])
 
 
 class RandomGrayscale:
@@ -269,7 +283,7 @@ class RandomGrayscale:
         return TF.rgb_to_grayscale(image, num_output_channels=3) if q[0] else image
 
     def batch(self, x, q):
-        return torch.where(_per_sample(q[:, 0] > 0), _grey(x).expand_as(x), x)
+        return _where(x, q[:, 0] > 0, lambda x: _grey(x).expand_as(x).contiguous())
 
 
 class GaussianBlur:
@@ -291,15 +305,19 @@ class GaussianBlur:
         return image.filter(ImageFilter.GaussianBlur(radius=q[1].item())) if q[0] else image
 
     def batch(self, x, q):
-        B, C, H, W = x.shape
-        r = self.kernel_size // 2
-        t = torch.arange(-r, r + 1, dtype=x.dtype, device=x.device)
-        kernel = (-0.5 * (t / q[:, 1:2]) ** 2).exp()
-        kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(C, 0)  # (B C, 2r + 1)
-        y = F.pad(x.reshape(1, B * C, H, W), (r, r, r, r), mode="reflect")  # each channel its own group
-        y = F.conv2d(y, kernel[:, None, None, :], groups=B * C)  # along rows, then along columns
-        y = F.conv2d(y, kernel[:, None, :, None], groups=B * C).view(B, C, H, W)
-        return torch.where(_per_sample(q[:, 0] > 0), y, x)
+        return _where(x, q[:, 0] > 0, lambda x, sigma: _gaussian_blur(x, sigma, self.kernel_size // 2), q[:, 1])
+
+
+def _gaussian_blur(x, sigma, r):
+    """x (B, C, H, W) blurred with each sample's Gaussian of std sigma (B,), 2r + 1 taps, reflect padding: rows then
+    columns (2 x (2r + 1) multiply-adds a pixel, where the 2-D kernel takes (2r + 1)^2)."""
+    B, C, H, W = x.shape
+    t = torch.arange(-r, r + 1, dtype=x.dtype, device=x.device)
+    kernel = (-0.5 * (t / sigma[:, None]) ** 2).exp()
+    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(C, 0)  # (B C, 2r + 1): a group per channel
+    y = F.pad(x.reshape(1, B * C, H, W), (r, r, r, r), mode="reflect")
+    y = F.conv2d(y, kernel[:, None, None, :], groups=B * C)
+    return F.conv2d(y, kernel[:, None, :, None], groups=B * C).view(B, C, H, W)
 
 
 class Augmentation:
@@ -328,12 +346,19 @@ class Augmentation:
         x, params = (t.to(device, non_blocking=True).transpose(0, 1).flatten(0, 1) for t in batch)
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
-        x = x.float() / 255
-        if self.on_device:
-            for op, q in zip(self.photometric, params.split([op.params for op in self.photometric], dim=1)):
-                x = op.batch(x, q)
+        x = x.float().div_(255)
+        if self.on_device and device.type == "cpu":  # 8 views at a time, which stay in cache (1.7x faster)
+            for s in range(0, len(x), 8):
+                x[s:s + 8] = self.photometric_ops(x[s:s + 8], params[s:s + 8])
+        elif self.on_device:
+            x = self.photometric_ops(x, params)
         mean, std = (torch.tensor(v, device=device)[None, :, None, None] for v in self.mean_std)
-        return (x - mean) / std
+        return x.sub_(mean).div_(std)
+
+    def photometric_ops(self, x, params):
+        for op, q in zip(self.photometric, params.split([op.params for op in self.photometric], dim=1)):
+            x = op.batch(x, q)
+        return x
 
 
 class EpochSampler(torch.utils.data.distributed.DistributedSampler):

@@ -98,7 +98,7 @@ def patched(obj, name, value):
         setattr(obj, name, old)
 
 
-def measure_method(name, args, device):
+def measure_method(name, args, device, method_flags=None):
     """-> (step img/s, recorded trunk calls, trunk copies, pretraining dataset) from the method's own main()."""
     module = __import__(name)
     state = {"calls": [], "trunks": {}, "marks": [], "dataset": None}
@@ -134,7 +134,8 @@ def measure_method(name, args, device):
 
     flags = ["--dataset", "imagefolder", "--arch", args.arch, "--image-size", str(args.image_size),
              "--batch-size", str(args.batch_size), "--workers", "0", "--epochs", "1", "--max-steps", str(total),
-             "--print-freq", str(10 ** 9), "--probe-epochs", "0", "--seed", "0"] + METHOD_FLAGS.get(name, [])
+             "--print-freq", str(10 ** 9), "--probe-epochs", "0", "--seed", "0"]
+    flags += METHOD_FLAGS.get(name, []) if method_flags is None else method_flags
     flags += ["--compile"] if args.compile else []
     if name == "moco":
         flags += ["--moco-k", str(args.batch_size * (65536 // args.batch_size))]
