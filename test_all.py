@@ -3,6 +3,7 @@ import collections
 import gzip
 import itertools
 import json
+import math
 import os
 import subprocess
 import sys
@@ -14,6 +15,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import torchvision
+from torchvision import transforms as T
+from torchvision.transforms import functional as TF
 
 import common
 import context_encoder
@@ -839,6 +842,178 @@ def test_monitor_subset_is_class_balanced_and_fixed(tiny_imagefolder, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------
+# Augmentation: geometry and parameter draws in the workers, colour ops batched on the device
+# ---------------------------------------------------------------------------------------
+def colour_batch(n=8, side=24, seed=0):
+    """Random colours, plus a grey image, a saturated one and a black one (the HSV corner cases)."""
+    x = torch.rand(n, 3, side, side, generator=torch.Generator().manual_seed(seed))
+    if n >= 3:
+        x[0] = x[0, :1]  # grey: no hue, no saturation
+        x[1, :, :, : side // 2] = torch.tensor([1.0, 0.0, 0.0])[:, None, None]  # pure red, ties of the minimum
+        x[2] = 0
+    return x
+
+
+def reference_jitter(x, q):
+    """torchvision's functional tensor ops, one sample at a time, in the sample's own order."""
+    if not q[0]:
+        return x
+    adjust = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+    for i in q[1:5].long().tolist():
+        x = adjust[i](x, q[5 + i].item())
+    return x
+
+
+# float32 in another order of operations: 1e-5 is under 1/300 of one 8-bit level (1/255)
+TOL = 1e-5
+
+
+def test_batched_colour_jitter_equals_torchvision_in_each_samples_order():
+    x = colour_batch(32)
+    jitter = common.ColorJitter(0.8, 0.8, 0.8, 0.2, p=0.8)  # SimCLR's, strength 1
+    q = torch.stack([(torch.manual_seed(i), jitter.draw())[1] for i in range(len(x))])  # seeded per sample
+    assert q[:, 0].min() == 0 and q[:, 0].max() == 1  # both applied and skipped samples in the batch
+    assert len({tuple(o) for o in q[q[:, 0] > 0, 1:5].long().tolist()}) > 5  # and several orders
+    expected = torch.stack([reference_jitter(x[i], q[i]) for i in range(len(x))])
+    out = jitter.batch(x.clone(), q)
+    assert (out - expected).abs().max() < TOL
+    assert torch.equal(out[q[:, 0] == 0], x[q[:, 0] == 0])  # skipped samples untouched, bit for bit
+
+
+@pytest.mark.parametrize("h", [-0.5, -0.2, 0.0, 0.1, 0.37, 0.5])
+def test_batched_hue_equals_torchvision(h):
+    x = colour_batch()
+    out = common._adjust_hue(x, torch.full((len(x),), h))
+    expected = torch.stack([TF.adjust_hue(image, h) for image in x])
+    assert (out - expected).abs().max() < TOL
+
+
+def test_batched_grayscale_and_blur_equal_torchvision():
+    x = colour_batch(6, side=40)
+    grey = common.RandomGrayscale(p=1.0).batch(x.clone(), torch.tensor([[1.0], [0.0]] * 3))
+    for i in range(6):
+        assert (grey[i] - (TF.rgb_to_grayscale(x[i], 3) if i % 2 == 0 else x[i])).abs().max() < TOL
+    blur = common.GaussianBlur(9, sigma=(0.1, 2.0))  # 9 taps: the kernel of --image-size 96
+    q = torch.tensor([[1.0, 0.1], [1.0, 0.7], [0.0, 1.0], [1.0, 1.3], [1.0, 2.0], [0.0, 1.0]])
+    out = blur.batch(x.clone(), q)
+    for i in range(6):  # the separable blur equals torchvision's 2-D kernel
+        expected = TF.gaussian_blur(x[i], 9, q[i, 1].item()) if q[i, 0] else x[i]
+        assert (out[i] - expected).abs().max() < TOL, i
+
+
+def test_pil_path_applies_the_same_ops_from_the_same_parameters():
+    """--no-device-augment: PIL, from the same draws, matches the batched ops up to its 8-bit rounding."""
+    x = (colour_batch(16, side=32) * 255).round().byte()
+    ops = [common.ColorJitter(0.4, 0.4, 0.4, 0.1, p=0.8), common.RandomGrayscale(p=0.2),
+           common.GaussianBlur(23, sigma=(0.1, 2.0), p=0.5)]
+    torch.manual_seed(1)
+    q = [torch.stack([op.draw() for _ in range(len(x))]) for op in ops]
+    on_device = x.float() / 255
+    for op, qi in zip(ops[:2], q[:2]):
+        on_device = op.batch(on_device, qi)
+    pil = []
+    for i, image in enumerate(x):
+        image = TF.to_pil_image(image)
+        for op, qi in zip(ops, q):
+            image = op.pil(image, qi[i]) if op is not ops[2] else image  # blur compared apart (PIL's is approximate)
+        pil.append(TF.pil_to_tensor(image).float() / 255)
+    diff = (torch.stack(pil) - on_device).abs()
+    assert diff.mean() < 1.5 / 255 and diff.max() < 24 / 255  # PIL rounds after each op, its hue to 8 bits, its
+    # contrast to an integer mean grey level
+    # each sample's PIL result is its own parameters' on the device, not its neighbour's (a wrong draw would be)
+    rolled = x.float() / 255
+    for op, qi in zip(ops[:2], q[:2]):
+        rolled = op.batch(rolled, qi.roll(1, 0))
+    changed = (rolled - on_device).abs().mean((1, 2, 3)) > 2 / 255  # where the neighbour's look different
+    own, other = diff.mean((1, 2, 3)), (torch.stack(pil) - rolled).abs().mean((1, 2, 3))
+    assert changed.sum() > 8 and (own < other)[changed].all()
+    # PIL's radius-sigma blur (the official MoCo loader) against the 23-tap Gaussian: close, not equal
+    image = TF.to_pil_image(x[3])
+    pil_blur = TF.pil_to_tensor(ops[2].pil(image, torch.tensor([1.0, 1.5]))).float() / 255
+    device_blur = ops[2].batch(x[3:4].float() / 255, torch.tensor([[1.0, 1.5]]))[0]
+    assert (pil_blur - device_blur).abs().mean() < 3 / 255
+
+
+def test_parameter_draws_follow_torchvision():
+    """The same numbers as torchvision's RandomApply + get_params from the same generator state, and the
+    ranges and probabilities of the recipes (a wrong bound or p moves these statistics far outside their noise)."""
+    jitter, grey, blur = (common.ColorJitter(0.4, 0.4, 0.4, 0.1, p=0.8), common.RandomGrayscale(p=0.2),
+                          common.GaussianBlur(23, sigma=(0.1, 2.0), p=0.5))
+    for seed in range(20):  # bit for bit torchvision's draws
+        torch.manual_seed(seed)
+        ours = jitter.draw()
+        torch.manual_seed(seed)
+        if torch.rand(1) <= 0.8:
+            order, *factors = T.ColorJitter.get_params([0.6, 1.4], [0.6, 1.4], [0.6, 1.4], [-0.1, 0.1])
+            assert torch.equal(ours, torch.tensor([1.0, *order.tolist(), *factors]))
+        else:
+            assert ours[0] == 0
+        torch.manual_seed(seed)
+        ours = blur.draw()
+        torch.manual_seed(seed)
+        expected = [1.0, T.GaussianBlur.get_params(0.1, 2.0)] if torch.rand(1) <= 0.5 else [0.0, 1.0]
+        assert torch.equal(ours, torch.tensor(expected))
+    n = 4000
+    torch.manual_seed(0)
+    q = torch.stack([jitter.draw() for _ in range(n)])
+    applied = q[q[:, 0] > 0]
+    assert abs(len(applied) / n - 0.8) < 4 * (0.8 * 0.2 / n) ** 0.5
+    for column, (low, high) in zip(range(5, 9), [(0.6, 1.4)] * 3 + [(-0.1, 0.1)]):
+        values = applied[:, column]
+        assert low <= values.min() < low + 0.01 and high - 0.01 < values.max() <= high  # uniform over the range
+        assert abs(values.mean() - (low + high) / 2) < 0.01
+    first = torch.bincount(applied[:, 1].long(), minlength=4).float() / len(applied)  # which op comes first
+    assert (first - 0.25).abs().max() < 0.03
+    assert all(sorted(row) == [0, 1, 2, 3] for row in applied[:, 1:5].long().tolist())
+    assert abs(torch.stack([grey.draw() for _ in range(n)]).mean() - 0.2) < 4 * (0.2 * 0.8 / n) ** 0.5
+    b = torch.stack([blur.draw() for _ in range(n)])
+    sigma = b[b[:, 0] > 0, 1]
+    assert abs(len(sigma) / n - 0.5) < 4 * (0.25 / n) ** 0.5
+    assert 0.1 <= sigma.min() < 0.11 and 1.99 < sigma.max() <= 2.0 and abs(sigma.mean() - 1.05) < 0.03
+
+
+def test_workers_hand_over_uint8_views_the_device_finishes():
+    args = moco.parse_args(["--aug-plus", "--image-size", "96", "--dataset", "cifar10"])
+    augmentation = moco.moco_augmentation(args)
+    image = TF.to_pil_image(colour_batch(1, side=120)[0])
+    torch.manual_seed(0)
+    items = [augmentation(image) for _ in range(4)]
+    views, params = items[0]
+    assert views.dtype == torch.uint8 and views.shape == (2, 3, 96, 96) and params.shape == (2, 9 + 1 + 2)
+    batch = torch.utils.data.default_collate(items)  # as the loader: (B, V, 3, S, S), (B, V, P)
+    out = augmentation.to_device(batch, torch.device("cpu"))
+    assert out.shape == (8, 3, 96, 96) and out.dtype == torch.float32
+    mean, std = (torch.tensor(v)[:, None, None] for v in common.MEAN_STD["cifar10"])
+    for view in range(2):  # view-major: view 0 of every image, then view 1, each with its own parameters
+        for i, (v, q) in enumerate(items):
+            x = v[view].float() / 255
+            x = reference_jitter(x, q[view, :9])
+            x = TF.rgb_to_grayscale(x, 3) if q[view, 9] else x
+            x = TF.gaussian_blur(x, 9, q[view, 11].item()) if q[view, 10] else x
+            assert ((out[view * 4 + i] - (x - mean) / std).abs().max()) < 1e-4
+    # --no-device-augment: the same draws, applied by PIL in the worker; the device only normalises
+    args.device_augment = False
+    pil_path = moco.moco_augmentation(args)
+    torch.manual_seed(0)
+    pil_items = [pil_path(image) for _ in range(4)]
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(items, pil_items))  # the same parameters
+    pil_out = pil_path.to_device(torch.utils.data.default_collate(pil_items), torch.device("cpu"))
+    assert ((pil_out - out).abs() * std.mean()).mean() < 3 / 255
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only")
+def test_device_stage_on_cuda_equals_cpu():
+    args = simclr.parse_args(["--image-size", "224", "--data", "x"])
+    augmentation = simclr.simclr_augmentation(args)
+    image = TF.to_pil_image(colour_batch(1, side=300)[0])
+    torch.manual_seed(0)
+    batch = torch.utils.data.default_collate([augmentation(image) for _ in range(16)])
+    cpu = augmentation.to_device(batch, torch.device("cpu"))
+    cuda = augmentation.to_device(batch, torch.device("cuda")).cpu()
+    assert (cpu - cuda).abs().max() < 1e-3  # TF32 / fused kernels on the GPU
+
+
+# ---------------------------------------------------------------------------------------
 # Training runs
 # ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("method", METHODS)
@@ -857,6 +1032,39 @@ def test_torchrun_two_ranks_stay_in_sync(method, tiny_imagefolder, tmp_path):
     assert final["rank_weight_max_diff"] == 0.0
     assert 0 <= final["knn_top1"] <= 100 and "linear_top1" in final
     assert torch.load(os.path.join(out, "checkpoint.pth"), weights_only=False)["epoch"] == 2
+
+
+def step_losses(out):
+    return [r["loss"] for r in read_metrics(out) if "loss" in r]
+
+
+TWO_STEPS = ["--batch-size", "16", "--max-steps", "2", "--probe-epochs", "0", "--eval-every", "0"]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_two_steps_under_bf16_autocast(method, tiny_imagefolder, tmp_path):
+    """The CUDA default (bf16 autocast) exercised on CPU: dtypes meet, and the loss is fp32's to bf16's precision."""
+    module, extra = METHODS[method]
+    args = TINY + extra + TWO_STEPS + ["--data", tiny_imagefolder]
+    module.main(args + ["--amp", "--out", str(tmp_path / "bf16")])
+    module.main(args + ["--no-amp", "--out", str(tmp_path / "fp32")])
+    bf16, fp32 = step_losses(tmp_path / "bf16"), step_losses(tmp_path / "fp32")
+    assert len(bf16) == 2 and all(math.isfinite(v) for v in bf16)
+    assert bf16[0] != fp32[0] and bf16[0] == pytest.approx(fp32[0], rel=0.05)  # autocast was on, and close
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_two_steps_compiled(method, tiny_imagefolder, tmp_path):
+    """--compile (inductor) under bf16, in its own process as users run it: graph breaks that fail, dtype errors
+    in generated code; the first loss is eager bf16's up to fused rounding."""
+    module, extra = METHODS[method]
+    args = TINY + extra + TWO_STEPS + ["--data", tiny_imagefolder, "--amp"]
+    module.main(args + ["--out", str(tmp_path / "eager")])
+    done = subprocess.run([sys.executable, f"{method}.py", *args, "--compile", "--out", str(tmp_path / "compiled")],
+                          cwd=HERE, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    compiled, eager = step_losses(tmp_path / "compiled"), step_losses(tmp_path / "eager")
+    assert len(compiled) == 2 and compiled[0] == pytest.approx(eager[0], rel=0.05)
 
 
 def load_state(out):
@@ -990,6 +1198,20 @@ def expect_error(argv, *words, module=simclr):
     assert message.startswith("error: ") and "\n" not in message
     for w in words:
         assert w in message, message
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_undecodable_jpeg_names_the_file(workers, tmp_path):
+    """A truncated JPEG stops with one line naming it relative to --data, from the main process or a worker."""
+    for split in ("train", "val"):
+        os.makedirs(tmp_path / split / "a")
+        for i in range(8):
+            TF.to_pil_image(colour_batch(1, side=40, seed=i)[0]).save(tmp_path / split / "a" / f"{i}.jpg", quality=90)
+    data = (tmp_path / "train" / "a" / "5.jpg").read_bytes()
+    (tmp_path / "train" / "a" / "5.jpg").write_bytes(data[: len(data) // 2])
+    expect_error(TINY + ["--data", str(tmp_path), "--batch-size", "4", "--workers", workers, "--out", str(tmp_path / "run")],
+                 "cannot decode " + os.path.join("train", "a", "5.jpg"), "replace or delete it")
+    assert not os.path.exists(tmp_path / "run" / "checkpoint.pth")
 
 
 def test_missing_data_folder(tmp_path):
