@@ -236,7 +236,7 @@ def _where(x, applied, fn, *per_sample):
     if len(index) == len(x):
         return fn(x, *per_sample)
     if len(index):
-        x[index] = fn(x[index], *(v[index] for v in per_sample))
+        x.index_copy_(0, index, fn(x.index_select(0, index), *(v.index_select(0, index) for v in per_sample)))
     return x
 
 
