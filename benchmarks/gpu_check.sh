@@ -14,22 +14,26 @@ OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
 FM=/usr/share/datasets/fashion-mnist
 [ -f "$FM/train-images-idx3-ubyte.gz" ] || FM=data/fashion-mnist
-WORKERS=${WORKERS:-16}
+# a dry run on a small CPU machine: WORKERS=2 ARCH=resnet-tiny STEPS=2 BATCH=16 PIPELINE="--images 64 --samples 4
+# --batch-size 16 --loader-batches 1" SPEED="--arch resnet-tiny --image-size 32" bash benchmarks/gpu_check.sh
+WORKERS=${WORKERS:-16} ARCH=${ARCH:-resnet18} STEPS=${STEPS:-100} BATCH=${BATCH:-256}
+PIPELINE=${PIPELINE:-"--samples 64 --loader-batches 8"} SPEED=${SPEED:-"--arch resnet50 --image-size 224 --batch-size 64"}
 START=$(date +%s)
 left() { echo $(( ${BUDGET:-330} - ($(date +%s) - START) )); }
-python -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, torch.cuda.get_device_name())"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__,
+           torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device')"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
 
 echo "== 1. input pipeline (224 px, $WORKERS workers; MoCo v2 ResNet-50 end to end)"
-timeout 150 python benchmarks/pipeline.py --workers "$WORKERS" --samples 64 --loader-batches 8 --methods simclr "moco v1" instdisc rotation \
+timeout 150 python benchmarks/pipeline.py --workers "$WORKERS" $PIPELINE --methods simclr "moco v1" instdisc rotation \
   2>&1 | tee "$OUT/pipeline.txt" | tail -8
-timeout 150 python benchmarks/pipeline.py --workers "$WORKERS" --samples 64 --loader-batches 8 --methods "moco v2" --train-steps 40 \
+timeout 150 python benchmarks/pipeline.py --workers "$WORKERS" $PIPELINE --methods "moco v2" --train-steps 40 \
   2>&1 | tee "$OUT/pipeline_moco_v2.txt" | tail -4
 
 echo "== 2. speed.py at 224 px"
-timeout 120 python benchmarks/speed.py --arch resnet50 --image-size 224 --batch-size 64 2>&1 | tee "$OUT/speed.txt" | tail -10
+timeout 120 python benchmarks/speed.py $SPEED 2>&1 | tee "$OUT/speed.txt" | tail -10
 
-echo "== 3. every method, 100 steps on Fashion-MNIST, resnet18, torchrun --nproc_per_node=1"
+echo "== 3. every method, $STEPS steps on Fashion-MNIST, $ARCH, torchrun --nproc_per_node=1"
 declare -A EXTRA=([moco]="--mlp --aug-plus --moco-t 0.2 --cos --moco-k 4096" [instdisc]="--nce-k 4096" [jigsaw]="" [cpc]="" \
                   [simclr]="" [rotation]="" [context_encoder]="")
 for compiled in "" "--compile"; do
@@ -37,8 +41,9 @@ for compiled in "" "--compile"; do
     [ "$(left)" -gt 40 ] || { echo "skip $m $compiled: time"; continue; }
     run="$OUT/runs/$m${compiled:+_compiled}"
     timeout $(( $(left) - 20 )) torchrun --standalone --nproc_per_node=1 "$m.py" --dataset fashion-mnist --data "$FM" \
-      --arch resnet18 --batch-size 256 --subset 25600 --epochs 1 --max-steps 100 --print-freq 25 --probe-epochs 0 \
-      --workers 8 ${EXTRA[$m]} $compiled --out "$run" > "$run.log" 2>&1
+      --arch "$ARCH" --batch-size "$BATCH" --subset $((BATCH * STEPS)) --epochs 1 --max-steps "$STEPS" \
+      --print-freq $(( STEPS / 4 > 0 ? STEPS / 4 : 1 )) --probe-epochs 0 --workers 8 ${EXTRA[$m]} $compiled \
+      --out "$run" > "$run.log" 2>&1
     echo "$m${compiled:+ --compile}: exit $? ($(tail -1 "$run.log" | cut -c1-120))"
   done
 done
