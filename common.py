@@ -217,7 +217,7 @@ class ColorJitter:
         hue_at = (order == 3).int().argmax(1)  # (B,); 0 when not applied
         for slot in range(3):  # up to three ops before the hue
             x = _where(x, (slot < hue_at), _blend_slot, order[:, slot], factors)
-        x = _where(x, order[:, 0] >= 0, _adjust_hue, factors[:, 3])
+        x = _where(x, (order[:, 0] >= 0) & (factors[:, 3] != 0), _adjust_hue, factors[:, 3])  # hue 0: no jitter
         for slot in range(1, 4):  # and after it
             x = _where(x, (slot > hue_at) & (order[:, 0] >= 0), _blend_slot, order[:, slot], factors)
         return x

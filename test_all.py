@@ -1488,3 +1488,17 @@ def test_speed_script_records_what_each_method_feeds_its_trunk():
         assert row["trunk_inputs"] == expected[name], (name, row["trunk_inputs"])
         assert row["step_img_s"] > 0 and row["trunk_img_s"] > 0 and row["data_img_s"] > 0
         assert row["ratio"] == pytest.approx(row["step_img_s"] / row["trunk_img_s"])
+
+
+def test_pipeline_script_reports_every_stage(tmp_path):
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "benchmarks"))
+    import pipeline
+    assert 60 < pipeline.write_jpegs(str(tmp_path / "jpegs"), 4, 2) < 95  # ImageNet-like: about 75 KB at quality 90
+    rows = {row["method"]: row for row in pipeline.main(["--images", "16", "--photos", "2", "--samples", "2",
+                                                          "--batch-size", "4", "--workers", "1", "--loader-batches", "1",
+                                                          "--image-size", "96"])}
+    assert list(rows) == list(pipeline.CONFIGS) + ["official moco v2"]
+    for name in pipeline.CONFIGS:
+        row = rows[name]
+        assert row["worker"] > 0 and row["cpu_path"] > 0 and row["device_ms_cpu"] > 0 and row["loader"] > 0
+        assert row["pil_ms"] == pytest.approx(1000 / row["cpu_path"] - 1000 / row["worker"])

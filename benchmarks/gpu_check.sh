@@ -11,7 +11,7 @@
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_check}
-mkdir -p "$OUT"
+mkdir -p "$OUT/runs"
 FM=/usr/share/datasets/fashion-mnist
 [ -f "$FM/train-images-idx3-ubyte.gz" ] || FM=data/fashion-mnist
 # a dry run on a small CPU machine: WORKERS=2 ARCH=resnet-tiny STEPS=2 BATCH=16 PIPELINE="--images 64 --samples 4

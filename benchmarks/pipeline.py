@@ -23,7 +23,7 @@ import time
 import torch
 import torch.nn.functional as F
 import torchvision
-from PIL import Image
+from PIL import Image, ImageFilter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -73,6 +73,7 @@ def photo(i, w=500, h=375):
 def write_jpegs(root, n, photos):
     """root/{train,val}/class_k/*.jpg: `photos` distinct photos, hard-linked to n training files (the loader reads n
     files, the page cache holds them as it would hold a hot ImageNet shard); returns their mean size in KB."""
+    os.makedirs(root, exist_ok=True)
     sources = []
     for i in range(photos):
         sources.append(os.path.join(root, f"photo_{i}.jpg"))
@@ -176,6 +177,23 @@ def train_rates(name, args, root, device):
     return loaded, on_device
 
 
+class PILBlur:
+    """The official MoCo loader's GaussianBlur: PIL's filter with a radius sigma uniform in [0.1, 2.0]."""
+
+    def __call__(self, image):
+        return image.filter(ImageFilter.GaussianBlur(radius=float(torch.empty(1).uniform_(0.1, 2.0))))
+
+
+def official_moco_v2(image_size):
+    """facebookresearch/moco main_moco.py's --aug-plus transform, two views, as its loader runs it (float out)."""
+    T = torchvision.transforms
+    one = T.Compose([T.RandomResizedCrop(image_size, scale=(0.2, 1.0)),
+                     T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), T.RandomGrayscale(p=0.2),
+                     T.RandomApply([PILBlur()], p=0.5), T.RandomHorizontalFlip(), T.ToTensor(),
+                     T.Normalize(*common.MEAN_STD["imagefolder"])])
+    return lambda image: (one(image), one(image))
+
+
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -220,6 +238,10 @@ def main(argv=None):
                          f"{row['train_loaded'] / row['train_on_device']:.2f} |")
             print(line, flush=True)
             rows.append(row)
+        official = samples_per_s(common.Transformed(base, official_moco_v2(args.image_size), seed=0), args.samples)
+        print(f"official MoCo v2 loader's transform (PIL ops, its ImageFilter blur, float views): {official:.0f} samples/s "
+              "per core")
+        rows.append({"method": "official moco v2", "cpu_path": official})
     return rows
 
 

@@ -102,7 +102,7 @@ def probe_setup(args, train_transform):
     import rotation
     margs = rotation.parse_args(shared_flags(args))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    margs.amp = margs.amp and device.type == "cuda"
+    margs.amp = device.type == "cuda" if margs.amp is None else margs.amp
     common.seed_everything(margs.seed)
     pretrain, probe_train, probe_test = common.build_datasets(margs, train_transform)
     loaders = (common.eval_loader(probe_train, margs, 1, 0), common.eval_loader(probe_test, margs, 1, 0))
