@@ -10,8 +10,8 @@ For each method it reports, in images per second:
   hook during one real step (2 views for SimCLR, a forward + backward and a no-grad forward for MoCo, 4B rotations,
   9B tiles, 49B patches, ...), without the method's heads, losses or optimiser;
 - ratio: step / trunk (1.0 = nothing beyond the backbone);
-- data: the method's augmentation pipeline alone on one CPU thread (one data worker), on in-memory images, so
-  that --workers can be sized: a GPU step at S img/s needs about S / data workers.
+- data: a data worker's stage alone on one CPU thread, on in-memory images (the colour ops of SimCLR, MoCo and
+  InstDisc run on the device, inside the step); benchmarks/pipeline.py measures JPEGs at 224 px.
 """
 import argparse
 import contextlib
