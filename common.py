@@ -345,10 +345,10 @@ class Augmentation:
         view (view 0 of all samples, then view 1, ...), photometric ops applied (device path) and normalised."""
         x, params = (t.to(device, non_blocking=True).transpose(0, 1).flatten(0, 1) for t in batch)
         x = x.float().div_(255)
-        if self.on_device and device.type == "cpu":  # 8 views at a time, which stay in cache (1.7x faster)
+        if self.on_device and self.photometric and device.type == "cpu":  # 8 views at a time: they stay in cache
             for s in range(0, len(x), 8):
                 x[s:s + 8] = self.photometric_ops(x[s:s + 8], params[s:s + 8])
-        elif self.on_device:
+        elif self.on_device and self.photometric:
             x = self.photometric_ops(x, params)
         if device not in self.mean_std:  # copied to the device once, not every step (a copy waits for the GPU)
             self.mean_std[device] = [torch.tensor(v, device=device)[None, :, None, None] for v in MEAN_STD[self.dataset]]

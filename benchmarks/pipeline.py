@@ -86,11 +86,11 @@ def write_jpegs(root, n, photos):
     return sum(os.path.getsize(path) for path in sources) / photos / 1000
 
 
-def method_args(name, root, image_size, batch_size, extra=()):
+def method_args(name, root, image_size, batch_size):
     module_name, _, flags = CONFIGS[name]
     module = __import__(module_name)
     return module, module.parse_args(["--data", root, "--image-size", str(image_size), "--batch-size", str(batch_size),
-                                      *flags, *extra])
+                                      *flags])
 
 
 def augmentation(name, args):
