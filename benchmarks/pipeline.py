@@ -88,9 +88,8 @@ def write_jpegs(root, n, photos):
 
 def method_args(name, root, image_size, batch_size):
     module_name, _, flags = CONFIGS[name]
-    module = __import__(module_name)
-    return module, module.parse_args(["--data", root, "--image-size", str(image_size), "--batch-size", str(batch_size),
-                                      *flags])
+    return __import__(module_name).parse_args(["--data", root, "--image-size", str(image_size), "--batch-size",
+                                               str(batch_size), *flags])
 
 
 def augmentation(name, args):
@@ -119,7 +118,7 @@ def samples_per_s(dataset, n):
 
 
 def device_stage_ms(aug, batch, device, repeats=3):
-    """ms per image of aug.to_device on one collated batch (its transfer included), best of `repeats`."""
+    """ms per sample (all its views) of aug.to_device on one collated batch (transfer included), best of `repeats`."""
     times = []
     for _ in range(repeats + 1):  # the first one warms up (CUDA context, kernels)
         speed.sync(device)
@@ -210,14 +209,14 @@ def main(argv=None):
         print(f"{images} JPEGs ({args.photos} distinct) of 500x375 px, {kb:.0f} KB on average; {args.image_size} px crops; "
               f"decode alone {decode:.0f} per s on one thread; loader: {args.workers} workers, batch {args.batch_size}"
               + (f"; {torch.cuda.get_device_name()}" if device.type == "cuda" else f"; {os.cpu_count()} CPU cores"))
-        print("| method | worker samples/s per core | cpu path samples/s per core | PIL colour ops ms/img "
-              "| device stage ms/img (CPU, 1 thread) |" + (" device stage img/s (CUDA) |" if cuda else "")
+        print("| method | worker samples/s per core | cpu path samples/s per core | PIL colour ops ms/sample "
+              "| device stage ms/sample (CPU, 1 thread) |" + (" device stage samples/s (CUDA) |" if cuda else "")
               + " loader samples/s |" + (" train img/s loaded | on device | loaded / on device |" if cuda and
                                           args.train_steps else ""))
         print("|---" * (6 + cuda + (3 if cuda and args.train_steps else 0)) + "|")
         rows = []
         for name in args.methods:
-            _, margs = method_args(name, root, args.image_size, args.batch_size)
+            margs = method_args(name, root, args.image_size, args.batch_size)
             aug = augmentation(name, margs)
             dataset = common.Transformed(base, aug, seed=0)
             worker = samples_per_s(dataset, args.samples)
