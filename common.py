@@ -1,5 +1,5 @@
-"""Shared plumbing for the sslref method files: data, distributed start-up, gathers,
-backbones, checkpoints, metrics and probing (kNN + linear probe). Nothing method-specific."""
+"""Shared plumbing of the sslref method files: the flags they share, data, distributed start-up and gathers, the
+backbone, checkpoints and progress lines, and probing (kNN + linear probe). Nothing method-specific."""
 import argparse
 import copy
 import functools
@@ -45,6 +45,47 @@ nonneg_float = _checked(float, lambda v: 0 <= v < math.inf, "a finite number >= 
 unit_float = _checked(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 
 
+# ---- The flags every method file shares (what this module reads), each file passing its own defaults -----------
+def add_common_args(p, out, arch="resnet50", epochs=100, batch_size=256, lr=0.1, wd=0.0, device_augment=False,
+                    lr_help="base lr per 256 images; peak = lr * batch / 256"):
+    a = p.add_argument
+    a("--dataset", default="imagefolder", choices=list(DEFAULT_IMAGE_SIZE), help="dataset kind")
+    a("--data", default="", help="dataset folder (imagefolder: DATA/train and DATA/val)")
+    a("--arch", default=arch, help="torchvision ResNet name, or resnet-tiny for CPU runs")
+    a("--epochs", type=positive_int, default=epochs, help="pretraining epochs")
+    a("--batch-size", type=positive_int, default=batch_size, help="GLOBAL batch size, split over ranks")
+    a("--lr", type=nonneg_float, default=lr, help=lr_help)
+    a("--wd", type=nonneg_float, default=wd, help="weight decay")
+    a("--workers", type=nonneg_int, default=min(8, os.cpu_count() or 1), help="data-loading workers per rank")
+    if device_augment:
+        a("--device-augment", action=argparse.BooleanOptionalAction, default=True,
+          help="colour ops batched on the training device (no: PIL in the data workers)")
+    a("--seed", type=int, default=0, help="seed of model init, data order, augmentations and training step")
+    a("--image-size", type=nonneg_int, default=0, help="crop size (0: the dataset's default)")
+    a("--subset", type=nonneg_int, default=0, help="use N evenly spaced training images (0: all)")
+    a("--max-steps", type=nonneg_int, default=0, help="stop (and checkpoint) after N steps in total (0: never)")
+    a("--save-every", type=nonneg_int, default=0, help="also checkpoint every N steps (0: at each epoch end only)")
+    a("--out", default=out, help="output folder: metrics.jsonl, checkpoint.pth, backbone.pth")
+    a("--resume", default="", help="checkpoint.pth to continue from (or backbone.pth with --eval-only)")
+    a("--eval-only", action="store_true", help="only evaluate (the --resume weights, else random init)")
+    a("--baselines", action="store_true", help="also probe the random-init trunk and raw pixels (<= 64 px)")
+    a("--knn-k", type=positive_int, default=200, help="neighbours of the weighted kNN")
+    a("--knn-t", type=positive_float, default=0.1, help="temperature of the weighted kNN")
+    a("--probe-epochs", type=nonneg_int, default=100, help="epochs of the linear probe (0: kNN only)")
+    a("--eval-every", type=nonneg_int, default=0, help="kNN monitor every N epochs (0: only at the end)")
+    a("--monitor-subset", type=nonneg_int, default=0,
+      help="the monitor's kNN on N class-balanced images of each probe set (0: all)")
+    a("--print-freq", type=positive_int, default=50, help="progress line every N steps")
+    a("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on CUDA)")
+    a("--compile", action="store_true", help="torch.compile the model")
+
+
+def parse(p, argv):
+    args = p.parse_args(argv)
+    args.image_size = args.image_size or DEFAULT_IMAGE_SIZE[args.dataset]
+    return args
+
+
 # ---- Data ------------------------------------------------------------------------------
 DEFAULT_IMAGE_SIZE = {"imagefolder": 224, "stl10": 96, "cifar10": 32, "cifar100": 32, "fashion-mnist": 28}
 MEAN_STD = {  # per-channel statistics used by Normalize
@@ -79,25 +120,23 @@ class ArrayDataset(torch.utils.data.Dataset):
         return len(self.labels)
 
     def __getitem__(self, i):
-        return T.functional.to_pil_image(self.images[i]).convert("RGB"), self.labels[i]
+        return TF.to_pil_image(self.images[i]).convert("RGB"), self.labels[i]
 
 
 def read_idx_gz(path):
     """Read an idx file (the MNIST / Fashion-MNIST format) into a numpy array."""
     with gzip.open(path, "rb") as f:
         raw = f.read()
-    ndim = raw[3]
-    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(raw[3]))
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * raw[3]).reshape(shape)
 
 
 def fashion_mnist(root, split):
     """Zalando's idx .gz files from --data, torchvision's raw folder or Debian's package; else download."""
-    images_name, labels_name = FASHION_FILES[split]
+    names = FASHION_FILES[split]
     for folder in [root, os.path.join(root, "FashionMNIST", "raw"), DEBIAN_FASHION_MNIST]:
-        if os.path.isfile(os.path.join(folder, images_name)) and os.path.isfile(os.path.join(folder, labels_name)):
-            images, labels = (read_idx_gz(os.path.join(folder, name)) for name in (images_name, labels_name))
-            return ArrayDataset(images, labels)
+        if all(os.path.isfile(os.path.join(folder, name)) for name in names):
+            return ArrayDataset(*(read_idx_gz(os.path.join(folder, name)) for name in names))
     all_files = ", ".join(name for pair in FASHION_FILES.values() for name in pair)
     ds = download(torchvision.datasets.FashionMNIST, root, all_files, train=split == "train")
     return ArrayDataset(ds.data.numpy(), ds.targets.tolist())
@@ -139,22 +178,18 @@ def base_datasets(name, root):
     """(pretrain, probe_train, probe_test) datasets yielding (PIL image, label), untransformed."""
     D = torchvision.datasets
     if name == "imagefolder":
-        train, test = image_folder(root, "train"), image_folder(root, "val")
-        return train, train, test
+        train = image_folder(root, "train")
+        return train, train, image_folder(root, "val")
     if name in ("cifar10", "cifar100"):
         cls = D.CIFAR10 if name == "cifar10" else D.CIFAR100
         files = f"{cls.filename} (from {cls.url})"
         train = download(cls, root, files, train=True)
         return train, train, download(cls, root, files, train=False)
-    if name == "stl10":
+    if name == "stl10":  # pretrains on train+unlabeled (105k images), probes on the 5k labelled train
         files = f"{D.STL10.filename} (from {D.STL10.url})"
-        # STL-10 pretrains on train+unlabeled (105k images), probes on the 5k labelled train
-        return (download(D.STL10, root, files, split="train+unlabeled"), download(D.STL10, root, files, split="train"),
-                download(D.STL10, root, files, split="test"))
-    if name == "fashion-mnist":
-        train = fashion_mnist(root, "train")
-        return train, train, fashion_mnist(root, "test")
-    fail(f"unknown --dataset {name}")
+        return tuple(download(D.STL10, root, files, split=s) for s in ("train+unlabeled", "train", "test"))
+    train = fashion_mnist(root, "train")
+    return train, train, fashion_mnist(root, "test")
 
 
 class Transformed(torch.utils.data.Dataset):
@@ -180,11 +215,10 @@ class Transformed(torch.utils.data.Dataset):
 
 
 # ---- Augmentation: geometry in the data workers, photometric ops batched on the device ----------------
-# A method's training transform runs in two stages. The workers decode each image once, apply its geometry (crops and
-# flips, PIL) to every view, and draw every parameter of the photometric ops from the per-sample seed (torchvision's
-# get_params, so the same distributions); they hand uint8 tensors over. The device then applies colour jitter,
-# grayscale and blur to the whole batch, each sample with its own parameters, and normalises. With
-# --no-device-augment the workers apply the same ops with PIL from the same parameters, as the official loaders do.
+# The workers decode each image once, apply its geometry (crops and flips, PIL) to every view, and draw every parameter
+# of the photometric ops from the per-sample seed (torchvision's get_params, so the same distributions); they hand
+# uint8 tensors over. The device applies colour jitter, grayscale and blur to the whole batch, each sample with its own
+# parameters, and normalises. With --no-device-augment the workers apply the same ops with PIL, as the official loaders.
 # Each op has draw() (in the worker), pil(image, q) (the CPU path) and batch(x, q): x (B, 3, H, W) floats in [0, 1], the
 # parameters q (B, params); on CPU, batch() overwrites x (Augmentation owns it), to save a copy per op.
 class ColorJitter:
@@ -204,15 +238,14 @@ class ColorJitter:
         return torch.tensor([1.0, *order.tolist(), *factors])
 
     def pil(self, image, q):
-        if q[0]:
-            adjust = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
-            for i in q[1:5].long().tolist():
-                image = adjust[i](image, q[5 + i].item())
+        adjust = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+        for i in q[1:5].long().tolist() if q[0] else []:
+            image = adjust[i](image, q[5 + i].item())
         return image
 
     def batch(self, x, q):
-        """x (B, 3, H, W) in [0, 1]. Brightness, contrast and saturation are torchvision's blends with 0, the mean grey
-        level or the grey image; hue shifts the HSV hue, once per sample: the ops before it, hue, the ops after it."""
+        """Brightness, contrast and saturation are torchvision's blends with 0, the mean grey level or the grey image;
+        hue shifts the HSV hue, once per sample: the ops before it, hue, the ops after it."""
         order, factors = torch.where(q[:, :1] > 0, q[:, 1:5].long(), -1), q[:, 5:]  # not applied: every slot empty
         hue_at = (order == 3).int().argmax(1)  # (B,); 0 when not applied
         for slot in range(3):  # up to three ops before the hue
@@ -223,15 +256,11 @@ class ColorJitter:
         return x
 
 
-def _per_sample(v):
-    return v[:, None, None, None]
-
-
 def _where(x, applied, fn, *per_sample):
     """fn(x, *per_sample) for the samples where `applied` (B,), x for the others. On CUDA all samples are computed and
     torch.where picks (no host sync); on CPU only the applied ones (nothing to sync with, as PIL), written into x."""
     if x.device.type != "cpu":
-        return torch.where(_per_sample(applied), fn(x, *per_sample), x)
+        return torch.where(applied[:, None, None, None], fn(x, *per_sample), x)
     index = applied.nonzero()[:, 0]
     if len(index) == len(x):
         return fn(x, *per_sample)
@@ -247,11 +276,11 @@ def _grey(x):  # (B, 3, H, W) -> (B, 1, H, W), the ITU-R 601 luma of torchvision
 def _blend_slot(x, op, factors):
     """factor * x + (1 - factor) * reference, clamped to [0, 1] (torchvision's _blend), per sample: op 0 brightness
     blends with black, 1 contrast with the image's mean grey level, 2 saturation with its grey image."""
-    factor = factors.gather(1, op.clamp(min=0)[:, None])[:, 0]  # (B,)
+    factor = factors.gather(1, op.clamp(min=0)[:, None])[:, 0, None, None, None]  # (B, 1, 1, 1)
     grey = _grey(x)
-    contrast, saturation = (op == 1) * (1 - factor), (op == 2) * (1 - factor)  # the reference's weights
-    reference = torch.addcmul(_per_sample(grey.mean((1, 2, 3)) * contrast), grey, _per_sample(saturation))
-    return torch.addcmul(reference, x, _per_sample(factor)).clamp_(0, 1)
+    contrast, saturation = (op[:, None, None, None] == 1) * (1 - factor), (op[:, None, None, None] == 2) * (1 - factor)
+    reference = torch.addcmul(grey.mean((1, 2, 3), keepdim=True) * contrast, grey, saturation)
+    return torch.addcmul(reference, x, factor).clamp_(0, 1)
 
 
 def _adjust_hue(x, h):
@@ -297,27 +326,22 @@ class GaussianBlur:
         self.kernel_size, self.sigma, self.p = kernel_size, sigma, p
 
     def draw(self):
-        if torch.rand(1) > self.p:
-            return torch.tensor([0.0, 1.0])
-        return torch.tensor([1.0, T.GaussianBlur.get_params(*self.sigma)])
+        return torch.tensor([1.0, T.GaussianBlur.get_params(*self.sigma)] if torch.rand(1) <= self.p else [0.0, 1.0])
 
     def pil(self, image, q):
         return image.filter(ImageFilter.GaussianBlur(radius=q[1].item())) if q[0] else image
 
     def batch(self, x, q):
-        return _where(x, q[:, 0] > 0, lambda x, sigma: _gaussian_blur(x, sigma, self.kernel_size // 2), q[:, 1])
+        return _where(x, q[:, 0] > 0, self.blur, q[:, 1])
 
-
-def _gaussian_blur(x, sigma, r):
-    """x (B, C, H, W) blurred with each sample's Gaussian of std sigma (B,), 2r + 1 taps, reflect padding: rows then
-    columns (2 x (2r + 1) multiply-adds a pixel, where the 2-D kernel takes (2r + 1)^2)."""
-    B, C, H, W = x.shape
-    t = torch.arange(-r, r + 1, dtype=x.dtype, device=x.device)
-    kernel = (-0.5 * (t / sigma[:, None]) ** 2).exp()
-    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(C, 0)  # (B C, 2r + 1): a group per channel
-    y = F.pad(x.reshape(1, B * C, H, W), (r, r, r, r), mode="reflect")
-    y = F.conv2d(y, kernel[:, None, None, :], groups=B * C)
-    return F.conv2d(y, kernel[:, None, :, None], groups=B * C).view(B, C, H, W)
+    def blur(self, x, sigma):  # rows then columns: 2 (2r + 1) multiply-adds a pixel, not (2r + 1)^2
+        (B, C, H, W), r = x.shape, self.kernel_size // 2
+        t = torch.arange(-r, r + 1, dtype=x.dtype, device=x.device)
+        kernel = (-0.5 * (t / sigma[:, None]) ** 2).exp()
+        kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(C, 0)  # (B C, 2r + 1): a group per channel
+        y = F.pad(x.reshape(1, B * C, H, W), (r, r, r, r), mode="reflect")
+        y = F.conv2d(y, kernel[:, None, None], groups=B * C)
+        return F.conv2d(y, kernel[:, None, :, None], groups=B * C).view(B, C, H, W)
 
 
 class Augmentation:
@@ -331,11 +355,9 @@ class Augmentation:
     def __call__(self, image):
         images, params = [], []
         for _ in range(self.views):
-            view = self.geometry(image)
-            q = [op.draw() for op in self.photometric]
-            if not self.on_device:  # the CPU path: PIL does it here, from the same parameters
-                for op, qi in zip(self.photometric, q):
-                    view = op.pil(view, qi)
+            view, q = self.geometry(image), [op.draw() for op in self.photometric]
+            for op, qi in zip(self.photometric, q) if not self.on_device else ():  # the CPU path: PIL, same parameters
+                view = op.pil(view, qi)
             images.append(TF.pil_to_tensor(view))
             params.append(torch.cat(q) if q else torch.zeros(0))
         return torch.stack(images), torch.stack(params)
@@ -345,23 +367,21 @@ class Augmentation:
         view (view 0 of all samples, then view 1, ...), photometric ops applied (device path) and normalised."""
         x, params = (t.to(device, non_blocking=True).transpose(0, 1).flatten(0, 1) for t in batch)
         x = x.float().div_(255)
-        if self.on_device and self.photometric and device.type == "cpu":  # 8 views at a time: they stay in cache
-            for s in range(0, len(x), 8):
-                x[s:s + 8] = self.photometric_ops(x[s:s + 8], params[s:s + 8])
-        elif self.on_device and self.photometric:
-            x = self.photometric_ops(x, params)
+        if self.on_device and self.photometric:  # on CPU 8 views at a time, so they stay in cache
+            sizes, chunk, parts = [op.params for op in self.photometric], 8 if device.type == "cpu" else len(x), []
+            for s in range(0, len(x), chunk):
+                y = x[s:s + chunk]
+                for op, q in zip(self.photometric, params[s:s + chunk].split(sizes, 1)):
+                    y = op.batch(y, q)
+                parts.append(y)
+            x = torch.cat(parts) if len(parts) > 1 else parts[0]
         if device not in self.mean_std:  # copied to the device once, not every step (a copy waits for the GPU)
-            self.mean_std[device] = [torch.tensor(v, device=device)[None, :, None, None] for v in MEAN_STD[self.dataset]]
-        mean, std = self.mean_std[device]
-        x = x.sub_(mean).div_(std)
+            self.mean_std[device] = [torch.tensor(v, device=device)[:, None, None] for v in MEAN_STD[self.dataset]]
+        x = x.sub_(self.mean_std[device][0]).div_(self.mean_std[device][1])
         return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
 
-    def photometric_ops(self, x, params):
-        for op, q in zip(self.photometric, params.split([op.params for op in self.photometric], dim=1)):
-            x = op.batch(x, q)
-        return x
 
-
+# ---- Loaders ---------------------------------------------------------------------------
 class EpochSampler(torch.utils.data.distributed.DistributedSampler):
     """DistributedSampler that yields (index, epoch) keys and can start mid-epoch (for --resume)."""
 
@@ -370,8 +390,7 @@ class EpochSampler(torch.utils.data.distributed.DistributedSampler):
         self.batch_size, self.start_step = batch_size, 0
 
     def __iter__(self):
-        indices = list(super().__iter__())[self.start_step * self.batch_size:]
-        return iter([(i, self.epoch) for i in indices])
+        return iter([(i, self.epoch) for i in list(super().__iter__())[self.start_step * self.batch_size:]])
 
     def __len__(self):
         return super().__len__() - self.start_step * self.batch_size
@@ -381,15 +400,15 @@ def build_datasets(args, train_transform):
     """Pretraining set (augmented, keyed by epoch) and the two probe sets (deterministic)."""
     if args.dataset == "imagefolder" and not os.path.isdir(args.data):
         fail(f"--data '{args.data}' does not exist; point it at a folder with train/ and val/ (the ImageNet layout)")
-    if is_distributed() and dist.get_rank() > 0:
+    if rank() > 0:
         dist.barrier()  # rank 0 downloads and extracts alone, then the others read its files
     root = args.data or "./data"
     pretrain, probe_train, probe_test = base_datasets(args.dataset, root)
-    if is_distributed() and dist.get_rank() == 0:
+    if is_distributed() and rank() == 0:
         dist.barrier()
     if args.subset:  # evenly spaced, so a class-ordered folder keeps every class
-        pretrain, probe_train = (torch.utils.data.Subset(ds, range(0, len(ds), max(1, len(ds) // args.subset))[:args.subset])
-                                 for ds in (pretrain, probe_train))
+        pretrain, probe_train = (torch.utils.data.Subset(ds, range(0, len(ds), max(1, len(ds) // args.subset))
+                                                         [:args.subset]) for ds in (pretrain, probe_train))
     for split, ds in (("training", pretrain), ("probe test", probe_test)):
         if len(ds) == 0:
             fail(f"the {split} split of {args.dataset} at {root} is empty")
@@ -422,64 +441,67 @@ class Loader(torch.utils.data.DataLoader):
             yield batch
 
 
-def train_loader(dataset, args, world_size, rank):
-    sampler = EpochSampler(dataset, args.batch_size // world_size, num_replicas=world_size, rank=rank, shuffle=True,
+def train_loader(dataset, args):
+    """-> (loader, sampler): this rank's batches of --batch-size / world, keyed for the per-sample seed."""
+    sampler = EpochSampler(dataset, args.batch_size // world(), num_replicas=world(), rank=rank(), shuffle=True,
                            seed=args.seed, drop_last=True)
     if len(sampler) < sampler.batch_size:
-        fail(f"{len(dataset)} training images give no full batch of {args.batch_size}; lower --batch-size or raise --subset")
-    loader = Loader(dataset, batch_size=sampler.batch_size, sampler=sampler, drop_last=True,
-                                         num_workers=args.workers, pin_memory=torch.cuda.is_available(),
-                                         persistent_workers=args.workers > 0)
-    return loader, sampler
+        fail(f"{len(dataset)} training images give no full batch of {args.batch_size}; lower --batch-size or "
+             "raise --subset")
+    return Loader(dataset, batch_size=sampler.batch_size, sampler=sampler, drop_last=True, num_workers=args.workers,
+                  pin_memory=torch.cuda.is_available(), persistent_workers=args.workers > 0), sampler
 
 
-def eval_loader(dataset, args, world_size, rank):
-    sampler = torch.utils.data.distributed.DistributedSampler(dataset, world_size, rank, shuffle=False)
-    return Loader(dataset, batch_size=max(1, args.batch_size // world_size), sampler=sampler,
-                                       num_workers=args.workers, pin_memory=torch.cuda.is_available())
+def eval_loader(dataset, args):
+    sampler = torch.utils.data.distributed.DistributedSampler(dataset, world(), rank(), shuffle=False)
+    return Loader(dataset, batch_size=max(1, args.batch_size // world()), sampler=sampler, num_workers=args.workers,
+                  pin_memory=torch.cuda.is_available())
 
 
 # ---- Distributed start-up and gathers --------------------------------------------------
-def init_distributed():
-    """(rank, world_size, device) from torchrun's environment; plain `python x.py` is world size 1."""
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    rank, world_size, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
-    if torch.cuda.is_available():
-        if local_rank >= torch.cuda.device_count():
+def setup(args):
+    """torchrun's process group (NCCL on GPU, gloo on CPU; plain `python x.py` is one process), seeds, --out, and bf16
+    autocast by default on CUDA -> the device."""
+    cuda = torch.cuda.is_available()
+    if "RANK" in os.environ:  # torchrun
+        local_rank = int(os.environ["LOCAL_RANK"])
+        if cuda and local_rank >= torch.cuda.device_count():
             fail(f"local rank {local_rank} has no GPU ({torch.cuda.device_count()} visible); lower --nproc_per_node")
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size)
-    return rank, world_size, device
+        if cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if cuda else "gloo")
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    if args.batch_size % world():
+        fail(f"--batch-size {args.batch_size} is not divisible by the world size {world()}; "
+             f"use a multiple of {world()}")
+    args.amp = cuda if args.amp is None else args.amp
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    if rank() == 0:
+        os.makedirs(args.out, exist_ok=True)
+    return device
 
 
 def is_distributed():
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-class _GatherWithGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        x = x.contiguous()
-        out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(out, x)
-        return torch.cat(out)
-
-    @staticmethod
-    def backward(ctx, grad):
-        # every rank's loss used every slice: sum their gradients before taking ours (lightly#1528)
-        grad = grad.contiguous()
-        dist.all_reduce(grad)
-        n = grad.shape[0] // dist.get_world_size()
-        return grad[dist.get_rank() * n:(dist.get_rank() + 1) * n]
+def world():
+    return dist.get_world_size() if is_distributed() else 1
 
 
-def gather_with_grad(x):
-    """All-gather along dim 0; backward sends each rank the sum of all ranks' gradients for its slice."""
-    return _GatherWithGrad.apply(x) if is_distributed() else x
+def rank():
+    return dist.get_rank() if is_distributed() else 0
+
+
+def all_reduce(x, op="sum"):
+    """x reduced over the ranks: "sum", "mean", "max" or "min" (a copy; x itself in one process)."""
+    if not is_distributed():
+        return x
+    x = x.clone()
+    dist.all_reduce(x, op=getattr(dist.ReduceOp, "SUM" if op == "mean" else op.upper()))
+    return x / world() if op == "mean" else x
 
 
 @torch.no_grad()
@@ -488,53 +510,48 @@ def gather(x):
     if not is_distributed():
         return x
     x = x.contiguous()  # all_gather wants dense tensors of one layout (channels_last images become NCHW)
-    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    out = [torch.empty_like(x) for _ in range(world())]
     dist.all_gather(out, x)
     return torch.cat(out)
 
 
-@torch.no_grad()
-def max_param_diff_across_ranks(model):
-    """Largest |w - w_rank0| over all parameters and ranks: 0.0 when DDP kept the replicas in step."""
-    flat = torch.cat([p.detach().float().flatten() for p in model.parameters()])
-    reference = flat.clone()
-    dist.broadcast(reference, 0)
-    diff = (flat - reference).abs().max()
-    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
-    return diff.item()
+class _GatherWithGrad(torch.autograd.Function):
+    forward = staticmethod(lambda ctx, x: gather(x))
+
+    @staticmethod
+    def backward(ctx, grad):  # every rank's loss used every slice: sum their gradients, take ours (lightly#1528)
+        grad, n = all_reduce(grad.contiguous()), len(grad) // world()
+        return grad[rank() * n:(rank() + 1) * n]
 
 
-def all_reduce_mean(x):
-    if is_distributed():
-        x = x.clone()
-        dist.all_reduce(x)
-        x /= dist.get_world_size()
-    return x
+def gather_with_grad(x):
+    """All-gather along dim 0; backward sends each rank the sum of all ranks' gradients for its slice."""
+    return _GatherWithGrad.apply(x) if is_distributed() else x
+
+
+def step_generator(seed, global_step, device):
+    """The training step's own random generator, seeded from (seed, step): a resumed run draws the same
+    numbers whatever --workers is, and nothing else (data loading included) draws from it."""
+    return torch.Generator(device).manual_seed(hash((seed, global_step)) & 0x7FFF_FFFF_FFFF_FFFF)
 
 
 # ---- Backbone --------------------------------------------------------------------------
-def resnet_tiny(zero_init_residual=False, norm_layer=nn.BatchNorm2d):
-    """BasicBlock ResNet, one block per stage, widths 16-32-64-128: for CPU smoke runs."""
-    from torchvision.models.resnet import BasicBlock
-    net = torchvision.models.ResNet(BasicBlock, [1, 1, 1, 1], norm_layer=norm_layer)
-    net.inplanes = 16
-    net.conv1, net.bn1 = nn.Conv2d(3, 16, 7, 2, 3, bias=False), norm_layer(16)
-    net.layer1, net.layer2, net.layer3, net.layer4 = (  # built in order: each reads net.inplanes
-        net._make_layer(BasicBlock, width, 1, stride=1 if width == 16 else 2) for width in (16, 32, 64, 128))
-    net.fc = nn.Linear(128, 1000)
-    for m in net.modules():  # torchvision's own initialisation
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        if zero_init_residual and isinstance(m, BasicBlock):
-            nn.init.zeros_(m.bn2.weight)
-    return net
-
-
 def build_backbone(arch, image_size, zero_init_residual=False, norm_layer=nn.BatchNorm2d):
     """torchvision ResNet (its Kaiming fan-out init) without fc -> (trunk, width). At <= 64 px the CIFAR stem
-    (3x3 conv, stride 1, no max-pool) as SimCLR's CIFAR setup; zero_init_residual zeroes each block's last BN."""
+    (3x3 conv, stride 1, no max-pool) as SimCLR's CIFAR setup; zero_init_residual zeroes each block's last BN.
+    resnet-tiny: BasicBlock, one block per stage, widths 16-32-64-128, for CPU smoke runs."""
+    from torchvision.models.resnet import BasicBlock
     if arch == "resnet-tiny":
-        net = resnet_tiny(zero_init_residual, norm_layer)
+        net = torchvision.models.ResNet(BasicBlock, [1, 1, 1, 1], norm_layer=norm_layer)
+        net.inplanes, net.conv1, net.bn1 = 16, nn.Conv2d(3, 16, 7, 2, 3, bias=False), norm_layer(16)
+        net.layer1, net.layer2, net.layer3, net.layer4 = (  # built in order: each reads net.inplanes
+            net._make_layer(BasicBlock, width, 1, stride=1 if width == 16 else 2) for width in (16, 32, 64, 128))
+        net.fc = nn.Linear(128, 1000)
+        for m in net.modules():  # torchvision's own initialisation
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if zero_init_residual and isinstance(m, BasicBlock):
+                nn.init.zeros_(m.bn2.weight)
     elif arch.startswith(("resnet", "wide_resnet", "resnext")) and hasattr(torchvision.models, arch):
         net = getattr(torchvision.models, arch)(zero_init_residual=zero_init_residual, norm_layer=norm_layer)
     else:
@@ -543,18 +560,11 @@ def build_backbone(arch, image_size, zero_init_residual=False, norm_layer=nn.Bat
         net.conv1 = nn.Conv2d(3, net.conv1.out_channels, 3, 1, 1, bias=False)
         nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
         net.maxpool = nn.Identity()
-    feat_dim = net.fc.in_features
-    net.fc = nn.Identity()
-    return net, feat_dim
+    width, net.fc = net.fc.in_features, nn.Identity()
+    return net, width
 
 
-# ---- Checkpoints, seeding and metrics --------------------------------------------------
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
+# ---- Checkpoints, progress lines, the monitor and the final evaluation ------------------
 def save_atomic(obj, path):
     """torch.save to a temp file then rename: a crash mid-write never leaves a broken file."""
     tmp = f"{path}.tmp.{os.getpid()}"
@@ -565,75 +575,61 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
-def load_checkpoint(path):
-    if not os.path.isfile(path):
-        fail(f"--resume {path} does not exist")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        fail(f"cannot read checkpoint {path} ({type(e).__name__}); it is truncated or corrupt: "
-             "resume from another checkpoint or start afresh without --resume")
-
-
 def load_weights(module, state_dict, path):
     try:
         module.load_state_dict(state_dict)
     except RuntimeError as e:
         first_problem = (str(e).splitlines()[1:] or [str(e)])[0].strip()
-        fail(f"{path} does not fit this model ({first_problem}); "
-             "pass the --arch, --image-size and model flags it was trained with")
-
-
-def step_generator(seed, global_step, device):
-    """The training step's own random generator, seeded from (seed, step): a resumed run draws the same
-    numbers whatever --workers is, and nothing else (data loading included) draws from it."""
-    return torch.Generator(device).manual_seed(hash((seed, global_step)) & 0x7FFF_FFFF_FFFF_FFFF)
+        fail(f"{path} does not fit this model ({first_problem}); pass the --arch, --image-size and model flags it was "
+             "trained with")
 
 
 NEVER = 2 ** 62  # "no non-finite loss seen" for the divergence check
 
 
 class Run:
-    """The loop plumbing every method file shares, one call each: resume(), after_step() (progress lines,
-    metrics.jsonl, checkpoints, the kNN monitor, the divergence stop) and final_evaluation(). Method state
-    (queue, memory bank) lives in `model`'s buffers, so checkpoints hold it."""
+    """The loop plumbing every method file shares, one call each: resume(), after_step() (progress line, metrics.jsonl,
+    checkpoints, the kNN monitor, the divergence stop) and final_evaluation(). `state` names what a checkpoint holds
+    (model=..., optimizer=...; method state lives in the model's buffers); `trunk` is what backbone.pth holds, and the
+    probes read `features` (default: the trunk)."""
 
-    def __init__(self, args, model, optimizer, backbone, probe_loaders, device, rank, world_size):
-        self.args, self.model, self.optimizer, self.backbone = args, model, optimizer, backbone
-        self.probe_loaders, self.device, self.rank, self.world_size = probe_loaders, device, rank, world_size
-        self.path = os.path.join(args.out, "checkpoint.pth")
-        self.last_good = None  # (path, global step) of the newest checkpoint known to hold finite values
-        self.epochs_done = self.global_step = 0
-        self.first_bad_step = torch.tensor(NEVER, device=device)  # on the device: no host sync per step
+    def __init__(self, args, device, probe_sets, trunk, features=None, **state):
+        self.args, self.device, self.trunk, self.features, self.state = args, device, trunk, features or trunk, state
+        self.probe_loaders = [eval_loader(ds, args) for ds in probe_sets]
         # --monitor-subset: the --eval-every kNN reads a fixed, class-balanced part of each probe set (seconds on
         # ImageNet, not a full pass); the final evaluation reads everything
-        self.monitor_loaders = probe_loaders
-        if getattr(args, "monitor_subset", 0):
-            self.monitor_loaders = tuple(
-                eval_loader(torch.utils.data.Subset(loader.dataset, balanced_subset(dataset_labels(loader.dataset),
-                                                                                    args.monitor_subset)),
-                            args, world_size, rank) for loader in probe_loaders)
+        self.monitor_loaders = [eval_loader(torch.utils.data.Subset(ds, balanced_subset(dataset_labels(ds),
+                                                                                        args.monitor_subset)), args)
+                                for ds in probe_sets] if args.monitor_subset else self.probe_loaders
         # --baselines: the trunk as the method initialised it (before --resume), probed beside the trained one
-        self.initial_backbone = copy.deepcopy(backbone.state_dict()) if getattr(args, "baselines", False) else None
+        self.initial_trunk = copy.deepcopy(trunk.state_dict()) if args.baselines else None
+        self.path, self.last_good, self.resumed = os.path.join(args.out, "checkpoint.pth"), None, False
+        self.epochs_done = self.global_step = 0
+        self.first_bad_step = torch.tensor(NEVER, device=device)  # on the device: no host sync per step
 
     def resume(self):
         """Load --resume (with --eval-only also a backbone.pth) -> (epoch, step in epoch) to start at."""
         args = self.args
         if not args.resume:
             return 0, 0
-        ckpt = load_checkpoint(args.resume)
+        if not os.path.isfile(args.resume):
+            fail(f"--resume {args.resume} does not exist")
+        try:
+            ckpt = torch.load(args.resume, map_location="cpu", weights_only=False)
+        except Exception as e:
+            fail(f"cannot read checkpoint {args.resume} ({type(e).__name__}); it is truncated or corrupt: resume from "
+                 "another checkpoint or start afresh without --resume")
         if "model" not in ckpt:
             if not args.eval_only:
-                fail(f"{args.resume} is not a training checkpoint; pass OUT/checkpoint.pth "
-                     "(backbone.pth needs --eval-only)")
-            load_weights(self.backbone, ckpt, args.resume)
+                fail(f"{args.resume} is not a training checkpoint; pass OUT/checkpoint.pth (backbone.pth needs --eval-only)")
+            load_weights(self.trunk, ckpt, args.resume)
             return 0, 0
-        load_weights(self.model, ckpt["model"], args.resume)
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        if ckpt["step_in_epoch"] and (ckpt["world_size"], ckpt["args"]["batch_size"]) != (self.world_size, args.batch_size):
+        for name, obj in self.state.items():
+            load_weights(obj, ckpt[name], args.resume) if name == "model" else obj.load_state_dict(ckpt[name])
+        if ckpt["step_in_epoch"] and (ckpt["world_size"], ckpt["args"]["batch_size"]) != (world(), args.batch_size):
             fail(f"{args.resume} stopped mid-epoch with {ckpt['world_size']} ranks and --batch-size "
                  f"{ckpt['args']['batch_size']}; resume with the same")
-        self.epochs_done, self.global_step = ckpt["epoch"], ckpt["global_step"]
+        self.epochs_done, self.global_step, self.resumed = ckpt["epoch"], ckpt["global_step"], True
         self.last_good = (args.resume, ckpt["global_step"])
         return ckpt["epoch"], ckpt["step_in_epoch"]
 
@@ -649,139 +645,115 @@ class Run:
 
     def after_step(self, epoch, step, loss, lr):
         """Call after each optimizer step with this rank's loss (a tensor). Returns True at the last step."""
-        args = self.args
-        self.global_step += 1
-        loss = loss.detach().float()
+        args, self.global_step, loss = self.args, self.global_step + 1, loss.detach().float()
         self.first_bad_step = torch.minimum(self.first_bad_step, torch.where(loss.isfinite(), NEVER, self.global_step))
         end_of_epoch = step + 1 == self.steps_per_epoch
         if self.global_step % args.print_freq == 0 or end_of_epoch or self.done():
             self.stop_if_diverged()
-            loss_value = all_reduce_mean(loss).item()  # the only host sync, at print time
-            elapsed = max(time.time() - self.tick[0], 1e-9)
-            img_per_s = (self.global_step - self.tick[1]) * args.batch_size / elapsed
+            loss_value = all_reduce(loss, "mean").item()  # the only host sync, at print time
+            img_per_s = (self.global_step - self.tick[1]) * args.batch_size / max(time.time() - self.tick[0], 1e-9)
             hours, rest = divmod(int((self.last_step - self.global_step) * args.batch_size / max(img_per_s, 1e-9)), 3600)
             memory = {"peak_gib": torch.cuda.max_memory_allocated(self.device) / 2 ** 30} if self.device.type == "cuda" else {}
             print0(f"epoch {epoch} step {step + 1}/{self.steps_per_epoch} loss {loss_value:.4f} lr {lr:.4g} "
                    f"{img_per_s:.0f} img/s eta {hours}:{rest // 60:02d}:{rest % 60:02d}"
-                   + "".join(f" peak {v:.1f} GiB" for v in memory.values()), rank=self.rank)
+                   + "".join(f" peak {v:.1f} GiB" for v in memory.values()))
             self.log(epoch=epoch, step=self.global_step, loss=loss_value, lr=lr, img_per_s=img_per_s, **memory)
             self.tick = (time.time(), self.global_step)
         if end_of_epoch or self.done() or (args.save_every and self.global_step % args.save_every == 0):
             self.save(epoch + 1 if end_of_epoch else epoch, 0 if end_of_epoch else step + 1)
         if end_of_epoch and args.eval_every and (epoch + 1) % args.eval_every == 0 and not self.done():
-            monitor = self.evaluate(linear=False)
+            monitor = evaluate(self.features, *self.monitor_loaders, self.device, args, linear=False)
             self.log(epoch=epoch + 1, **monitor)
-            print0(f"epoch {epoch + 1} kNN top-1 {monitor['knn_top1']:.2f}", rank=self.rank)
+            print0(f"epoch {epoch + 1} kNN top-1 {monitor['knn_top1']:.2f}")
             self.tick = (time.time(), self.global_step)  # evaluation time is not training throughput
         return self.done()
 
     def stop_if_diverged(self, check_weights=False):
         """One-line error naming the first non-finite step and the last good checkpoint (all ranks agree)."""
-        first_bad = self.first_bad_step.clone()
+        first_bad = self.first_bad_step
         if check_weights:
-            values = [t for t in self.model.state_dict().values() if t.is_floating_point()]
-            finite = torch.stack([t.isfinite().all() for t in values]).all()
+            finite = torch.stack([t.isfinite().all() for t in self.state["model"].state_dict().values()
+                                  if t.is_floating_point()]).all()
             first_bad = torch.where(finite, first_bad, torch.clamp(first_bad, max=self.global_step))
-        if is_distributed():
-            dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
-        if first_bad.item() < NEVER:
+        first_bad = all_reduce(first_bad, "min").item()
+        if first_bad < NEVER:
             good = (f"the last good checkpoint is {self.last_good[0]} (step {self.last_good[1]})" if self.last_good
                     else "no checkpoint was written")
-            fail(f"training diverged: non-finite loss or weights at step {first_bad.item()}; {good}; "
-                 "lower --lr and --resume from it")
+            fail(f"training diverged: non-finite loss or weights at step {first_bad}; {good}; lower --lr and --resume from it")
 
     def save(self, epoch, step_in_epoch):
         """Atomic checkpoint.pth + backbone.pth from rank 0; never of non-finite values."""
         self.stop_if_diverged(check_weights=True)
-        if self.rank == 0:
-            save_atomic({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "epoch": epoch,
-                         "step_in_epoch": step_in_epoch, "global_step": self.global_step,
-                         "world_size": self.world_size, "args": vars(self.args)}, self.path)
-            save_atomic(self.backbone.state_dict(), os.path.join(self.args.out, "backbone.pth"))
+        if rank() == 0:
+            save_atomic({**{name: obj.state_dict() for name, obj in self.state.items()}, "epoch": epoch,
+                         "step_in_epoch": step_in_epoch, "global_step": self.global_step, "world_size": world(),
+                         "args": vars(self.args)}, self.path)
+            save_atomic(self.trunk.state_dict(), os.path.join(self.args.out, "backbone.pth"))
         self.last_good, self.epochs_done = (self.path, self.global_step), epoch
         self.tick = (time.time(), self.global_step)
 
     def log(self, **record):  # one JSON object per line in OUT/metrics.jsonl
-        if self.rank == 0:
+        if rank() == 0:
             with open(os.path.join(self.args.out, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(record) + "\n")
 
-    def evaluate(self, linear=True):  # linear=False: the monitor
-        return evaluate(self.backbone, *(self.probe_loaders if linear else self.monitor_loaders), self.device,
-                        self.args, linear)
-
-    def baselines(self):
-        """The same probes on the random-init trunk and, for images of <= 64 px, on the raw (normalised) pixels."""
-        trained = copy.deepcopy(self.backbone.state_dict())
-        self.backbone.load_state_dict(self.initial_backbone)
-        results = {f"random_init_{k}": v for k, v in self.evaluate().items()}
-        self.backbone.load_state_dict(trained)
-        if self.args.image_size <= 64:
-            pixels = evaluate(nn.Flatten(), *self.probe_loaders, self.device, self.args)
-            results.update({f"raw_pixels_{k}": v for k, v in pixels.items()})
-        return results
-
     def final_evaluation(self, extra=None):
-        """kNN + linear probe of the trunk, `extra()` (a method's own results), the replicas' weight difference."""
-        results = self.evaluate()
+        """kNN + linear probe of the trunk, `extra()` (a method's own results), the replicas' weight difference and,
+        with --baselines, the same probes on the random-init trunk and (<= 64 px) the raw normalised pixels."""
+        results = evaluate(self.features, *self.probe_loaders, self.device, self.args)
         results.update(extra() if extra else {})
-        if self.initial_backbone is not None:
-            results.update(self.baselines())
-        if self.world_size > 1:
-            results["rank_weight_max_diff"] = max_param_diff_across_ranks(self.model)
+        if self.initial_trunk is not None:
+            trained = copy.deepcopy(self.trunk.state_dict())
+            self.trunk.load_state_dict(self.initial_trunk)
+            results.update({f"random_init_{k}": v for k, v in evaluate(self.features, *self.probe_loaders,
+                                                                       self.device, self.args).items()})
+            self.trunk.load_state_dict(trained)
+            if self.args.image_size <= 64:
+                pixels = evaluate(nn.Flatten(), *self.probe_loaders, self.device, self.args)
+                results.update({f"raw_pixels_{k}": v for k, v in pixels.items()})
+        if world() > 1:  # largest |w - w_rank0| over all parameters and ranks: 0.0 when DDP kept the replicas in step
+            flat = torch.cat([p.detach().float().flatten() for p in self.state["model"].parameters()])
+            reference = flat.clone()
+            dist.broadcast(reference, 0)
+            results["rank_weight_max_diff"] = all_reduce((flat - reference).abs().max(), "max").item()
         self.log(epoch=self.epochs_done, step=self.global_step, **results)
-        print0(" ".join(f"{k} {v:.4g}" for k, v in results.items()), rank=self.rank)
+        print0(" ".join(f"{k} {v:.4g}" for k, v in results.items()))
         return results
+
+
+def print0(*a):
+    if rank() == 0:
+        print(*a, flush=True)
 
 
 # ---- Probing: sharded features, weighted kNN, linear probe --------------------------------
 # Each rank keeps only the features of its own share of the probe sets (ImageNet, ResNet-50, 8 ranks: 1.28M x 2048
 # in fp16 is 0.66 GB per GPU, where every rank holding all of them in fp32 was 10.5 GB, twice during the gather).
-KNN_MEMORY_BYTES = 2 ** 30  # the kNN's working set per rank, whatever the dataset size
-
-
-def world():
-    return dist.get_world_size() if is_distributed() else 1
-
-
-def rank():
-    return dist.get_rank() if is_distributed() else 0
-
-
-def across_ranks(x, op=dist.ReduceOp.SUM):
-    """x reduced over the ranks (a copy; x itself in one process)."""
-    if is_distributed():
-        x = x.clone()
-        dist.all_reduce(x, op=op)
-    return x
+KNN_MEMORY_BYTES = 2 ** 30  # the kNN's similarity block per rank, whatever the dataset size
 
 
 @torch.no_grad()
 def extract_features(trunk, loader, device, amp=False):
     """Frozen trunk in eval mode over a deterministic DistributedSampler loader -> this rank's share only:
-    (features, labels, dataset indices), in ascending index order, without the sampler's padding. Features are
-    fp16 on CUDA (rounding a SimCLR trunk's Fashion-MNIST features to fp16 moved kNN from 73.21 to 73.17
-    and left the linear probe at 81.55) and fp32 on CPU, written into one preallocated tensor."""
-    was_training = trunk.training
+    (features, labels, dataset indices), without the sampler's padding. Features are fp16 on CUDA (rounding a SimCLR
+    trunk's Fashion-MNIST features to fp16 moved kNN from 73.21 to 73.17 and left the linear probe at 81.55) and fp32
+    on CPU, written into one preallocated tensor."""
+    was_training, feats, filled, n = trunk.training, None, 0, len(loader.sampler)
     trunk.eval()
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
-    sampler, feats, filled = loader.sampler, None, 0
-    labels, indices = torch.empty(len(sampler), dtype=torch.long), torch.empty(len(sampler), dtype=torch.long)
+    labels, indices = torch.empty(n, dtype=torch.long), torch.empty(n, dtype=torch.long)
     for x, y, i in loader:
         x = x.to(device, non_blocking=True)
-        if device.type == "cuda":
-            x = x.to(memory_format=torch.channels_last)
         with torch.autocast(device.type, torch.bfloat16, enabled=amp):
-            f = trunk(x)
+            f = trunk(x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x)
         if feats is None:
-            feats = torch.empty(len(sampler), f.shape[1], dtype=dtype, device=device)
-        feats[filled:filled + len(f)] = f
-        labels[filled:filled + len(f)], indices[filled:filled + len(f)] = y, i
+            dtype = torch.float16 if device.type == "cuda" else torch.float32
+            feats = torch.empty(n, f.shape[1], dtype=dtype, device=device)
+        feats[filled:filled + len(f)], labels[filled:filled + len(f)], indices[filled:filled + len(f)] = f, y, i
         filled += len(f)
     trunk.train(was_training)
     # DistributedSampler repeats the first samples to even out the ranks: rank r's i-th sample sits at position
     # r + i * world of the padded list, so the repeats are this rank's last positions past the dataset's end
-    keep = min(filled, max(0, -(-(len(loader.dataset) - sampler.rank) // sampler.num_replicas)))
+    keep = min(filled, max(0, -(-(len(loader.dataset) - loader.sampler.rank) // loader.sampler.num_replicas)))
     return feats[:keep], labels[:keep].to(device), indices[:keep].to(device)
 
 
@@ -790,109 +762,67 @@ def _pad_rows(x, rows, value=0):
 
 
 @torch.no_grad()
-def knn_classify(train_f, train_y, test_f, test_y, k=200, t=0.1, train_index=None, memory_bytes=None):
-    """Weighted kNN of Wu et al. 2018 (InstDisc): top-k cosine neighbours vote with exp(sim / t). Sharded: each
-    rank passes its share of both sets (train_index: the global indices of its train rows, for the tie-break);
-    the ranks score each gathered test chunk against their own train rows, keep their top-k (similarity, label),
-    and merge those into the global top-k, ties going to the lower train index. The chunk is sized so the
-    similarity matrix, its masks and the merge stay within memory_bytes. Returns top-1 in percent, the same on
-    every rank, and exactly one process's result on CPU (on GPU, cuBLAS may round a dot product of a shard-shaped
-    matmul differently in the last bit, which can reorder near-ties)."""
-    device, w = test_f.device, world()
-    if train_index is None:  # the sampler's layout: rank r holds r, r + w, r + 2w, ...
-        train_index = rank() + w * torch.arange(len(train_f), device=device)
-    train_index = train_index.to(device)
-    if (train_index.diff() < 0).any():  # ascending global index, so that ties can go to the lower index
-        order = train_index.argsort()
-        train_f, train_y, train_index = train_f[order], train_y[order], train_index[order]
+def knn_classify(train_f, train_y, test_f, test_y, k=200, t=0.1, memory_bytes=None):
+    """Weighted kNN of Wu et al. 2018 (InstDisc): the k most cosine-similar train rows vote with exp(sim / t). Sharded,
+    each rank passing its share of both sets, in two stages: every rank scores all ranks' queries against its own train
+    rows and keeps its top-k, and the top-k of those gathered is the global top-k. -> top-1 in percent, on every rank.
+    Where similarities tie at the k-th place, which neighbour is kept can differ with the number of ranks."""
+    device, counts = test_f.device, torch.tensor([len(test_f), len(train_f)], device=test_f.device)
+    (n_test, n_train), (max_test, max_train) = all_reduce(counts).tolist(), all_reduce(counts, "max").tolist()
+    num_classes = int(all_reduce(torch.cat([train_y, test_y, train_y.new_zeros(1)]).max(), "max")) + 1
+    kk = min(k, max_train)  # per rank, padded with -inf where a rank has fewer train rows
     # cosine similarity without a normalised copy of the train features: divide the dot products by their norms
     train_norm = torch.cat([train_f[s:s + 65536].float().norm(dim=1) for s in range(0, len(train_f), 65536)]
                            + [train_f.new_zeros(0, dtype=torch.float)]).clamp_min(1e-12)
-    test_f = F.normalize(test_f.float(), dim=1).to(train_f.dtype)
-    counts = torch.tensor([len(train_f), len(test_f)], device=device)
-    n_train, n_test = across_ranks(counts).tolist()
-    max_train, max_test = across_ranks(counts, dist.ReduceOp.MAX).tolist()
-    num_classes = int(across_ranks(torch.cat([train_y, test_y, train_y.new_zeros(1)]).max(), dist.ReduceOp.MAX)) + 1
-    k, kmax = min(k, n_train), min(k, max_train)  # each rank sends kmax candidates per query
-    memory_bytes = memory_bytes or KNN_MEMORY_BYTES
-    if device.type == "cuda":  # and never more than half of what the GPU has free
-        memory_bytes = min(memory_bytes, torch.cuda.mem_get_info(device)[0] // 2)
-    # per query: 16 bytes per similarity (fp32 value, bool masks, int32 cumsum), ~48 per merged candidate
-    chunk = max(1, min(max_test, memory_bytes // (w * (16 * max(1, max_train) + 48 * w * kmax))))
-    chunk = int(across_ranks(torch.tensor(chunk, device=device), dist.ReduceOp.MIN))  # one chunk size for all
-    chunk = -(-max_test // -(-max_test // chunk)) if max_test else 1  # the same chunks, evened out
+    train_y = _pad_rows(train_y, max(len(train_y), kk))
+    test_f = _pad_rows(F.normalize(test_f.float(), dim=1).to(train_f.dtype), max_test)
+    test_y = _pad_rows(test_y, max_test, -1)  # -1: a padding query, not counted
+    chunk = max(1, (memory_bytes or KNN_MEMORY_BYTES) // (8 * world() * max(1, max_train)))  # fp32 scores + top-k
     correct = torch.zeros((), device=device)
     for s in range(0, max_test, chunk):
-        mine = test_f[s:s + chunk]
-        queries = gather(_pad_rows(mine, chunk)) if w > 1 else mine  # (w * chunk, D): every rank's chunk
-        labels = gather(_pad_rows(test_y[s:s + chunk], chunk, -1)) if w > 1 else test_y[s:s + chunk]
-        sim = ((queries @ train_f.T).float() / train_norm).nan_to_num_(nan=-float("inf"))  # (rows, my train rows)
-        kk = min(k, len(train_f))
-        if kk:  # this rank's top-kk, exactly: all above the kk-th value, then its ties in index order
-            threshold = sim.topk(kk, dim=1).values[:, -1:]
-            above, tied = sim > threshold, sim == threshold
-            take = above | (tied & (tied.cumsum(1, dtype=torch.int32) <= kk - above.sum(1, keepdim=True)))
-            idx = take.nonzero()[:, 1].view(len(sim), kk)
-            cand = (sim.gather(1, idx), train_index[idx], train_y[idx])
-        else:
-            cand = (sim.new_empty(len(sim), 0), train_index.new_empty(len(sim), 0), train_y.new_empty(len(sim), 0))
-        # every rank sends exactly kmax candidates per query (-inf pads a rank with fewer train rows)
-        cand = [_pad_rows(c.T, kmax, v).T for c, v in zip(cand, (-float("inf"), n_train, 0))]
-        if w > 1:
-            cand = [torch.cat(gather(c[None]).unbind(0), dim=1) for c in cand]  # (rows, w * kmax)
-        cand_sim, cand_index, cand_y = cand
-        by_index = cand_index.argsort(dim=1)  # merge: sort by index, then stably by similarity
-        by_sim = cand_sim.gather(1, by_index).argsort(dim=1, descending=True, stable=True)[:, :k]
-        top = by_index.gather(1, by_sim)
-        votes = torch.zeros(len(sim), num_classes, device=device)
-        votes.scatter_add_(1, cand_y.gather(1, top), (cand_sim.gather(1, top) / t).exp())
+        queries, labels = gather(test_f[s:s + chunk]), gather(test_y[s:s + chunk])  # every rank's chunk
+        sim = ((queries @ train_f.T).float() / train_norm).nan_to_num_(nan=-math.inf)  # (queries, my train rows)
+        sim = _pad_rows(sim.T, kk, -math.inf).T
+        top_sim, top = sim.topk(kk, dim=1)
+        top_sim, top_y = (gather(v[None]).permute(1, 0, 2).flatten(1) for v in (top_sim, train_y[top]))  # (q, w kk)
+        top_sim, top = top_sim.topk(min(k, n_train), dim=1)
+        votes = torch.zeros(len(queries), num_classes, device=device)
+        votes.scatter_add_(1, top_y.gather(1, top), (top_sim / t).exp())
         correct += ((votes.argmax(1) == labels) & (labels >= 0)).sum()
     return 100.0 * correct.item() / n_test
 
 
-def _column_stats(train_f, rows=8192):
-    """Mean and (unbiased) std of the features over all ranks' rows, in fp32 blocks (no fp32 copy of the set)."""
-    count = across_ranks(torch.tensor(float(len(train_f)), device=train_f.device))
-    total = sum((train_f[s:s + rows].float().sum(0) for s in range(0, len(train_f), rows)),
-                torch.zeros(train_f.shape[1], device=train_f.device))
-    mean = across_ranks(total) / count
-    squares = sum((((train_f[s:s + rows].float() - mean) ** 2).sum(0) for s in range(0, len(train_f), rows)),
-                  torch.zeros(train_f.shape[1], device=train_f.device))
-    return mean, (across_ranks(squares) / (count - 1)).sqrt() + 1e-6
-
-
 def linear_probe(train_f, train_y, test_f, test_y, epochs=100, lr=0.1, batch_size=256, seed=0):
     """Linear classifier on cached frozen features -> (top-1, top-5) in percent. Standardised inputs (as MAE's
-    parameter-free BN), weights N(0, 0.01), bias 0, SGD momentum 0.9, cosine lr, no weight decay. Sharded: each
-    rank steps through its own rows, batch_size / world at a time; the gradients, summed across ranks, are those of
-    the mean loss over the whole step's rows."""
-    device, w, r = train_f.device, world(), rank()
+    parameter-free BN), weights N(0, 0.01), bias 0, SGD momentum 0.9, cosine lr, no weight decay. Sharded as DDP: each
+    rank steps through its own rows, batch_size / world at a time, and the gradients are averaged across ranks."""
+    device, w = train_f.device, world()
     g = torch.Generator(device="cpu").manual_seed(seed)
-    num_classes = int(across_ranks(torch.cat([train_y, test_y, train_y.new_zeros(1)]).max(), dist.ReduceOp.MAX)) + 1
-    mean, std = _column_stats(train_f)
+    num_classes = int(all_reduce(torch.cat([train_y, test_y, train_y.new_zeros(1)]).max(), "max")) + 1
+    count = all_reduce(torch.tensor(float(len(train_f)), device=device))  # mean and (unbiased) std of all ranks' rows
+    mean = all_reduce(sum((train_f[s:s + 8192].float().sum(0) for s in range(0, len(train_f), 8192)),
+                          torch.zeros(train_f.shape[1], device=device))) / count
+    std = (all_reduce(sum((((train_f[s:s + 8192].float() - mean) ** 2).sum(0) for s in range(0, len(train_f), 8192)),
+                          torch.zeros(train_f.shape[1], device=device))) / (count - 1)).sqrt() + 1e-6
     head = nn.Linear(train_f.shape[1], num_classes).to(device)
     with torch.no_grad():  # the same initial head on every rank
         head.weight.copy_(torch.randn(head.weight.shape, generator=g) * 0.01)
         head.bias.zero_()
-    if r:  # each rank its own order of its rows (rank 0 keeps the one-process sequence)
-        g.manual_seed(seed + 1000003 * r)
-    local_batch = max(1, -(-batch_size // w))
-    lengths = gather(torch.tensor([len(train_f)], device=device)).tolist() if w > 1 else [len(train_f)]
-    steps_per_epoch = max(1, -(-max(lengths) // local_batch))
+    if rank():  # each rank its own order of its rows (rank 0 keeps the one-process order)
+        g.manual_seed(seed + 1000003 * rank())
+    local_batch = -(-batch_size // w)
+    steps = max(1, -(-int(all_reduce(torch.tensor(len(train_f), device=device), "max")) // local_batch))
     opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, epochs * steps_per_epoch))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, epochs * steps))
     for _ in range(epochs):
         perm = torch.randperm(len(train_f), generator=g).to(device)
-        for s in range(steps_per_epoch):
+        for s in range(steps):
             b = perm[s * local_batch:(s + 1) * local_batch]  # short or empty on a rank whose rows ran out
-            rows = sum(min(local_batch, max(0, n - s * local_batch)) for n in lengths)  # this step's, all ranks
-            logits = head((train_f[b].float() - mean) / std)
-            loss = F.cross_entropy(logits, train_y[b], reduction="sum") / max(1, rows)  # the global batch mean
+            loss = F.cross_entropy(head((train_f[b].float() - mean) / std), train_y[b], reduction="sum")
             opt.zero_grad(set_to_none=False)
-            loss.backward()
-            if w > 1:  # the sum over ranks is the gradient of the global batch's mean: one all-reduce per step
-                grads = torch.cat([p.grad.flatten() for p in head.parameters()])
-                dist.all_reduce(grads)
+            (loss / max(1, len(b))).backward()
+            if w > 1:  # one all-reduce per step, as DDP
+                grads = all_reduce(torch.cat([p.grad.flatten() for p in head.parameters()]), "mean")
                 for p, grad in zip(head.parameters(), grads.split([p.numel() for p in head.parameters()])):
                     p.grad.copy_(grad.view_as(p))
             opt.step()
@@ -903,17 +833,15 @@ def linear_probe(train_f, train_y, test_f, test_y, epochs=100, lr=0.1, batch_siz
             top5 = head((test_f[s:s + 65536].float() - mean) / std).topk(min(5, num_classes), dim=1).indices
             y = test_y[s:s + 65536, None]
             correct += torch.stack([(top5[:, :1] == y).sum(), (top5 == y).sum()])
-    correct = across_ranks(correct) / across_ranks(torch.tensor(float(len(test_f)), device=device))
+    correct = all_reduce(correct) / all_reduce(torch.tensor(float(len(test_f)), device=device))
     return (correct[0].item() * 100, correct[1].item() * 100)
 
 
 def balanced_subset(labels, n):
     """Indices spread evenly over each class's samples, n / classes per class (at least one, so more than n when
     n < classes), sorted: a function of the labels alone, so the same on every rank and every epoch."""
-    classes = labels.unique()
-    per_class = max(1, n // len(classes))
-    picked = []
-    for c in classes:
+    per_class, picked = max(1, n // len(labels.unique())), []
+    for c in labels.unique():
         members = (labels == c).nonzero()[:, 0]
         picked.append(members[torch.linspace(0, len(members) - 1, min(per_class, len(members))).round().long()])
     return torch.cat(picked).sort().values.tolist()
@@ -924,15 +852,10 @@ def evaluate(trunk, probe_train_loader, probe_test_loader, device, args, linear=
     if is_distributed():  # BN running stats drift apart without SyncBN (CPU): use rank 0's, as DDP does
         for buffer in trunk.buffers():
             dist.broadcast(buffer, 0)
-    train_f, train_y, train_index = extract_features(trunk, probe_train_loader, device, args.amp)
+    train_f, train_y, _ = extract_features(trunk, probe_train_loader, device, args.amp)
     test_f, test_y, _ = extract_features(trunk, probe_test_loader, device, args.amp)
-    results = {"knn_top1": knn_classify(train_f, train_y, test_f, test_y, args.knn_k, args.knn_t, train_index)}
+    results = {"knn_top1": knn_classify(train_f, train_y, test_f, test_y, args.knn_k, args.knn_t)}
     if linear and args.probe_epochs > 0:
         results["linear_top1"], results["linear_top5"] = linear_probe(train_f, train_y, test_f, test_y,
                                                                       args.probe_epochs, seed=args.seed)
     return results
-
-
-def print0(*a, rank=0):
-    if rank == 0:
-        print(*a, flush=True)

@@ -28,32 +28,10 @@ import common
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Context Encoder pretraining + kNN / linear evaluation")
-    # TRY NOT TO MODIFY: flags shared by every sslref method file
-    p.add_argument("--dataset", default="imagefolder", choices=list(common.DEFAULT_IMAGE_SIZE), help="dataset kind")
-    p.add_argument("--data", default="", help="dataset folder (imagefolder: DATA/train and DATA/val)")
-    p.add_argument("--arch", default="resnet50", help="torchvision ResNet name, or resnet-tiny for CPU runs")
-    p.add_argument("--epochs", type=common.positive_int, default=25, help="pretraining epochs (official niter 25)")
-    p.add_argument("--batch-size", type=common.positive_int, default=64, help="GLOBAL batch size, split over ranks (official 64)")
-    p.add_argument("--lr", type=common.nonneg_float, default=2e-4, help="Adam lr of the discriminator (official 2e-4; not scaled with the batch)")
-    p.add_argument("--wd", type=common.nonneg_float, default=0.0, help="weight decay (official: none)")
-    p.add_argument("--workers", type=common.nonneg_int, default=min(8, os.cpu_count() or 1), help="data-loading workers per rank")
-    p.add_argument("--seed", type=int, default=0, help="seed of model init, data order, masks and augmentations")
-    p.add_argument("--image-size", type=common.nonneg_int, default=0, help="crop size (0: the dataset's default)")
-    p.add_argument("--subset", type=common.nonneg_int, default=0, help="use N evenly spaced training images (0: all)")
-    p.add_argument("--max-steps", type=common.nonneg_int, default=0, help="stop (and checkpoint) after N steps in total (0: never)")
-    p.add_argument("--save-every", type=common.nonneg_int, default=0, help="also checkpoint every N steps (0: at each epoch end only)")
-    p.add_argument("--out", default="runs/context_encoder", help="output folder: metrics.jsonl, checkpoint.pth, backbone.pth, PNGs")
-    p.add_argument("--resume", default="", help="checkpoint.pth to continue from (or backbone.pth with --eval-only)")
-    p.add_argument("--eval-only", action="store_true", help="only evaluate (the --resume weights, else random init)")
-    p.add_argument("--baselines", action="store_true", help="also probe the random-init trunk and raw pixels (<= 64 px)")
-    p.add_argument("--knn-k", type=common.positive_int, default=200, help="neighbours of the weighted kNN monitor")
-    p.add_argument("--knn-t", type=common.positive_float, default=0.1, help="temperature of the weighted kNN monitor")
-    p.add_argument("--probe-epochs", type=common.nonneg_int, default=100, help="epochs of the linear probe (0: kNN only)")
-    p.add_argument("--eval-every", type=common.nonneg_int, default=0, help="kNN monitor every N epochs (0: only at the end)")
-    p.add_argument("--monitor-subset", type=common.nonneg_int, default=0, help="the monitor's kNN on N class-balanced images of each probe set (0: all)")
-    p.add_argument("--print-freq", type=common.positive_int, default=50, help="progress line every N steps")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on CUDA)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    # TRY NOT TO MODIFY: the flags every method file shares (common.py reads them), with this file's defaults:
+    # official train.lua: niter 25, batch 64, Adam 2e-4, no weight decay
+    common.add_common_args(p, out="runs/context_encoder", arch="resnet50", epochs=25, batch_size=64, lr=2e-4, wd=0.0,
+                           lr_help="Adam lr of the discriminator (official 2e-4; not scaled with the batch)")
     # ALGO LOGIC: context encoder hyper-parameters (official train.lua)
     p.add_argument("--mask", default="random-region", choices=["center", "random-block", "random-region"],
                    help="hole shape (paper Sec. 3.3: random-region for feature learning)")
@@ -62,8 +40,7 @@ def parse_args(argv=None):
     p.add_argument("--overlap-weight", type=common.nonneg_float, default=10.0, help="L2 weight on the centre hole's overlap border")
     p.add_argument("--beta1", type=common.unit_float, default=0.5, help="Adam beta1 (official 0.5)")
     p.add_argument("--gen-lr-ratio", type=common.positive_float, default=10.0, help="encoder-decoder lr / --lr with the adversarial term (official 10)")
-    args = p.parse_args(argv)
-    args.image_size = args.image_size or common.DEFAULT_IMAGE_SIZE[args.dataset]
+    args = common.parse(p, argv)
     return args
 
 
@@ -188,11 +165,11 @@ class Generator(nn.Module):
 
     def __init__(self, arch, image_size, kind):
         super().__init__()
-        self.encoder, channels = common.build_backbone(arch, image_size)
-        self.encoder.eval()  # measure the feature map's side without touching the BN statistics
+        self.trunk, channels = common.build_backbone(arch, image_size)
+        self.trunk.eval()  # measure the feature map's side without touching the BN statistics
         with torch.no_grad():
             side = self.feature_map(torch.zeros(1, 3, image_size, image_size)).shape[-1]
-        self.encoder.train()
+        self.trunk.train()
         self.bottleneck = ChannelWiseFC(channels, side)
         self.out_size = image_size // 2 if kind == "center" else image_size
         cin, width, layers = channels, min(512, channels), []
@@ -203,7 +180,7 @@ class Generator(nn.Module):
 
     def feature_map(self, x):
         """The trunk's last feature map, before its global pooling (torchvision ResNet layout)."""
-        t = self.encoder
+        t = self.trunk
         x = t.maxpool(t.relu(t.bn1(t.conv1(x))))
         return t.layer4(t.layer3(t.layer2(t.layer1(x))))
 
@@ -245,22 +222,11 @@ class ContextEncoder(nn.Module):
                 nn.init.normal_(m.weight, 1.0, 0.02)
                 nn.init.zeros_(m.bias)
 
-
-class Optimizers:
-    """Both Adam optimisers behind one state_dict, the entry common.Run saves and resumes."""
-
-    def __init__(self, **optimizers):
-        self.optimizers = optimizers
-
-    def state_dict(self):
-        return {name: opt.state_dict() for name, opt in self.optimizers.items()}
-
-    def load_state_dict(self, state):
-        for name, opt in self.optimizers.items():
-            opt.load_state_dict(state[name])
+    @property
+    def trunk(self):  # the ResNet the probes read and backbone.pth holds
+        return self.generator.trunk
 
 
-# ALGO LOGIC: losses (Sec. 3.2): lambda_rec * masked L2 + lambda_adv * adversarial
 def reconstruction_loss(prediction, target, weight):
     """Weighted squared error averaged over all elements (official MSECriterion, its gradient scaled by the
     weight map)."""
@@ -287,21 +253,12 @@ def save_grid(masked, prediction, original, hole, args, path):
 
 
 def main(argv=None):
-    # TRY NOT TO MODIFY: distributed start-up, seeding, data
+    # TRY NOT TO MODIFY: distributed start-up, seeds, --out, data
     args = parse_args(argv)
-    rank, world_size, device = common.init_distributed()
-    if args.batch_size % world_size:
-        common.fail(f"--batch-size {args.batch_size} is not divisible by the world size {world_size}; "
-                    f"use a multiple of {world_size}")
+    device = common.setup(args)
     if args.image_size < 8:  # the centre hole is half the side less a border of at least 1 px on each side
         common.fail(f"--image-size {args.image_size} leaves no room for a hole inside its context; use 8 or more")
-    args.amp = device.type == "cuda" if args.amp is None else args.amp
-    common.seed_everything(args.seed)
-    if rank == 0:
-        os.makedirs(args.out, exist_ok=True)
-    pretrain_set, probe_train_set, probe_test_set = common.build_datasets(args, MaskedImage(args))
-    probe_train_loader = common.eval_loader(probe_train_set, args, world_size, rank)
-    probe_test_loader = common.eval_loader(probe_test_set, args, world_size, rank)
+    pretrain_set, *probe_sets = common.build_datasets(args, MaskedImage(args))
 
     model = ContextEncoder(args.arch, args.image_size, args.mask).to(device)
     if device.type == "cuda":
@@ -312,17 +269,15 @@ def main(argv=None):
     opt_g = torch.optim.Adam(model.generator.parameters(), lr=lr_g, betas=(args.beta1, 0.999), weight_decay=args.wd)
     opt_d = torch.optim.Adam(model.discriminator.parameters(), lr=args.lr, betas=(args.beta1, 0.999),
                              weight_decay=args.wd)
-    optimizer = Optimizers(generator=opt_g, discriminator=opt_d)
 
-    # TRY NOT TO MODIFY: resume, evaluation-only, DDP wrapper
-    run = common.Run(args, model, optimizer, model.generator.encoder, (probe_train_loader, probe_test_loader), device,
-                     rank, world_size)
+    # TRY NOT TO MODIFY: checkpoints, resume, evaluation-only
+    run = common.Run(args, device, probe_sets, model.trunk, model=model, optimizer_g=opt_g, optimizer_d=opt_d)
     start_epoch, start_step = run.resume()
     if args.eval_only:
         return run.final_evaluation()
-    loader, sampler = common.train_loader(pretrain_set, args, world_size, rank)
+    loader, sampler = common.train_loader(pretrain_set, args)
     generator, discriminator = model.generator, model.discriminator
-    if world_size > 1:  # both networks wrapped: each one's gradients are averaged, so the replicas stay equal
+    if common.world() > 1:  # both networks wrapped: each one's gradients are averaged, so the replicas stay equal
         ids = [device] if device.type == "cuda" else None
         generator = nn.parallel.DistributedDataParallel(model.generator, device_ids=ids)
         discriminator = nn.parallel.DistributedDataParallel(model.discriminator, device_ids=ids)
@@ -372,11 +327,12 @@ def main(argv=None):
             opt_g.zero_grad(set_to_none=True)
             loss.backward()
             opt_g.step()
-            if rank == 0 and (step + 1 == steps_per_epoch or run.global_step + 1 == run.last_step):
+            done = run.after_step(epoch, step, loss, lr_g)  # progress, checkpoints, monitor, divergence stop
+            if common.rank() == 0 and (step + 1 == steps_per_epoch or done):
                 # at each epoch end (each monitor) and the last step, what it learnt, for the eye
                 save_grid(masked[:8], prediction[:8].detach(), x[:8], hole[:8], args,
-                          os.path.join(args.out, f"inpainting_step{run.global_step + 1}.png"))
-            if run.after_step(epoch, step, loss, lr_g):  # progress, checkpoints, monitor, divergence stop
+                          os.path.join(args.out, f"inpainting_step{run.global_step}.png"))
+            if done:
                 break
 
     # TRY NOT TO MODIFY: final evaluation and consistency check across ranks

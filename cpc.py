@@ -14,7 +14,6 @@
 # trunk's output averaged over the patch grid of the whole image (the mean of z, as v2 and the common
 # reimplementations; c would need the context network, which backbone.pth does not hold).
 import argparse
-import os
 
 import torch
 import torch.distributed as dist
@@ -29,32 +28,10 @@ GRID = 7  # patches per side (Sec. 3.2)
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="CPC pretraining + kNN / linear evaluation")
-    # TRY NOT TO MODIFY: flags shared by every sslref method file
-    p.add_argument("--dataset", default="imagefolder", choices=list(common.DEFAULT_IMAGE_SIZE), help="dataset kind")
-    p.add_argument("--data", default="", help="dataset folder (imagefolder: DATA/train and DATA/val)")
-    p.add_argument("--arch", default="resnet50", help="torchvision ResNet name, or resnet-tiny for CPU runs")
-    p.add_argument("--epochs", type=common.positive_int, default=100, help="pretraining epochs (papers: not stated; chosen)")
-    p.add_argument("--batch-size", type=common.positive_int, default=512, help="GLOBAL batch of images, split over ranks (v1: 32 GPUs x 16)")
-    p.add_argument("--lr", type=common.nonneg_float, default=2e-4, help="Adam lr (v1 Sec. 3.2: 2e-4; not scaled with the batch)")
-    p.add_argument("--wd", type=common.nonneg_float, default=0.0, help="weight decay (papers: none stated)")
-    p.add_argument("--workers", type=common.nonneg_int, default=min(8, os.cpu_count() or 1), help="data-loading workers per rank")
-    p.add_argument("--seed", type=int, default=0, help="seed of model init, data order and augmentations")
-    p.add_argument("--image-size", type=common.nonneg_int, default=0, help="probe image size; sets the patch grid (0: the dataset's default)")
-    p.add_argument("--subset", type=common.nonneg_int, default=0, help="use N evenly spaced training images (0: all)")
-    p.add_argument("--max-steps", type=common.nonneg_int, default=0, help="stop (and checkpoint) after N steps in total (0: never)")
-    p.add_argument("--save-every", type=common.nonneg_int, default=0, help="also checkpoint every N steps (0: at each epoch end only)")
-    p.add_argument("--out", default="runs/cpc", help="output folder: metrics.jsonl, checkpoint.pth, backbone.pth")
-    p.add_argument("--resume", default="", help="checkpoint.pth to continue from (or backbone.pth with --eval-only)")
-    p.add_argument("--eval-only", action="store_true", help="only evaluate (the --resume weights, else random init)")
-    p.add_argument("--baselines", action="store_true", help="also probe the random-init trunk and raw pixels (<= 64 px)")
-    p.add_argument("--knn-k", type=common.positive_int, default=200, help="neighbours of the weighted kNN monitor")
-    p.add_argument("--knn-t", type=common.positive_float, default=0.1, help="temperature of the weighted kNN monitor")
-    p.add_argument("--probe-epochs", type=common.nonneg_int, default=100, help="epochs of the linear probe (0: kNN only)")
-    p.add_argument("--eval-every", type=common.nonneg_int, default=0, help="kNN monitor every N epochs (0: only at the end)")
-    p.add_argument("--monitor-subset", type=common.nonneg_int, default=0, help="the monitor's kNN on N class-balanced images of each probe set (0: all)")
-    p.add_argument("--print-freq", type=common.positive_int, default=50, help="progress line every N steps")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on CUDA)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    # TRY NOT TO MODIFY: the flags every method file shares (common.py reads them), with this file's defaults:
+    # v1 Sec. 3.2: Adam at 2e-4, 32 GPUs x 16 images; no weight decay and no epoch count stated (100 is ours)
+    common.add_common_args(p, out="runs/cpc", arch="resnet50", epochs=100, batch_size=512, lr=2e-4, wd=0.0,
+                           lr_help="Adam lr (v1 Sec. 3.2: 2e-4; not scaled with the batch)")
     # ALGO LOGIC: CPC hyper-parameters
     p.add_argument("--v2", action="store_true", help="CPC v2: --norm layer, per-patch colour dropping and flips, --skip-rows 2")
     p.add_argument("--norm", default=None, choices=["none", "batch", "layer"],
@@ -63,8 +40,7 @@ def parse_args(argv=None):
     p.add_argument("--pred-steps", type=common.positive_int, default=5, help="K: predict up to K rows below (v1: 5)")
     p.add_argument("--skip-rows", type=common.nonneg_int, default=None, help="skip the nearest rows (row i+1 shares half its pixels with row i) (v1: 0, v2: 2)")
     p.add_argument("--context-blocks", type=common.positive_int, default=5, help="residual blocks of the context network (v2: 5)")
-    args = p.parse_args(argv)
-    args.image_size = args.image_size or common.DEFAULT_IMAGE_SIZE[args.dataset]
+    args = common.parse(p, argv)
     if args.pred_steps > GRID - 1:
         common.fail(f"--pred-steps {args.pred_steps} reaches past the {GRID}-row grid; use --pred-steps <= {GRID - 1} (v1: 5)")
     args.norm = args.norm or ("layer" if args.v2 else "none")
@@ -157,7 +133,7 @@ class CausalBlock(nn.Module):
 class CPC(nn.Module):
     def __init__(self, arch, image_size, norm, steps, context_blocks):
         super().__init__()
-        self.encoder, dim = common.build_backbone(arch, image_size, norm_layer=norm_layer(norm))
+        self.trunk, dim = common.build_backbone(arch, image_size, norm_layer=norm_layer(norm))
         self.context = nn.Sequential(*[CausalBlock(dim) for _ in range(context_blocks)], nn.ReLU())
         self.steps = list(steps)  # k = skip_rows + 1 .. K: only the steps used have a W_k (DDP needs every one used)
         self.W = nn.ModuleList(nn.Conv2d(dim, dim, 1, bias=False) for _ in self.steps)  # W_k: linear, per step
@@ -165,7 +141,7 @@ class CPC(nn.Module):
     def encode(self, patches):
         """(b, 49, C, p, p) -> z (b, D, 7, 7): every patch on its own through the trunk, as one batch of 49b."""
         b = patches.shape[0]
-        z = self.encoder(patches.flatten(0, 1))  # (49b, D), mean-pooled by the trunk
+        z = self.trunk(patches.flatten(0, 1))  # (49b, D), mean-pooled by the trunk
         return z.reshape(b, GRID, GRID, -1).permute(0, 3, 1, 2)
 
     def forward(self, patches):
@@ -180,7 +156,7 @@ def info_nce(z, predictions, steps):
     z'.(W_k c_ij); the positive is z at (i+k, j), the negatives every other z of the GLOBAL batch (other positions
     and other images, gathered with gradient). Cross-entropy averaged over positions, then over steps."""
     b, D, H, Wd = z.shape
-    rank = dist.get_rank() if common.is_distributed() else 0
+    rank = common.rank()
     z_all = common.gather_with_grad(z.float().permute(0, 2, 3, 1).reshape(b * H * Wd, D))  # (N*49, D) candidates
     losses = []
     for k, prediction in zip(steps, predictions):  # prediction: (b, D, H-k, W)
@@ -193,8 +169,7 @@ def info_nce(z, predictions, steps):
 
 class GridMean(nn.Module):
     """The probe's feature: the trunk's z averaged over the patch grid of the whole image (resized to the crop),
-    in greyscale for v1 as in training. Its state_dict is the trunk's, so backbone.pth is the trunk in torchvision's
-    layout."""
+    in greyscale for v1 as in training."""
 
     def __init__(self, model, args):
         super().__init__()
@@ -210,30 +185,15 @@ class GridMean(nn.Module):
         x = F.interpolate(x, size=self.crop, mode="bilinear", align_corners=False) if x.shape[-1] != self.crop else x
         return self.model.encode(cut_patches(x, self.patch, self.stride)).mean((2, 3))
 
-    def state_dict(self, *args, **kwargs):
-        return self.model.encoder.state_dict(*args, **kwargs)
-
-    def load_state_dict(self, state_dict, strict=True):
-        return self.model.encoder.load_state_dict(state_dict, strict)
-
 
 def main(argv=None):
-    # TRY NOT TO MODIFY: distributed start-up, seeding, data
+    # TRY NOT TO MODIFY: distributed start-up, seeds, --out, data
     args = parse_args(argv)
-    rank, world_size, device = common.init_distributed()
-    if args.batch_size % world_size:
-        common.fail(f"--batch-size {args.batch_size} is not divisible by the world size {world_size}; "
-                    f"use a multiple of {world_size}")
+    device = common.setup(args)
     if args.skip_rows + 1 > min(args.pred_steps, GRID - 1):  # steps k = skip+1 .. K, each with a row k below
         common.fail(f"--skip-rows {args.skip_rows} leaves no step to predict of --pred-steps {args.pred_steps} "
                     f"on a {GRID}-row grid; use --skip-rows < {min(args.pred_steps, GRID - 1)}")
-    args.amp = device.type == "cuda" if args.amp is None else args.amp
-    common.seed_everything(args.seed)
-    if rank == 0:
-        os.makedirs(args.out, exist_ok=True)
-    pretrain_set, probe_train_set, probe_test_set = common.build_datasets(args, PatchGrid(args))
-    probe_train_loader = common.eval_loader(probe_train_set, args, world_size, rank)
-    probe_test_loader = common.eval_loader(probe_test_set, args, world_size, rank)
+    pretrain_set, *probe_sets = common.build_datasets(args, PatchGrid(args))
 
     steps = range(args.skip_rows + 1, min(args.pred_steps, GRID - 1) + 1)
     model = CPC(args.arch, args.image_size, args.norm, steps, args.context_blocks).to(device)
@@ -241,15 +201,15 @@ def main(argv=None):
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.wd)  # v1 Sec. 3.2
 
-    # TRY NOT TO MODIFY: resume, evaluation-only, DDP wrapper
-    run = common.Run(args, model, optimizer, GridMean(model, args), (probe_train_loader, probe_test_loader),
-                     device, rank, world_size)
+    # TRY NOT TO MODIFY: checkpoints, resume, evaluation-only
+    run = common.Run(args, device, probe_sets, model.trunk, features=GridMean(model, args), model=model,
+                     optimizer=optimizer)
     start_epoch, start_step = run.resume()
     if args.eval_only:
         return run.final_evaluation()
-    loader, sampler = common.train_loader(pretrain_set, args, world_size, rank)
+    loader, sampler = common.train_loader(pretrain_set, args)
     ddp_model = model
-    if world_size > 1:
+    if common.world() > 1:
         if args.norm == "batch" and device.type == "cuda":  # one set of statistics over all patches of the batch
             ddp_model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         ddp_model = nn.parallel.DistributedDataParallel(ddp_model, device_ids=[device] if device.type == "cuda" else None)

@@ -13,6 +13,7 @@
 # Short runs (benchmarks/run.py): that CIFAR recipe (--nce-k 0 --nce-t 0.1 --lr 0.06 at batch 128); NCE's K/n
 #   on 10,000 images is far from ImageNet's 4096 / 1.28M.
 import argparse
+import functools
 import os
 
 import torch
@@ -26,34 +27,10 @@ import common
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Instance discrimination pretraining + kNN / linear evaluation")
-    # TRY NOT TO MODIFY: flags shared by every sslref method file
-    p.add_argument("--dataset", default="imagefolder", choices=list(common.DEFAULT_IMAGE_SIZE), help="dataset kind")
-    p.add_argument("--data", default="", help="dataset folder (imagefolder: DATA/train and DATA/val)")
-    p.add_argument("--arch", default="resnet18", help="torchvision ResNet (official main.py default: resnet18)")
-    p.add_argument("--epochs", type=common.positive_int, default=200, help="pretraining epochs (official 200)")
-    p.add_argument("--batch-size", type=common.positive_int, default=256, help="GLOBAL batch size, split over ranks")
-    p.add_argument("--lr", type=common.nonneg_float, default=0.03, help="base lr per 256 images; peak = lr * batch / 256")
-    p.add_argument("--wd", type=common.nonneg_float, default=1e-4, help="weight decay (official 1e-4)")
-    p.add_argument("--workers", type=common.nonneg_int, default=min(8, os.cpu_count() or 1), help="data-loading workers per rank")
-    p.add_argument("--device-augment", action=argparse.BooleanOptionalAction, default=True,
-                   help="colour ops batched on the training device (no: PIL in the data workers)")
-    p.add_argument("--seed", type=int, default=0, help="seed of model init, data order, augmentations and training step")
-    p.add_argument("--image-size", type=common.nonneg_int, default=0, help="crop size (0: the dataset's default)")
-    p.add_argument("--subset", type=common.nonneg_int, default=0, help="use N evenly spaced training images (0: all)")
-    p.add_argument("--max-steps", type=common.nonneg_int, default=0, help="stop (and checkpoint) after N steps in total (0: never)")
-    p.add_argument("--save-every", type=common.nonneg_int, default=0, help="also checkpoint every N steps (0: at each epoch end only)")
-    p.add_argument("--out", default="runs/instdisc", help="output folder: metrics.jsonl, checkpoint.pth, backbone.pth")
-    p.add_argument("--resume", default="", help="checkpoint.pth to continue from (or backbone.pth with --eval-only)")
-    p.add_argument("--eval-only", action="store_true", help="only evaluate (the --resume weights, else random init)")
-    p.add_argument("--baselines", action="store_true", help="also probe the random-init trunk and raw pixels (<= 64 px)")
-    p.add_argument("--knn-k", type=common.positive_int, default=200, help="neighbours of the weighted kNN monitor")
-    p.add_argument("--knn-t", type=common.positive_float, default=0.1, help="temperature of the weighted kNN monitor")
-    p.add_argument("--probe-epochs", type=common.nonneg_int, default=100, help="epochs of the linear probe (0: kNN only)")
-    p.add_argument("--eval-every", type=common.nonneg_int, default=0, help="kNN monitor every N epochs (0: only at the end)")
-    p.add_argument("--monitor-subset", type=common.nonneg_int, default=0, help="the monitor's kNN on N class-balanced images of each probe set (0: all)")
-    p.add_argument("--print-freq", type=common.positive_int, default=50, help="progress line every N steps")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on CUDA)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    # TRY NOT TO MODIFY: the flags every method file shares (common.py reads them), with this file's defaults:
+    # official main.py: resnet18, 200 epochs, lr 0.03 at batch 256, weight decay 1e-4
+    common.add_common_args(p, out="runs/instdisc", arch="resnet18", epochs=200, batch_size=256, lr=0.03, wd=1e-4,
+                           device_augment=True)
     # ALGO LOGIC: instance discrimination hyper-parameters (official main.py)
     p.add_argument("--momentum", type=common.unit_float, default=0.9, help="SGD momentum")
     p.add_argument("--schedule", type=common.nonneg_int, nargs="*", default=[120, 160], help="epochs where lr drops x0.1")
@@ -61,8 +38,7 @@ def parse_args(argv=None):
     p.add_argument("--nce-k", type=common.nonneg_int, default=4096, help="noise samples per image (0: full softmax, Eq. 2)")
     p.add_argument("--nce-t", type=common.positive_float, default=0.07, help="temperature tau")
     p.add_argument("--nce-m", type=common.unit_float, default=0.5, help="momentum of the memory bank update")
-    args = p.parse_args(argv)
-    args.image_size = args.image_size or common.DEFAULT_IMAGE_SIZE[args.dataset]
+    args = common.parse(p, argv)
     return args
 
 
@@ -85,7 +61,7 @@ class InstDisc(nn.Module):
 
     def __init__(self, arch, image_size, num_images, low_dim=128):
         super().__init__()
-        self.encoder, width = common.build_backbone(arch, image_size)
+        self.trunk, width = common.build_backbone(arch, image_size)
         self.fc = nn.Linear(width, low_dim)
         # official init: uniform in [-s, s], s = 1/sqrt(D/3), so each row has norm ~1 (not normalised)
         stdv = 1 / (low_dim / 3) ** 0.5
@@ -94,7 +70,7 @@ class InstDisc(nn.Module):
         self.Z_known = None  # host copy of "Z > 0", read once, so no step syncs to check it
 
     def forward(self, x):
-        return F.normalize(self.fc(self.encoder(x)).float(), dim=1)
+        return F.normalize(self.fc(self.trunk(x)).float(), dim=1)
 
     @torch.no_grad()
     def update_memory(self, v, y, m):
@@ -110,7 +86,7 @@ class InstDisc(nn.Module):
         if self.Z_known is None:
             self.Z_known = bool(self.Z > 0)
         if not self.Z_known:
-            self.Z.copy_(common.all_reduce_mean(exp_scores.mean()) * len(self.memory))
+            self.Z.copy_(common.all_reduce(exp_scores.mean(), "mean") * len(self.memory))
             self.Z_known = True
         return self.Z
 
@@ -119,7 +95,7 @@ def draw_noise(y, n, K, generator):
     """Indices (b, 1+K): column 0 the image's own index, then K noise indices drawn uniformly from the n bank
     rows (P_n = 1/n), with replacement, as the official sampler. Drawn for the GLOBAL batch with the step
     generator and this rank's rows kept: any world size draws the same noise, and --resume is exact."""
-    rank, world_size = (dist.get_rank(), dist.get_world_size()) if common.is_distributed() else (0, 1)
+    rank, world_size = common.rank(), common.world()
     b = len(y)
     idx = torch.randint(n, (world_size * b, K + 1), device=y.device, generator=generator)[rank * b:(rank + 1) * b]
     idx[:, 0] = y
@@ -156,10 +132,8 @@ def check_bank_fits(n, dim, device):
         free, where = torch.cuda.mem_get_info(device)[0], "a GPU"
     else:
         free, where = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "host memory"
-    if common.is_distributed():  # the tightest rank decides for all, so no rank waits for one that stopped
-        free_t = torch.tensor(float(free), device=device)
-        dist.all_reduce(free_t, op=dist.ReduceOp.MIN)
-        free = free_t.item()
+    # the tightest rank decides for all, so no rank waits for one that stopped
+    free = common.all_reduce(torch.tensor(float(free), device=device), "min").item()
     if need > free / 2:
         common.fail(f"the memory bank of {n} images x {dim} floats needs {need / 2**30:.1f} GiB, more than half of "
                     f"the {free / 2**30:.1f} GiB free on {where}; use --subset or a smaller --low-dim")
@@ -178,20 +152,11 @@ def bank_knn(model, bank_labels, probe_test_loader, device, args):
 
 
 def main(argv=None):
-    # TRY NOT TO MODIFY: distributed start-up, seeding, data
+    # TRY NOT TO MODIFY: distributed start-up, seeds, --out, data
     args = parse_args(argv)
-    rank, world_size, device = common.init_distributed()
-    if args.batch_size % world_size:
-        common.fail(f"--batch-size {args.batch_size} is not divisible by the world size {world_size}; "
-                    f"use a multiple of {world_size}")
-    args.amp = device.type == "cuda" if args.amp is None else args.amp
-    common.seed_everything(args.seed)
-    if rank == 0:
-        os.makedirs(args.out, exist_ok=True)
+    device = common.setup(args)
     augmentation = instdisc_augmentation(args)
-    pretrain_set, probe_train_set, probe_test_set = common.build_datasets(args, augmentation)
-    probe_train_loader = common.eval_loader(probe_train_set, args, world_size, rank)
-    probe_test_loader = common.eval_loader(probe_test_set, args, world_size, rank)
+    pretrain_set, *probe_sets = common.build_datasets(args, augmentation)
 
     num_images = len(pretrain_set)  # one bank row per training image; the pipeline yields each image's index
     check_bank_fits(num_images, args.low_dim, device)
@@ -200,22 +165,17 @@ def main(argv=None):
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0, momentum=args.momentum, weight_decay=args.wd)
 
-    # TRY NOT TO MODIFY: resume, evaluation-only, DDP wrapper
-    run = common.Run(args, model, optimizer, model.encoder, (probe_train_loader, probe_test_loader), device,
-                     rank, world_size)
-    bank_labels = common.dataset_labels(pretrain_set)
-
-    def paper_knn():
-        if args.eval_only and run.last_good is None:  # random init or a backbone.pth: there is no trained bank
-            return {}
-        return bank_knn(model, bank_labels, probe_test_loader, device, args)
-
+    # TRY NOT TO MODIFY: checkpoints, resume, evaluation-only
+    run = common.Run(args, device, probe_sets, model.trunk, model=model, optimizer=optimizer)
     start_epoch, start_step = run.resume()
+    # the paper's kNN on the memory bank, once the bank holds trained rows (not at random init or from a backbone.pth)
+    paper_knn = functools.partial(bank_knn, model, common.dataset_labels(pretrain_set), run.probe_loaders[1], device,
+                                  args) if run.resumed or not args.eval_only else None
     if args.eval_only:
         return run.final_evaluation(paper_knn)
-    loader, sampler = common.train_loader(pretrain_set, args, world_size, rank)
+    loader, sampler = common.train_loader(pretrain_set, args)
     ddp_model = model
-    if world_size > 1:
+    if common.world() > 1:
         # per-GPU BN as the official code; the bank is kept equal by update_memory, so DDP must not
         # broadcast rank 0's buffers every step (that would resend the whole bank)
         ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,

@@ -12,7 +12,6 @@
 #   epochs on Fashion-MNIST) with no drops (--schedule).
 import argparse
 import itertools
-import os
 
 import torch
 import torch.distributed as dist
@@ -25,41 +24,16 @@ import common
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Jigsaw puzzle pretraining + kNN / linear evaluation")
-    # TRY NOT TO MODIFY: flags shared by every sslref method file
-    p.add_argument("--dataset", default="imagefolder", choices=list(common.DEFAULT_IMAGE_SIZE), help="dataset kind")
-    p.add_argument("--data", default="", help="dataset folder (imagefolder: DATA/train and DATA/val)")
-    p.add_argument("--arch", default="resnet50", help="torchvision ResNet name, or resnet-tiny for CPU runs")
-    # official solver: 350K iterations at batch 256, about 70 ImageNet epochs (as the port's 70)
-    p.add_argument("--epochs", type=common.positive_int, default=70, help="pretraining epochs (official 350K steps ~ 70)")
-    p.add_argument("--batch-size", type=common.positive_int, default=256, help="GLOBAL batch of puzzles, split over ranks")
-    p.add_argument("--lr", type=common.nonneg_float, default=0.01, help="base lr per 256 images; peak = lr * batch / 256")
-    p.add_argument("--wd", type=common.nonneg_float, default=5e-4, help="weight decay (official 5e-4)")
-    p.add_argument("--workers", type=common.nonneg_int, default=min(8, os.cpu_count() or 1), help="data-loading workers per rank")
-    p.add_argument("--seed", type=int, default=0, help="seed of model init, data order, permutation set, puzzles, dropout")
-    p.add_argument("--image-size", type=common.nonneg_int, default=0, help="probe image size; sets the puzzle geometry (0: the dataset's default)")
-    p.add_argument("--subset", type=common.nonneg_int, default=0, help="use N evenly spaced training images (0: all)")
-    p.add_argument("--max-steps", type=common.nonneg_int, default=0, help="stop (and checkpoint) after N steps in total (0: never)")
-    p.add_argument("--save-every", type=common.nonneg_int, default=0, help="also checkpoint every N steps (0: at each epoch end only)")
-    p.add_argument("--out", default="runs/jigsaw", help="output folder: metrics.jsonl, checkpoint.pth, backbone.pth")
-    p.add_argument("--resume", default="", help="checkpoint.pth to continue from (or backbone.pth with --eval-only)")
-    p.add_argument("--eval-only", action="store_true", help="only evaluate (the --resume weights, else random init)")
-    p.add_argument("--baselines", action="store_true", help="also probe the random-init trunk and raw pixels (<= 64 px)")
-    p.add_argument("--knn-k", type=common.positive_int, default=200, help="neighbours of the weighted kNN monitor")
-    p.add_argument("--knn-t", type=common.positive_float, default=0.1, help="temperature of the weighted kNN monitor")
-    p.add_argument("--probe-epochs", type=common.nonneg_int, default=100, help="epochs of the linear probe (0: kNN only)")
-    p.add_argument("--eval-every", type=common.nonneg_int, default=0, help="kNN monitor every N epochs (0: only at the end)")
-    p.add_argument("--monitor-subset", type=common.nonneg_int, default=0, help="the monitor's kNN on N class-balanced images of each probe set (0: all)")
-    p.add_argument("--print-freq", type=common.positive_int, default=50, help="progress line every N steps")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on CUDA)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    # TRY NOT TO MODIFY: the flags every method file shares (common.py reads them), with this file's defaults:
+    # official solver: 350K iterations at batch 256, about 70 ImageNet epochs (as the port's 70); lr 0.01, wd 5e-4
+    common.add_common_args(p, out="runs/jigsaw", arch="resnet50", epochs=70, batch_size=256, lr=0.01, wd=5e-4)
     # ALGO LOGIC: jigsaw hyper-parameters
     p.add_argument("--momentum", type=common.unit_float, default=0.9, help="SGD momentum (official solver 0.9)")
     # official solver: x0.1 every 100K of 350K steps = every 20 epochs, as the port's 20 of 70
     p.add_argument("--schedule", type=common.nonneg_int, nargs="*", default=[20, 40, 60], help="epochs where lr drops x0.1")
     p.add_argument("--num-permutations", type=common.positive_int, default=1000, help="puzzle classes (paper: 1000)")
     p.add_argument("--grayscale", type=common.unit_float, default=0.3, help="fraction of images made grey (paper/port: 0.3)")
-    args = p.parse_args(argv)
-    args.image_size = args.image_size or common.DEFAULT_IMAGE_SIZE[args.dataset]
+    args = common.parse(p, argv)
     return args
 
 
@@ -147,7 +121,7 @@ def shuffle_tiles(tiles, permutations):
 class JigsawNet(nn.Module):
     def __init__(self, arch, image_size, permutations, fc6_dim=1024, fc7_dim=4096):
         super().__init__()
-        self.encoder, width = common.build_backbone(arch, image_size)  # stem chosen for the probe's image size
+        self.trunk, width = common.build_backbone(arch, image_size)  # stem chosen for the probe's image size
         self.fc6 = nn.Linear(width, fc6_dim)  # shared by the 9 columns (official prototxt / port: 1024)
         self.fc7 = nn.Linear(9 * fc6_dim, fc7_dim)  # on the 9 concatenated fc6 outputs (4096)
         self.fc8 = nn.Linear(fc7_dim, len(permutations))
@@ -157,7 +131,7 @@ class JigsawNet(nn.Module):
         """tiles (b, 9, C, t, t) -> logits over the permutations. keep6 (b, 9*fc6_dim) and keep7 (b, fc7_dim)
         are dropout masks (0 or 1/(1-p)), drawn by the caller from the step generator; None: no dropout."""
         b = tiles.shape[0]
-        f = self.encoder(tiles.flatten(0, 1))  # (b, 9, C, t, t) -> (9b, C, t, t): one batch through the trunk
+        f = self.trunk(tiles.flatten(0, 1))  # (b, 9, C, t, t) -> (9b, C, t, t): one batch through the trunk
         h = F.relu(self.fc6(f)).reshape(b, -1)  # (9b, fc6) -> (b, 9*fc6), concatenated in position order
         h = h if keep6 is None else h * keep6.to(h.dtype)  # 0 and 2 are exact in bf16
         h = F.relu(self.fc7(h))
@@ -168,7 +142,7 @@ class JigsawNet(nn.Module):
 def dropout_masks(b, widths, generator, p=0.5):
     """Dropout (p 0.5 after fc6 and fc7, as AlexNet / the port) from the step's own generator, drawn for the global
     batch and this rank's rows kept, so --resume repeats them exactly."""
-    rank, world_size = (dist.get_rank(), dist.get_world_size()) if common.is_distributed() else (0, 1)
+    rank, world_size = common.rank(), common.world()
     return [(torch.rand(world_size * b, w, generator=generator, device=generator.device)[rank * b:(rank + 1) * b]
              >= p) / (1 - p) for w in widths]
 
@@ -179,40 +153,30 @@ def learning_rate(epoch, args):
 
 
 def main(argv=None):
-    # TRY NOT TO MODIFY: distributed start-up, seeding, data
+    # TRY NOT TO MODIFY: distributed start-up, seeds, --out, data
     args = parse_args(argv)
-    rank, world_size, device = common.init_distributed()
-    if args.batch_size % world_size:
-        common.fail(f"--batch-size {args.batch_size} is not divisible by the world size {world_size}; "
-                    f"use a multiple of {world_size}")
+    device = common.setup(args)
     if args.num_permutations > 362880:
         common.fail(f"--num-permutations {args.num_permutations} is more than the 9! = 362880 orders of 9 tiles; "
                     "use at most 362880 (the paper: 1000)")
-    args.amp = device.type == "cuda" if args.amp is None else args.amp
-    common.seed_everything(args.seed)
-    if rank == 0:
-        os.makedirs(args.out, exist_ok=True)
     permutations = maximal_hamming_permutations(args.num_permutations, args.seed)
     puzzle = JigsawPuzzle(args, permutations)  # checks the geometry before any data is read
-    pretrain_set, probe_train_set, probe_test_set = common.build_datasets(args, puzzle)
-    probe_train_loader = common.eval_loader(probe_train_set, args, world_size, rank)
-    probe_test_loader = common.eval_loader(probe_test_set, args, world_size, rank)
+    pretrain_set, *probe_sets = common.build_datasets(args, puzzle)
 
     model = JigsawNet(args.arch, args.image_size, permutations).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0, momentum=args.momentum, weight_decay=args.wd)
 
-    # TRY NOT TO MODIFY: resume, evaluation-only, DDP wrapper
-    run = common.Run(args, model, optimizer, model.encoder, (probe_train_loader, probe_test_loader), device,
-                     rank, world_size)
+    # TRY NOT TO MODIFY: checkpoints, resume, evaluation-only
+    run = common.Run(args, device, probe_sets, model.trunk, model=model, optimizer=optimizer)
     start_epoch, start_step = run.resume()
     puzzle.permutations = model.permutations.cpu()  # a resumed run keeps the set its checkpoint was trained on
     if args.eval_only:
         return run.final_evaluation()
-    loader, sampler = common.train_loader(pretrain_set, args, world_size, rank)
+    loader, sampler = common.train_loader(pretrain_set, args)
     ddp_model = model
-    if world_size > 1:  # per-GPU BN over that GPU's 9b tiles
+    if common.world() > 1:  # per-GPU BN over that GPU's 9b tiles
         ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     if args.compile:
         ddp_model = torch.compile(ddp_model)

@@ -15,7 +15,6 @@
 import argparse
 import copy
 import math
-import os
 from collections import OrderedDict
 from functools import partial
 
@@ -30,34 +29,10 @@ import common
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="MoCo v1/v2 pretraining + kNN / linear evaluation")
-    # TRY NOT TO MODIFY: flags shared by every sslref method file
-    p.add_argument("--dataset", default="imagefolder", choices=list(common.DEFAULT_IMAGE_SIZE), help="dataset kind")
-    p.add_argument("--data", default="", help="dataset folder (imagefolder: DATA/train and DATA/val)")
-    p.add_argument("--arch", default="resnet50", help="torchvision ResNet name, or resnet-tiny for CPU runs")
-    p.add_argument("--epochs", type=common.positive_int, default=200, help="pretraining epochs (official 200)")
-    p.add_argument("--batch-size", type=common.positive_int, default=256, help="GLOBAL batch size, split over ranks")
-    p.add_argument("--lr", type=common.nonneg_float, default=0.03, help="base lr per 256 images; peak = lr * batch / 256")
-    p.add_argument("--wd", type=common.nonneg_float, default=1e-4, help="weight decay (official 1e-4)")
-    p.add_argument("--workers", type=common.nonneg_int, default=min(8, os.cpu_count() or 1), help="data-loading workers per rank")
-    p.add_argument("--device-augment", action=argparse.BooleanOptionalAction, default=True,
-                   help="colour ops batched on the training device (no: PIL in the data workers)")
-    p.add_argument("--seed", type=int, default=0, help="seed of model init, data order, augmentations and training step")
-    p.add_argument("--image-size", type=common.nonneg_int, default=0, help="crop size (0: the dataset's default)")
-    p.add_argument("--subset", type=common.nonneg_int, default=0, help="use N evenly spaced training images (0: all)")
-    p.add_argument("--max-steps", type=common.nonneg_int, default=0, help="stop (and checkpoint) after N steps in total (0: never)")
-    p.add_argument("--save-every", type=common.nonneg_int, default=0, help="also checkpoint every N steps (0: at each epoch end only)")
-    p.add_argument("--out", default="runs/moco", help="output folder: metrics.jsonl, checkpoint.pth, backbone.pth")
-    p.add_argument("--resume", default="", help="checkpoint.pth to continue from (or backbone.pth with --eval-only)")
-    p.add_argument("--eval-only", action="store_true", help="only evaluate (the --resume weights, else random init)")
-    p.add_argument("--baselines", action="store_true", help="also probe the random-init trunk and raw pixels (<= 64 px)")
-    p.add_argument("--knn-k", type=common.positive_int, default=200, help="neighbours of the weighted kNN monitor")
-    p.add_argument("--knn-t", type=common.positive_float, default=0.1, help="temperature of the weighted kNN monitor")
-    p.add_argument("--probe-epochs", type=common.nonneg_int, default=100, help="epochs of the linear probe (0: kNN only)")
-    p.add_argument("--eval-every", type=common.nonneg_int, default=0, help="kNN monitor every N epochs (0: only at the end)")
-    p.add_argument("--monitor-subset", type=common.nonneg_int, default=0, help="the monitor's kNN on N class-balanced images of each probe set (0: all)")
-    p.add_argument("--print-freq", type=common.positive_int, default=50, help="progress line every N steps")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on CUDA)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    # TRY NOT TO MODIFY: the flags every method file shares (common.py reads them), with this file's defaults:
+    # official main_moco.py: 200 epochs, lr 0.03 at batch 256, weight decay 1e-4
+    common.add_common_args(p, out="runs/moco", arch="resnet50", epochs=200, batch_size=256, lr=0.03, wd=1e-4,
+                           device_augment=True)
     # ALGO LOGIC: MoCo hyper-parameters (official main_moco.py)
     p.add_argument("--momentum", type=common.unit_float, default=0.9, help="SGD momentum")
     p.add_argument("--schedule", type=common.nonneg_int, nargs="*", default=[120, 160], help="epochs where lr drops x0.1 (without --cos)")
@@ -70,8 +45,7 @@ def parse_args(argv=None):
     p.add_argument("--aug-plus", action="store_true", help="v2 augmentation: colour jitter p=0.8 and Gaussian blur")
     p.add_argument("--bn-splits", type=common.positive_int, default=8,
                    help="one process only: BN over this many groups of the batch, to mimic per-GPU BN (demo: 8)")
-    args = p.parse_args(argv)
-    args.image_size = args.image_size or common.DEFAULT_IMAGE_SIZE[args.dataset]
+    args = common.parse(p, argv)
     return args
 
 
@@ -145,6 +119,10 @@ class MoCo(nn.Module):
         self.register_buffer("queue", F.normalize(torch.randn(dim, K), dim=0))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
 
+    @property
+    def trunk(self):  # f_q without its head: what the probes read and backbone.pth holds
+        return self.encoder_q.trunk
+
     @torch.no_grad()
     def _momentum_update_key_encoder(self):
         for param_q, param_k in zip(self.encoder_q.parameters(), self.encoder_k.parameters()):
@@ -166,13 +144,13 @@ class MoCo(nn.Module):
         idx_shuffle = torch.randperm(len(x_all), device=x.device, generator=generator)
         if common.is_distributed():
             dist.broadcast(idx_shuffle, 0)  # rank 0's permutation, as the official code
-        rank, world_size = (dist.get_rank(), dist.get_world_size()) if common.is_distributed() else (0, 1)
+        rank, world_size = common.rank(), common.world()
         idx_this = idx_shuffle.view(world_size, -1)[rank]
         return x_all[idx_this], torch.argsort(idx_shuffle)  # channels_last or not: the conv weights' layout wins
 
     @torch.no_grad()
     def _batch_unshuffle(self, x, idx_unshuffle):
-        rank, world_size = (dist.get_rank(), dist.get_world_size()) if common.is_distributed() else (0, 1)
+        rank, world_size = common.rank(), common.world()
         return common.gather(x)[idx_unshuffle.view(world_size, -1)[rank]]
 
     def forward(self, im_q, im_k, generator):
@@ -205,29 +183,20 @@ def learning_rate(epoch, args):
 
 
 def main(argv=None):
-    # TRY NOT TO MODIFY: distributed start-up, seeding, data
+    # TRY NOT TO MODIFY: distributed start-up, seeds, --out, data
     args = parse_args(argv)
-    rank, world_size, device = common.init_distributed()
-    if args.batch_size % world_size:
-        common.fail(f"--batch-size {args.batch_size} is not divisible by the world size {world_size}; "
-                    f"use a multiple of {world_size}")
+    device = common.setup(args)
     if args.moco_k % args.batch_size:  # whole batches enter the queue (the official assertion, moco#99)
         fit = args.moco_k // args.batch_size * args.batch_size
         common.fail(f"--moco-k {args.moco_k} is not divisible by --batch-size {args.batch_size}; use a multiple of "
                     f"{args.batch_size} such as {max(fit, args.batch_size)} or {fit + args.batch_size}, "
                     f"or a batch size that divides {args.moco_k}")
-    split_bn = world_size == 1 and args.bn_splits > 1
+    split_bn = common.world() == 1 and args.bn_splits > 1
     if split_bn and args.batch_size % args.bn_splits:
         common.fail(f"--batch-size {args.batch_size} is not divisible by --bn-splits {args.bn_splits}; "
                     "pick a divisor of the batch size")
-    args.amp = device.type == "cuda" if args.amp is None else args.amp
-    common.seed_everything(args.seed)
-    if rank == 0:
-        os.makedirs(args.out, exist_ok=True)
     augmentation = moco_augmentation(args)
-    pretrain_set, probe_train_set, probe_test_set = common.build_datasets(args, augmentation)
-    probe_train_loader = common.eval_loader(probe_train_set, args, world_size, rank)
-    probe_test_loader = common.eval_loader(probe_test_set, args, world_size, rank)
+    pretrain_set, *probe_sets = common.build_datasets(args, augmentation)
 
     # per-GPU BN under DDP, as official: SyncBN would let a key see its query's batch (moco#46)
     norm_layer = partial(SplitBatchNorm, num_splits=args.bn_splits) if split_bn else nn.BatchNorm2d
@@ -236,15 +205,14 @@ def main(argv=None):
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=0.0, momentum=args.momentum, weight_decay=args.wd)
 
-    # TRY NOT TO MODIFY: resume, evaluation-only, DDP wrapper
-    run = common.Run(args, model, optimizer, model.encoder_q.trunk, (probe_train_loader, probe_test_loader), device,
-                     rank, world_size)
+    # TRY NOT TO MODIFY: checkpoints, resume, evaluation-only
+    run = common.Run(args, device, probe_sets, model.trunk, model=model, optimizer=optimizer)
     start_epoch, start_step = run.resume()
     if args.eval_only:
         return run.final_evaluation()
-    loader, sampler = common.train_loader(pretrain_set, args, world_size, rank)
+    loader, sampler = common.train_loader(pretrain_set, args)
     ddp_model = model
-    if world_size > 1:
+    if common.world() > 1:
         # every rank computes the same queue itself: broadcasting rank 0's buffers each step (DDP's default)
         # would resend K x C equal floats; evaluation and checkpoints use rank 0's BN statistics
         ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,

@@ -14,7 +14,6 @@
 # --batch-size counts IMAGES: each one enters the batch four times (4B samples), and the lr is not rescaled
 # for that, as the official code. The probe reads the trunk's last pooled layer on the whole, unrotated image.
 import argparse
-import os
 
 import torch
 import torch.distributed as dist
@@ -27,39 +26,16 @@ import common
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="RotNet pretraining + kNN / linear evaluation")
-    # TRY NOT TO MODIFY: flags shared by every sslref method file
-    p.add_argument("--dataset", default="imagefolder", choices=list(common.DEFAULT_IMAGE_SIZE), help="dataset kind")
-    p.add_argument("--data", default="", help="dataset folder (imagefolder: DATA/train and DATA/val)")
-    p.add_argument("--arch", default="resnet50", help="torchvision ResNet name, or resnet-tiny for CPU runs")
-    p.add_argument("--epochs", type=common.positive_int, default=50, help="pretraining epochs (official ImageNet config: 50)")
-    p.add_argument("--batch-size", type=common.positive_int, default=192, help="GLOBAL batch of images (x4 rotations), split over ranks")
-    # official ImageNet: lr 0.01 at batch 192 (its LUT_lr) = 0.01333 per 256 images
-    p.add_argument("--lr", type=common.nonneg_float, default=0.01 * 256 / 192, help="base lr per 256 images; peak = lr * batch / 256")
-    p.add_argument("--wd", type=common.nonneg_float, default=5e-4, help="weight decay (official 5e-4)")
-    p.add_argument("--workers", type=common.nonneg_int, default=min(8, os.cpu_count() or 1), help="data-loading workers per rank")
-    p.add_argument("--seed", type=int, default=0, help="seed of model init, data order, augmentations and training step")
-    p.add_argument("--image-size", type=common.nonneg_int, default=0, help="crop size (0: the dataset's default)")
-    p.add_argument("--subset", type=common.nonneg_int, default=0, help="use N evenly spaced training images (0: all)")
-    p.add_argument("--max-steps", type=common.nonneg_int, default=0, help="stop (and checkpoint) after N steps in total (0: never)")
-    p.add_argument("--save-every", type=common.nonneg_int, default=0, help="also checkpoint every N steps (0: at each epoch end only)")
-    p.add_argument("--out", default="runs/rotation", help="output folder: metrics.jsonl, checkpoint.pth, backbone.pth")
-    p.add_argument("--resume", default="", help="checkpoint.pth to continue from (or backbone.pth with --eval-only)")
-    p.add_argument("--eval-only", action="store_true", help="only evaluate (the --resume weights, else random init)")
-    p.add_argument("--baselines", action="store_true", help="also probe the random-init trunk and raw pixels (<= 64 px)")
-    p.add_argument("--knn-k", type=common.positive_int, default=200, help="neighbours of the weighted kNN monitor")
-    p.add_argument("--knn-t", type=common.positive_float, default=0.1, help="temperature of the weighted kNN monitor")
-    p.add_argument("--probe-epochs", type=common.nonneg_int, default=100, help="epochs of the linear probe (0: kNN only)")
-    p.add_argument("--eval-every", type=common.nonneg_int, default=0, help="kNN monitor every N epochs (0: only at the end)")
-    p.add_argument("--monitor-subset", type=common.nonneg_int, default=0, help="the monitor's kNN on N class-balanced images of each probe set (0: all)")
-    p.add_argument("--print-freq", type=common.positive_int, default=50, help="progress line every N steps")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on CUDA)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    # TRY NOT TO MODIFY: the flags every method file shares (common.py reads them), with this file's defaults:
+    # official ImageNet config: 50 epochs, batch 192 images (x4 rotations), lr 0.01 at batch 192 (its LUT_lr) = 0.01333
+    # per 256 images, weight decay 5e-4
+    common.add_common_args(p, out="runs/rotation", arch="resnet50", epochs=50, batch_size=192, lr=0.01 * 256 / 192,
+                           wd=5e-4)
     # ALGO LOGIC: RotNet hyper-parameters (official ImageNet config: SGD Nesterov, momentum 0.9)
     p.add_argument("--momentum", type=common.unit_float, default=0.9, help="SGD (Nesterov) momentum")
     p.add_argument("--schedule", type=common.nonneg_int, nargs="*", default=[15, 30, 45], help="epochs where lr drops x--lr-decay")
     p.add_argument("--lr-decay", type=common.unit_float, default=0.1, help="lr factor at each --schedule milestone (CIFAR: 0.2)")
-    args = p.parse_args(argv)
-    args.image_size = args.image_size or common.DEFAULT_IMAGE_SIZE[args.dataset]
+    args = common.parse(p, argv)
     return args
 
 
@@ -86,11 +62,11 @@ def rotate_batch(x):
 class RotNet(nn.Module):
     def __init__(self, arch, image_size):
         super().__init__()
-        self.encoder, width = common.build_backbone(arch, image_size)
+        self.trunk, width = common.build_backbone(arch, image_size)
         self.classifier = nn.Linear(width, 4)
 
     def forward(self, x):
-        return self.classifier(self.encoder(x))
+        return self.classifier(self.trunk(x))
 
 
 def learning_rate(epoch, args):
@@ -100,20 +76,11 @@ def learning_rate(epoch, args):
 
 
 def main(argv=None):
-    # TRY NOT TO MODIFY: distributed start-up, seeding, data
+    # TRY NOT TO MODIFY: distributed start-up, seeds, --out, data
     args = parse_args(argv)
-    rank, world_size, device = common.init_distributed()
-    if args.batch_size % world_size:
-        common.fail(f"--batch-size {args.batch_size} is not divisible by the world size {world_size}; "
-                    f"use a multiple of {world_size}")
-    args.amp = device.type == "cuda" if args.amp is None else args.amp
-    common.seed_everything(args.seed)
-    if rank == 0:
-        os.makedirs(args.out, exist_ok=True)
+    device = common.setup(args)
     augmentation = rotation_augmentation(args)
-    pretrain_set, probe_train_set, probe_test_set = common.build_datasets(args, augmentation)
-    probe_train_loader = common.eval_loader(probe_train_set, args, world_size, rank)
-    probe_test_loader = common.eval_loader(probe_test_set, args, world_size, rank)
+    pretrain_set, *probe_sets = common.build_datasets(args, augmentation)
 
     model = RotNet(args.arch, args.image_size).to(device)
     if device.type == "cuda":
@@ -122,15 +89,14 @@ def main(argv=None):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0, momentum=args.momentum, weight_decay=args.wd,
                                 nesterov=args.momentum > 0)
 
-    # TRY NOT TO MODIFY: resume, evaluation-only, DDP wrapper
-    run = common.Run(args, model, optimizer, model.encoder, (probe_train_loader, probe_test_loader), device,
-                     rank, world_size)
+    # TRY NOT TO MODIFY: checkpoints, resume, evaluation-only
+    run = common.Run(args, device, probe_sets, model.trunk, model=model, optimizer=optimizer)
     start_epoch, start_step = run.resume()
     if args.eval_only:
         return run.final_evaluation()
-    loader, sampler = common.train_loader(pretrain_set, args, world_size, rank)
+    loader, sampler = common.train_loader(pretrain_set, args)
     ddp_model = model
-    if world_size > 1:  # per-GPU BN over that GPU's 4b rotated samples, as the official single-GPU batch
+    if common.world() > 1:  # per-GPU BN over that GPU's 4b rotated samples, as the official single-GPU batch
         ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     if args.compile:
         ddp_model = torch.compile(ddp_model)

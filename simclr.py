@@ -8,7 +8,6 @@
 #   --color-jitter-strength 0.5 (CIFAR's).
 import argparse
 import math
-import os
 
 import torch
 import torch.distributed as dist
@@ -21,34 +20,10 @@ import common
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="SimCLR pretraining + kNN / linear evaluation")
-    # TRY NOT TO MODIFY: flags shared by every sslref method file
-    p.add_argument("--dataset", default="imagefolder", choices=list(common.DEFAULT_IMAGE_SIZE), help="dataset kind")
-    p.add_argument("--data", default="", help="dataset folder (imagefolder: DATA/train and DATA/val)")
-    p.add_argument("--arch", default="resnet50", help="torchvision ResNet name, or resnet-tiny for CPU runs")
-    p.add_argument("--epochs", type=common.positive_int, default=100, help="pretraining epochs (paper: 100 to 800)")
-    p.add_argument("--batch-size", type=common.positive_int, default=4096, help="GLOBAL batch size, split over ranks")
-    p.add_argument("--lr", type=common.nonneg_float, default=0.3, help="base lr; peak = lr * batch / 256 (see --lr-scaling)")
-    p.add_argument("--wd", type=common.nonneg_float, default=1e-6, help="weight decay (official default 1e-6)")
-    p.add_argument("--workers", type=common.nonneg_int, default=min(8, os.cpu_count() or 1), help="data-loading workers per rank")
-    p.add_argument("--device-augment", action=argparse.BooleanOptionalAction, default=True,
-                   help="colour ops batched on the training device (no: PIL in the data workers)")
-    p.add_argument("--seed", type=int, default=0, help="seed of model init, data order, augmentations and training step")
-    p.add_argument("--image-size", type=common.nonneg_int, default=0, help="crop size (0: the dataset's default)")
-    p.add_argument("--subset", type=common.nonneg_int, default=0, help="use N evenly spaced training images (0: all)")
-    p.add_argument("--max-steps", type=common.nonneg_int, default=0, help="stop (and checkpoint) after N steps in total (0: never)")
-    p.add_argument("--save-every", type=common.nonneg_int, default=0, help="also checkpoint every N steps (0: at each epoch end only)")
-    p.add_argument("--out", default="runs/simclr", help="output folder: metrics.jsonl, checkpoint.pth, backbone.pth")
-    p.add_argument("--resume", default="", help="checkpoint.pth to continue from (or backbone.pth with --eval-only)")
-    p.add_argument("--eval-only", action="store_true", help="only evaluate (the --resume weights, else random init)")
-    p.add_argument("--baselines", action="store_true", help="also probe the random-init trunk and raw pixels (<= 64 px)")
-    p.add_argument("--knn-k", type=common.positive_int, default=200, help="neighbours of the weighted kNN monitor")
-    p.add_argument("--knn-t", type=common.positive_float, default=0.1, help="temperature of the weighted kNN monitor")
-    p.add_argument("--probe-epochs", type=common.nonneg_int, default=100, help="epochs of the linear probe (0: kNN only)")
-    p.add_argument("--eval-every", type=common.nonneg_int, default=0, help="kNN monitor every N epochs (0: only at the end)")
-    p.add_argument("--monitor-subset", type=common.nonneg_int, default=0, help="the monitor's kNN on N class-balanced images of each probe set (0: all)")
-    p.add_argument("--print-freq", type=common.positive_int, default=50, help="progress line every N steps")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on CUDA)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    # TRY NOT TO MODIFY: the flags every method file shares (common.py reads them), with this file's defaults:
+    # the official ImageNet run: 100 to 800 epochs, LARS at 0.3 x batch / 256, weight decay 1e-6 (paper App. B.1)
+    common.add_common_args(p, out="runs/simclr", arch="resnet50", epochs=100, batch_size=4096, lr=0.3, wd=1e-6,
+                           device_augment=True, lr_help="base lr; peak = lr * batch / 256 (see --lr-scaling)")
     # ALGO LOGIC: SimCLR hyper-parameters
     p.add_argument("--temperature", type=common.positive_float, default=0.1, help="NT-Xent temperature tau (ImageNet 0.1, CIFAR 0.5)")
     p.add_argument("--lr-scaling", default="linear", choices=["linear", "sqrt"],
@@ -57,8 +32,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup-epochs", type=common.nonneg_float, default=10, help="linear lr warm-up before cosine decay")
     p.add_argument("--color-jitter-strength", type=common.nonneg_float, default=1.0, help="s of the colour distortion (CIFAR 0.5)")
     p.add_argument("--proj-dim", type=common.positive_int, default=128, help="output width of the projection head g")
-    args = p.parse_args(argv)
-    args.image_size = args.image_size or common.DEFAULT_IMAGE_SIZE[args.dataset]
+    args = common.parse(p, argv)
     return args
 
 
@@ -85,7 +59,7 @@ class SimCLR(nn.Module):
     def __init__(self, arch, image_size, proj_dim=128):
         super().__init__()
         # official ResNet starts each residual block's last BN scale at zero (resnet.py init_zero)
-        self.encoder, dim = common.build_backbone(arch, image_size, zero_init_residual=True)
+        self.trunk, dim = common.build_backbone(arch, image_size, zero_init_residual=True)
         # g: 2-layer MLP with BN, hidden width = trunk width, output 128 (official num_nlh_layers=1)
         self.projector = nn.Sequential(
             nn.Linear(dim, dim, bias=False), nn.BatchNorm1d(dim), nn.ReLU(inplace=True),
@@ -95,7 +69,7 @@ class SimCLR(nn.Module):
         self.projector[-1].bias.requires_grad_(False)  # official: last BN scales but does not centre
 
     def forward(self, x):
-        return self.projector(self.encoder(x))
+        return self.projector(self.trunk(x))
 
 
 # ALGO LOGIC: NT-Xent loss over the global batch (Sec. 2.1, Eq. 1; official objective.py)
@@ -106,7 +80,7 @@ def nt_xent_loss(z1, z2, temperature):
     Returns the mean over anchors, as Eq. 1 (the official code sums the two directions: 2x)."""
     z1, z2 = F.normalize(z1.float(), dim=1), F.normalize(z2.float(), dim=1)  # cosine sim; fp32 logits
     n = z1.shape[0]
-    rank = dist.get_rank() if common.is_distributed() else 0
+    rank = common.rank()
     all_z1, all_z2 = common.gather_with_grad(z1), common.gather_with_grad(z2)  # (N, d) each
     N = all_z1.shape[0]
     logits = torch.cat([z1, z2]) @ torch.cat([all_z1, all_z2]).T / temperature  # (2n, 2N)
@@ -159,39 +133,30 @@ def learning_rate(step, total_steps, warmup_steps, peak_lr):
 
 
 def main(argv=None):
-    # TRY NOT TO MODIFY: distributed start-up, seeding, data
+    # TRY NOT TO MODIFY: distributed start-up, seeds, --out, data
     args = parse_args(argv)
-    rank, world_size, device = common.init_distributed()
-    if args.batch_size % world_size:
-        common.fail(f"--batch-size {args.batch_size} is not divisible by the world size {world_size}; "
-                    f"use a multiple of {world_size}")
-    args.amp = device.type == "cuda" if args.amp is None else args.amp
-    common.seed_everything(args.seed)
-    if rank == 0:
-        os.makedirs(args.out, exist_ok=True)
+    device = common.setup(args)
     augmentation = simclr_augmentation(args)
-    pretrain_set, probe_train_set, probe_test_set = common.build_datasets(args, augmentation)
-    probe_train_loader = common.eval_loader(probe_train_set, args, world_size, rank)
-    probe_test_loader = common.eval_loader(probe_test_set, args, world_size, rank)
+    pretrain_set, *probe_sets = common.build_datasets(args, augmentation)
 
     model = SimCLR(args.arch, args.image_size, args.proj_dim).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-        if world_size > 1:  # global BN: statistics over the whole batch, as the paper (Sec. 2.2)
+        if common.world() > 1:  # global BN: statistics over the whole batch, as the paper (Sec. 2.2)
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    elif world_size > 1:
-        common.print0("note: SyncBatchNorm needs CUDA; on CPU each rank normalises its own batch", rank=rank)
+    elif common.world() > 1:
+        common.print0("note: SyncBatchNorm needs CUDA; on CPU each rank normalises its own batch")
     optimizer = LARS(lars_param_groups(model), lr=0.0, weight_decay=args.wd)
 
-    # TRY NOT TO MODIFY: resume, evaluation-only, DDP wrapper
-    run = common.Run(args, model, optimizer, model.encoder, (probe_train_loader, probe_test_loader), device, rank,
-                     world_size)
+    # TRY NOT TO MODIFY: checkpoints, resume, evaluation-only
+    run = common.Run(args, device, probe_sets, model.trunk, model=model, optimizer=optimizer)
     start_epoch, start_step = run.resume()
     if args.eval_only:
         return run.final_evaluation()
-    loader, sampler = common.train_loader(pretrain_set, args, world_size, rank)
+    loader, sampler = common.train_loader(pretrain_set, args)
+    # DDP wrapper: the gradients averaged over the ranks
     ddp_model = model
-    if world_size > 1:
+    if common.world() > 1:
         ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     if args.compile:
         ddp_model = torch.compile(ddp_model)

@@ -97,15 +97,13 @@ def run_method(name, args):
 
 
 def probe_setup(args, train_transform):
-    """A method file's shared flags parsed (rotation.py's parser: only the shared ones are used), the datasets and
-    the probe loaders, single process."""
-    import rotation
-    margs = rotation.parse_args(shared_flags(args))
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    margs.amp = device.type == "cuda" if margs.amp is None else margs.amp
-    common.seed_everything(margs.seed)
+    """The shared flags parsed (common.add_common_args), the datasets and the probe loaders, single process."""
+    parser = argparse.ArgumentParser()
+    common.add_common_args(parser, out=os.path.join(args.runs, "anchors"))
+    margs = common.parse(parser, shared_flags(args))
+    device = common.setup(margs)
     pretrain, probe_train, probe_test = common.build_datasets(margs, train_transform)
-    loaders = (common.eval_loader(probe_train, margs, 1, 0), common.eval_loader(probe_test, margs, 1, 0))
+    loaders = (common.eval_loader(probe_train, margs), common.eval_loader(probe_test, margs))
     return margs, device, pretrain, loaders
 
 
@@ -127,7 +125,7 @@ def run_anchor(name, args):
     head = nn.Linear(dim, int(common.dataset_labels(pretrain).max()) + 1).to(device)
     model = nn.Sequential(trunk, head)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1 * margs.batch_size / 256, momentum=0.9, weight_decay=5e-4)
-    loader, sampler = common.train_loader(pretrain, margs, 1, 0)
+    loader, sampler = common.train_loader(pretrain, margs)
     total = epochs * len(loader) if not margs.max_steps else min(margs.max_steps, epochs * len(loader))
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total)
     step = 0

@@ -111,16 +111,16 @@ def measure_method(name, args, device, method_flags=None):
                                               margs.seed)
         return state["dataset"], probe, probe
 
-    def train_loader(dataset, margs, world_size, rank):
+    def train_loader(dataset, margs):
         batch = to_device(default_collate([dataset[(i, 0)] for i in range(margs.batch_size)]), device)
         fixed = FixedBatch(batch, total, margs.batch_size)
         return fixed, fixed
 
     run_init, after_step = common.Run.__init__, common.Run.after_step
 
-    def init(run, margs, model, *rest):
-        run_init(run, margs, model, *rest)
-        for trunk in (m for m in model.modules() if isinstance(m, torchvision.models.ResNet)):
+    def init(run, margs, *rest, **objects):
+        run_init(run, margs, *rest, **objects)
+        for trunk in (m for m in objects["model"].modules() if isinstance(m, torchvision.models.ResNet)):
             state["trunks"][id(trunk)] = copy.deepcopy(trunk)
             # on conv1, whose input is the trunk's: the context encoder runs the trunk's layers up to its feature map
             trunk.conv1.register_forward_hook(lambda m, inputs, out, key=id(trunk): state["calls"].append(
@@ -206,11 +206,11 @@ def main(argv=None):
     where = torch.cuda.get_device_name() if amp else f"{os.cpu_count()} CPU cores"
     print(f"{args.arch} at {args.image_size} px, batch {args.batch_size}, {where}" +
           (", bf16 autocast, channels_last" if amp else "") + (", torch.compile" if args.compile else ""))
-    print(f"| method | step img/s | trunk img/s | ratio | data img/s per worker | trunk inputs per step |")
+    print("| method | step img/s | trunk img/s | ratio | data img/s per worker | trunk inputs per step |")
     print("|---|---|---|---|---|---|")
     rows = []
     for name in args.methods:
-        common.seed_everything(0)
+        torch.manual_seed(0)
         step_img_s, state = measure_method(name, args, device)
         trunk_img_s = measure_trunk(state, args, device, amp)
         data_img_s = measure_data(state["dataset"], args.data_images)
