@@ -260,6 +260,7 @@ def main(argv=None):
         common.fail(f"--image-size {args.image_size} leaves no room for a hole inside its context; use 8 or more")
     pretrain_set, *probe_sets = common.build_datasets(args, MaskedImage(args))
 
+    # ALGO LOGIC: model and optimizer
     model = ContextEncoder(args.arch, args.image_size, args.mask).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -276,6 +277,7 @@ def main(argv=None):
     if args.eval_only:
         return run.final_evaluation()
     loader, sampler = common.train_loader(pretrain_set, args)
+    # ALGO LOGIC: the DDP wrapper (what the ranks average and share)
     generator, discriminator = model.generator, model.discriminator
     if common.world() > 1:  # both networks wrapped: each one's gradients are averaged, so the replicas stay equal
         ids = [device] if device.type == "cuda" else None

@@ -195,6 +195,7 @@ def main(argv=None):
                     f"on a {GRID}-row grid; use --skip-rows < {min(args.pred_steps, GRID - 1)}")
     pretrain_set, *probe_sets = common.build_datasets(args, PatchGrid(args))
 
+    # ALGO LOGIC: model and optimizer
     steps = range(args.skip_rows + 1, min(args.pred_steps, GRID - 1) + 1)
     model = CPC(args.arch, args.image_size, args.norm, steps, args.context_blocks).to(device)
     if device.type == "cuda":
@@ -208,6 +209,7 @@ def main(argv=None):
     if args.eval_only:
         return run.final_evaluation()
     loader, sampler = common.train_loader(pretrain_set, args)
+    # ALGO LOGIC: the DDP wrapper (what the ranks average and share)
     ddp_model = model
     if common.world() > 1:
         if args.norm == "batch" and device.type == "cuda":  # one set of statistics over all patches of the batch

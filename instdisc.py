@@ -158,6 +158,7 @@ def main(argv=None):
     augmentation = instdisc_augmentation(args)
     pretrain_set, *probe_sets = common.build_datasets(args, augmentation)
 
+    # ALGO LOGIC: model and optimizer
     num_images = len(pretrain_set)  # one bank row per training image; the pipeline yields each image's index
     check_bank_fits(num_images, args.low_dim, device)
     model = InstDisc(args.arch, args.image_size, num_images, args.low_dim).to(device)
@@ -174,6 +175,7 @@ def main(argv=None):
     if args.eval_only:
         return run.final_evaluation(paper_knn)
     loader, sampler = common.train_loader(pretrain_set, args)
+    # ALGO LOGIC: the DDP wrapper (what the ranks average and share)
     ddp_model = model
     if common.world() > 1:
         # per-GPU BN as the official code; the bank is kept equal by update_memory, so DDP must not

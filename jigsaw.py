@@ -163,6 +163,7 @@ def main(argv=None):
     puzzle = JigsawPuzzle(args, permutations)  # checks the geometry before any data is read
     pretrain_set, *probe_sets = common.build_datasets(args, puzzle)
 
+    # ALGO LOGIC: model and optimizer
     model = JigsawNet(args.arch, args.image_size, permutations).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -175,6 +176,7 @@ def main(argv=None):
     if args.eval_only:
         return run.final_evaluation()
     loader, sampler = common.train_loader(pretrain_set, args)
+    # ALGO LOGIC: the DDP wrapper (what the ranks average and share)
     ddp_model = model
     if common.world() > 1:  # per-GPU BN over that GPU's 9b tiles
         ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)

@@ -129,7 +129,7 @@ class MoCo(nn.Module):
             param_k.mul_(self.m).add_(param_q.detach(), alpha=1 - self.m)  # theta_k <- m theta_k + (1-m) theta_q (Eq. 2)
 
     @torch.no_grad()
-    def _dequeue_and_enqueue(self, k):
+    def dequeue_and_enqueue(self, k):  # builder.py's _dequeue_and_enqueue, called by the loop
         """Replace the oldest keys by this step's keys of ALL ranks, so every rank holds the same queue."""
         keys = common.gather(k)  # (N, C), N the global batch; K % N == 0 is checked at start-up
         slots = (self.queue_ptr + torch.arange(len(keys), device=keys.device)) % self.K
@@ -198,6 +198,7 @@ def main(argv=None):
     augmentation = moco_augmentation(args)
     pretrain_set, *probe_sets = common.build_datasets(args, augmentation)
 
+    # ALGO LOGIC: model and optimizer
     # per-GPU BN under DDP, as official: SyncBN would let a key see its query's batch (moco#46)
     norm_layer = partial(SplitBatchNorm, num_splits=args.bn_splits) if split_bn else nn.BatchNorm2d
     model = MoCo(build_encoder(args, norm_layer), args.moco_dim, args.moco_k, args.moco_m).to(device)
@@ -211,6 +212,7 @@ def main(argv=None):
     if args.eval_only:
         return run.final_evaluation()
     loader, sampler = common.train_loader(pretrain_set, args)
+    # ALGO LOGIC: the DDP wrapper (what the ranks average and share)
     ddp_model = model
     if common.world() > 1:
         # every rank computes the same queue itself: broadcasting rank 0's buffers each step (DDP's default)
@@ -239,7 +241,7 @@ def main(argv=None):
                 q, k = ddp_model(im_q, im_k, generator)
             logits, labels = moco_logits(q, k, model.queue, args.moco_t)  # fp32, outside autocast
             loss = F.cross_entropy(logits, labels)
-            model._dequeue_and_enqueue(k)  # after the logits: this batch's keys are negatives from the next step
+            model.dequeue_and_enqueue(k)  # after the logits: this batch's keys are negatives from the next step
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

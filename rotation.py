@@ -82,6 +82,7 @@ def main(argv=None):
     augmentation = rotation_augmentation(args)
     pretrain_set, *probe_sets = common.build_datasets(args, augmentation)
 
+    # ALGO LOGIC: model and optimizer
     model = RotNet(args.arch, args.image_size).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -95,6 +96,7 @@ def main(argv=None):
     if args.eval_only:
         return run.final_evaluation()
     loader, sampler = common.train_loader(pretrain_set, args)
+    # ALGO LOGIC: the DDP wrapper (what the ranks average and share)
     ddp_model = model
     if common.world() > 1:  # per-GPU BN over that GPU's 4b rotated samples, as the official single-GPU batch
         ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)

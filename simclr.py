@@ -139,6 +139,7 @@ def main(argv=None):
     augmentation = simclr_augmentation(args)
     pretrain_set, *probe_sets = common.build_datasets(args, augmentation)
 
+    # ALGO LOGIC: model and optimizer
     model = SimCLR(args.arch, args.image_size, args.proj_dim).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -154,7 +155,7 @@ def main(argv=None):
     if args.eval_only:
         return run.final_evaluation()
     loader, sampler = common.train_loader(pretrain_set, args)
-    # DDP wrapper: the gradients averaged over the ranks
+    # ALGO LOGIC: the DDP wrapper (what the ranks average and share)
     ddp_model = model
     if common.world() > 1:
         ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)

@@ -1,4 +1,5 @@
-"""Smoke and correctness tests on CPU with tiny data: `pytest -q test_all.py`."""
+"""Smoke and correctness tests on CPU with tiny data: `pytest -q test_all.py` runs everything, `pytest -q -m "not slow"
+test_all.py` the quick loop (no real data, subprocesses, torchrun or torch.compile). One section per method file."""
 import collections
 import glob
 import gzip
@@ -31,12 +32,28 @@ import simclr
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = ["--dataset", "imagefolder", "--arch", "resnet-tiny", "--image-size", "32", "--workers", "0",
         "--print-freq", "1", "--probe-epochs", "2", "--knn-k", "5"]
+
+
 # each method file with the flags that make TINY runs (batch 16 or 4) valid for it
 METHODS = {"simclr": (simclr, []), "moco": (moco, ["--moco-k", "64", "--bn-splits", "2", "--mlp", "--aug-plus"]),
            "instdisc": (instdisc, ["--nce-k", "16"]), "rotation": (rotation, []),
            "jigsaw": (jigsaw, ["--num-permutations", "24"]), "context_encoder": (context_encoder, []), "cpc": (cpc, ["--context-blocks", "1"])}
-TRUNK_PREFIX = {"simclr": "encoder.", "moco": "encoder_q.trunk.", "instdisc": "encoder.", "rotation": "encoder.",
-                "jigsaw": "encoder.", "context_encoder": "generator.encoder.", "cpc": "encoder."}  # in checkpoint["model"]
+
+
+class _Built(Exception):
+    pass
+
+
+def trunk_prefix(method, data, monkeypatch, tmp_path):
+    """Where the method's model keeps `model.trunk` in checkpoint["model"], read off the model its main() builds."""
+    def built(run, args, device, probe_sets, trunk, features=None, **state):
+        raise _Built(next(name for name, m in state["model"].named_modules() if m is trunk) + ".")
+    module, extra = METHODS[method]
+    with monkeypatch.context() as patch:
+        patch.setattr(common.Run, "__init__", built)
+        with pytest.raises(_Built) as prefix:
+            module.main(TINY + extra + ["--data", data, "--out", str(tmp_path / "prefix")])
+    return prefix.value.args[0]
 
 
 @pytest.fixture(scope="session")
@@ -62,14 +79,236 @@ def read_metrics(out):
         return [json.loads(line) for line in f]
 
 
+def _in_process_group(rank, world_size, init_file, fn, args):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        fn(rank, world_size, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def two_ranks(fn, init_file, *args):
+    """fn(rank, world_size, *args) in two processes joined in a gloo group, as two torchrun ranks on CPU; the
+    one-process reference is fn(0, 1, *args) without a group."""
+    torch.multiprocessing.spawn(_in_process_group, args=(2, init_file, fn, args), nprocs=2)
+
+
 def torchrun(*args, nproc=2):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")  # CPU + gloo, also on a GPU machine
     return subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=600)
 
 
+def expect_error(argv, *words, module=simclr):
+    with pytest.raises(SystemExit) as e:
+        module.main(argv)
+    message = str(e.value)
+    assert message.startswith("error: ") and "\n" not in message
+    for w in words:
+        assert w in message, message
+
+
+FASHION = ["--dataset", "fashion-mnist", "--arch", "resnet-tiny", "--subset", "10000", "--workers", "2",
+           "--probe-epochs", "0", "--print-freq", "20", "--seed", "0"]
+
+
 # ---------------------------------------------------------------------------------------
-# The loss and the gather
+# Every method file: two ranks under torchrun, bf16, compile, resume, backbone.pth, bad flags and divergence
+# ---------------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("method", METHODS)
+def test_torchrun_two_ranks_stay_in_sync(method, tiny_imagefolder, tmp_path):
+    out = str(tmp_path / "run")
+    r = torchrun(f"{method}.py", *TINY, *METHODS[method][1], "--data", tiny_imagefolder, "--batch-size", "16",
+                 "--epochs", "2", "--eval-every", "1", "--out", out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("loss") == 8  # 64 images / 16 = 4 steps an epoch, a line each, from rank 0 only
+    metrics = read_metrics(out)
+    train_lines = [m for m in metrics if "loss" in m]
+    assert [m["step"] for m in train_lines] == list(range(1, 9))
+    assert all(m["img_per_s"] > 0 and m["lr"] >= 0 for m in train_lines)
+    assert [m["epoch"] for m in metrics if "knn_top1" in m] == [1, 2]  # the monitor after epoch 1, then the end
+    final = metrics[-1]
+    assert final["rank_weight_max_diff"] == 0.0
+    assert 0 <= final["knn_top1"] <= 100 and "linear_top1" in final
+    assert torch.load(os.path.join(out, "checkpoint.pth"), weights_only=False)["epoch"] == 2
+
+
+def step_losses(out):
+    return [r["loss"] for r in read_metrics(out) if "loss" in r]
+
+
+TWO_STEPS = ["--batch-size", "16", "--max-steps", "2", "--probe-epochs", "0", "--eval-every", "0"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", METHODS)
+def test_two_steps_under_bf16_autocast(method, tiny_imagefolder, tmp_path):
+    """The CUDA default (bf16 autocast) exercised on CPU: dtypes meet, and the loss is fp32's to bf16's precision."""
+    module, extra = METHODS[method]
+    args = TINY + extra + TWO_STEPS + ["--data", tiny_imagefolder]
+    module.main(args + ["--amp", "--out", str(tmp_path / "bf16")])
+    module.main(args + ["--no-amp", "--out", str(tmp_path / "fp32")])
+    bf16, fp32 = step_losses(tmp_path / "bf16"), step_losses(tmp_path / "fp32")
+    assert len(bf16) == 2 and all(math.isfinite(v) for v in bf16)
+    assert bf16[0] != fp32[0] and bf16[0] == pytest.approx(fp32[0], rel=0.05)  # autocast was on, and close
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", METHODS)
+def test_two_steps_compiled(method, tiny_imagefolder, tmp_path):
+    """--compile (inductor) under bf16, in its own process as users run it: graph breaks that fail, dtype errors
+    in generated code; the first loss is eager bf16's up to fused rounding."""
+    module, extra = METHODS[method]
+    args = TINY + extra + TWO_STEPS + ["--data", tiny_imagefolder, "--amp"]
+    module.main(args + ["--out", str(tmp_path / "eager")])
+    done = subprocess.run([sys.executable, f"{method}.py", *args, "--compile", "--out", str(tmp_path / "compiled")],
+                          cwd=HERE, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    compiled, eager = step_losses(tmp_path / "compiled"), step_losses(tmp_path / "eager")
+    assert len(compiled) == 2 and compiled[0] == pytest.approx(eager[0], rel=0.05)
+
+
+def load_state(out):
+    return torch.load(os.path.join(out, "checkpoint.pth"), weights_only=False)
+
+
+def assert_same_state(a, b):
+    """Every parameter and buffer (MoCo's queue and pointer included) bit-identical."""
+    assert a["model"].keys() == b["model"].keys()
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+
+
+def kill_after_mid_epoch_save(argv, out):
+    """Run a method file in a subprocess, kill -9 it as soon as it has written a mid-epoch checkpoint."""
+    proc = subprocess.Popen([sys.executable, *argv], cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    path = os.path.join(out, "checkpoint.pth")
+    try:
+        while proc.poll() is None:
+            if os.path.exists(path) and load_state(out)["step_in_epoch"] > 0:  # saved atomically: never half-written
+                proc.kill()
+                proc.wait()
+                return load_state(out)
+            time.sleep(0.01)
+        pytest.fail(f"the run ended before a mid-epoch checkpoint: {proc.stderr.read()[-2000:]}")
+    finally:
+        proc.kill()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", METHODS)
+def test_resume_reaches_the_same_weights(method, tiny_imagefolder, tmp_path, monkeypatch):
+    """Straight run (2 workers) == stop at an epoch end + resume == kill -9 after a mid-epoch --save-every
+    checkpoint + resume (0 workers): the same weights and method state, bit for bit."""
+    module, extra = METHODS[method]
+    # --epochs 50 fixes the lr schedule; --max-steps 8 ends the runs after 2 epochs of 4 steps
+    args = TINY + extra + ["--data", tiny_imagefolder, "--batch-size", "16", "--epochs", "50", "--probe-epochs", "0",
+                           "--eval-every", "0"]
+    straight, stopped, killed = (str(tmp_path / name) for name in ("straight", "stopped", "killed"))
+    module.main(args + ["--out", straight, "--workers", "2", "--max-steps", "8"])
+    module.main(args + ["--out", stopped, "--max-steps", "4"])
+    assert load_state(stopped)["epoch"] == 1
+    module.main(args + ["--out", stopped, "--max-steps", "8", "--resume", os.path.join(stopped, "checkpoint.pth")])
+    assert_same_state(load_state(straight), load_state(stopped))
+
+    at_kill = kill_after_mid_epoch_save([f"{method}.py", *args, "--out", killed, "--save-every", "3"], killed)
+    assert at_kill["step_in_epoch"] in (2, 3) and at_kill["global_step"] < 8  # saved at step 3 or 6
+    module.main(args + ["--out", killed, "--max-steps", "8", "--workers", "1",
+                        "--resume", os.path.join(killed, "checkpoint.pth")])
+    assert_same_state(load_state(straight), load_state(killed))
+    conv1 = trunk_prefix(method, tiny_imagefolder, monkeypatch, tmp_path) + "conv1.weight"  # and the steps after the kill did change the weights
+    assert not torch.equal(at_kill["model"][conv1], load_state(straight)["model"][conv1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", METHODS)
+def test_backbone_loads_into_torchvision(method, tiny_imagefolder, tmp_path, monkeypatch):
+    module, extra = METHODS[method]
+    out = str(tmp_path / "run")
+    args = TINY + extra + ["--data", tiny_imagefolder, "--arch", "resnet18", "--image-size", "96", "--subset", "8",
+                           "--batch-size", "4", "--probe-epochs", "0"]
+    final = module.main(args + ["--epochs", "1", "--max-steps", "1", "--out", out])
+    # evaluating the saved trunk again gives the run's own final kNN
+    again = module.main(args + ["--eval-only", "--resume", os.path.join(out, "backbone.pth"), "--out", out])
+    assert again["knn_top1"] == final["knn_top1"]
+    if method == "instdisc":  # the paper's bank kNN needs the trained bank, which backbone.pth does not hold
+        assert "knn_bank_top1" in final and "knn_bank_top1" not in again
+    state = torch.load(os.path.join(out, "backbone.pth"))
+    # CPC's trunk has no normalisation layers (v1): build torchvision's with the same norm_layer
+    net = torchvision.models.resnet18(**({"norm_layer": cpc.norm_layer("none")} if method == "cpc" else {}))
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    assert sorted(missing) == ["fc.bias", "fc.weight"] and unexpected == []
+    # every tensor of the torchvision model is the trained trunk's (BN statistics included)
+    trained, prefix = load_state(out)["model"], trunk_prefix(method, tiny_imagefolder, monkeypatch, tmp_path)
+    for key, value in net.state_dict().items():
+        if not key.startswith("fc."):
+            assert torch.equal(value, trained[prefix + key]), key
+    if method != "cpc":
+        assert not torch.equal(net.layer4[1].bn2.running_mean, torch.zeros(512))  # trained, not the initial buffers
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("flag, value", [("--batch-size", "0"), ("--knn-k", "0"), ("--epochs", "-1"),
+                                         ("--lr", "nan"), ("--knn-t", "0"), ("--workers", "two")])
+def test_bad_flags_stop_at_parse_time(method, flag, value, capsys):
+    with pytest.raises(SystemExit) as e:
+        METHODS[method][0].main(TINY + [flag, value])
+    assert e.value.code == 2  # argparse's own exit, before any data or model is touched
+    assert f"argument {flag}: '{value}' is not" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", METHODS)
+def test_truncated_checkpoint(method, tiny_imagefolder, tmp_path):
+    module, extra = METHODS[method]
+    out = str(tmp_path / "run")
+    args = TINY + extra + ["--data", tiny_imagefolder, "--batch-size", "16", "--epochs", "1", "--max-steps", "1",
+                           "--probe-epochs", "0", "--out", out]
+    module.main(args)
+    path = os.path.join(out, "checkpoint.pth")
+    data = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(data[: len(data) // 2])
+    expect_error(args + ["--resume", path], "truncated or corrupt", module=module)
+    module.main(args)  # a good checkpoint again, resumed with another architecture
+    expect_error(args + ["--resume", path, "--arch", "resnet18"], "does not fit", "--arch", module=module)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method, print_freq", [("simclr", "1"), ("moco", "100"), ("instdisc", "1"), ("rotation", "100"),
+                                                ("jigsaw", "1"), ("context_encoder", "1"), ("cpc", "100")])
+def test_divergence_stops_and_keeps_the_good_checkpoint(method, print_freq, tiny_imagefolder, tmp_path):
+    """A good epoch, then a huge lr: the run stops with one line naming the step and the last good checkpoint,
+    whose file is untouched. print-freq 1 catches it at the progress line, 100 at the next --save-every save."""
+    module, extra = METHODS[method]
+    out = str(tmp_path / "run")
+    path = os.path.join(out, "checkpoint.pth")
+    args = TINY + extra + ["--data", tiny_imagefolder, "--batch-size", "16", "--epochs", "3", "--probe-epochs", "0",
+                           "--out", out, "--print-freq", print_freq, "--save-every", "2"]
+    module.main(args + ["--max-steps", "4"])
+    good = open(path, "rb").read()
+    with pytest.raises(SystemExit) as e:
+        module.main(args + ["--lr", "1e30", "--resume", path])
+    message = str(e.value)
+    assert message.startswith("error: training diverged: non-finite loss or weights at step ") and "\n" not in message
+    assert f"the last good checkpoint is {path} (step 4)" in message
+    step = int(message.split("at step ")[1].split(";")[0])
+    assert step in (5, 6)  # the first step after the good checkpoint whose loss (or weights) went non-finite
+    if print_freq == "1":  # stopped at that step's progress line: every logged loss before it is finite
+        assert [m["step"] for m in read_metrics(out) if "loss" in m][-1] == step - 1
+    assert open(path, "rb").read() == good
+    assert all(torch.isfinite(v).all() for v in load_state(out)["model"].values() if v.is_floating_point())
+
+
+def test_batch_not_divisible_by_world_size(tiny_imagefolder, tmp_path):
+    r = torchrun("simclr.py", *TINY, "--data", tiny_imagefolder, "--batch-size", "15", "--out", str(tmp_path))
+    assert r.returncode != 0
+    assert "error: --batch-size 15 is not divisible by the world size 2" in r.stderr
+
+
+# ---------------------------------------------------------------------------------------
+# SimCLR: NT-Xent, the gather, lr scaling, real data
 # ---------------------------------------------------------------------------------------
 def naive_nt_xent(z1, z2, t):
     z = F.normalize(torch.cat([z1, z2]), dim=1)
@@ -90,10 +329,8 @@ def test_nt_xent_matches_naive_loop():
         assert simclr.nt_xent_loss(z1, z2, t).item() == pytest.approx(naive_nt_xent(z1, z2, t), rel=1e-5)
 
 
-def _loss_and_grads(rank, world_size, init_file, out_file):
+def _loss_and_grads(rank, world_size, out_file):
     """Loss and gradients of a small projector on this rank's half of a fixed global batch."""
-    if world_size > 1:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
     x1, x2 = torch.randn(8, 16), torch.randn(8, 16)
@@ -102,24 +339,45 @@ def _loss_and_grads(rank, world_size, init_file, out_file):
     z = model(torch.cat([x1[rank * n:(rank + 1) * n], x2[rank * n:(rank + 1) * n]]))
     loss = simclr.nt_xent_loss(*z.chunk(2), temperature=0.2)
     loss.backward()
-    result = {"loss": common.all_reduce_mean(loss.detach()).item(), "grads": [p.grad.clone() for p in net.parameters()]}
+    result = {"loss": common.all_reduce(loss.detach(), "mean").item(), "grads": [p.grad.clone() for p in net.parameters()]}
     if rank == 0:
         torch.save(result, out_file)
-    if world_size > 1:
-        dist.destroy_process_group()
 
 
 def test_ddp_two_ranks_equal_one_process(tmp_path):
-    _loss_and_grads(0, 1, None, tmp_path / "single.pt")
-    torch.multiprocessing.spawn(_loss_and_grads, args=(2, tmp_path / "init", tmp_path / "ddp.pt"), nprocs=2)
+    _loss_and_grads(0, 1, tmp_path / "single.pt")
+    two_ranks(_loss_and_grads, tmp_path / "init", tmp_path / "ddp.pt")
     single, ddp = torch.load(tmp_path / "single.pt"), torch.load(tmp_path / "ddp.pt")
     assert ddp["loss"] == pytest.approx(single["loss"], rel=1e-5)
     for g_ddp, g_single in zip(ddp["grads"], single["grads"]):
         torch.testing.assert_close(g_ddp, g_single, rtol=1e-4, atol=1e-6)
 
 
+def test_simclr_sqrt_lr_scaling(tiny_imagefolder, tmp_path):
+    """--lr-scaling sqrt: peak lr = lr * sqrt(batch) (official learning_rate_scaling), linear: lr * batch / 256."""
+    args = TINY + ["--data", tiny_imagefolder, "--batch-size", "16", "--warmup-epochs", "0", "--probe-epochs", "0",
+                   "--max-steps", "1", "--print-freq", "1"]
+    for scaling, peak in (("sqrt", 0.075 * 4), ("linear", 0.075 * 16 / 256)):
+        out = str(tmp_path / scaling)
+        simclr.main(args + ["--lr", "0.075", "--lr-scaling", scaling, "--out", out])
+        assert read_metrics(out)[0]["lr"] == pytest.approx(peak)  # step 0 of the cosine is the peak
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir(common.DEBIAN_FASHION_MNIST), reason="apt-get install dataset-fashion-mnist")
+def test_simclr_beats_random_init_on_fashion_mnist(tmp_path):
+    args = FASHION + ["--batch-size", "256"]
+    random_init = simclr.main(args + ["--eval-only", "--out", str(tmp_path / "random")])
+    trained = simclr.main(args + ["--epochs", "5", "--lr", "2.0", "--temperature", "0.1", "--warmup-epochs", "0.5",
+                                  "--color-jitter-strength", "0.5", "--out", str(tmp_path / "simclr")])
+    print(f"kNN top-1: random init {random_init['knn_top1']:.2f}, SimCLR {trained['knn_top1']:.2f}")
+    assert trained["knn_top1"] >= random_init["knn_top1"] + 5
+    # and above what a random init reaches without zero-init residual BN (measured here: 66-68)
+    assert trained["knn_top1"] >= 70
+
+
 # ---------------------------------------------------------------------------------------
-# MoCo: logits, queue, key encoder, shuffle BN
+# MoCo: logits, queue, key encoder, shuffle BN, real data
 # ---------------------------------------------------------------------------------------
 def test_moco_logits_and_loss_match_naive_computation():
     g = torch.Generator().manual_seed(0)
@@ -157,7 +415,7 @@ def test_moco_step_momentum_update_queue_and_no_key_gradient():
     for new, old_k, old_q in zip(model.encoder_k.parameters(), theta_k, theta_q):
         torch.testing.assert_close(new, m * old_k + (1 - m) * old_q)
     logits, labels = moco.moco_logits(q, k, model.queue, 0.2)
-    model._dequeue_and_enqueue(k)
+    model.dequeue_and_enqueue(k)
     F.cross_entropy(logits, labels).backward()
     assert all(p.grad is not None for p in model.encoder_q.parameters())
     assert all(p.grad is None and not p.requires_grad for p in model.encoder_k.parameters())
@@ -167,7 +425,7 @@ def test_moco_step_momentum_update_queue_and_no_key_gradient():
     assert model.queue_ptr.item() == 4
     for step in range(2, 5):  # 12 slots, 4 keys a step: the pointer wraps after the third step
         _, k = model(torch.randn(4, 6), torch.randn(4, 6), torch.Generator().manual_seed(step))
-        model._dequeue_and_enqueue(k)
+        model.dequeue_and_enqueue(k)
         assert model.queue_ptr.item() == (4 * step) % 12
     assert torch.equal(model.queue[:, :4], k.T)  # the fourth batch overwrote the first
 
@@ -194,11 +452,9 @@ def test_split_batch_norm_normalises_each_group_alone():
     torch.testing.assert_close(bn(x), F.batch_norm(x, bn.running_mean, bn.running_var))  # eval: ordinary BN
 
 
-def _moco_steps(rank, world_size, init_file, out_file):
+def _moco_steps(rank, world_size, out_file):
     """Three MoCo steps on a fixed global batch of 8, split over the ranks; an encoder without BN, so one
     process on the whole batch must give the same result as DDP."""
-    if world_size > 1:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     model = tiny_moco(K=16, m=0.9, batch_norm=False)
     ddp = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world_size > 1 else model
     opt = torch.optim.SGD(model.encoder_q.parameters(), lr=0.5, momentum=0.9)
@@ -210,7 +466,7 @@ def _moco_steps(rank, world_size, init_file, out_file):
         torch.testing.assert_close(k, F.normalize(model.encoder_k(x_k[rank * n:(rank + 1) * n]), dim=1))
         logits, labels = moco.moco_logits(q, k, model.queue, 0.2)
         loss = F.cross_entropy(logits, labels)
-        model._dequeue_and_enqueue(k)
+        model.dequeue_and_enqueue(k)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -218,13 +474,11 @@ def _moco_steps(rank, world_size, init_file, out_file):
         shuffled, _ = model._batch_shuffle(torch.arange(n * rank, n * (rank + 1)).float()[:, None], common.step_generator(0, 0, "cpu"))
         assert not set(shuffled.flatten().long().tolist()) <= set(range(n * rank, n * (rank + 1)))
     torch.save(model.state_dict(), f"{out_file}.{rank}")
-    if world_size > 1:
-        dist.destroy_process_group()
 
 
 def test_moco_two_ranks_equal_one_process(tmp_path):
-    _moco_steps(0, 1, None, tmp_path / "single")
-    torch.multiprocessing.spawn(_moco_steps, args=(2, tmp_path / "init", tmp_path / "ddp"), nprocs=2)
+    _moco_steps(0, 1, tmp_path / "single")
+    two_ranks(_moco_steps, tmp_path / "init", tmp_path / "ddp")
     single, rank0, rank1 = (torch.load(tmp_path / name) for name in ("single.0", "ddp.0", "ddp.1"))
     for key in single:
         assert torch.equal(rank0[key], rank1[key]), key  # every rank holds the same weights and queue
@@ -232,8 +486,35 @@ def test_moco_two_ranks_equal_one_process(tmp_path):
     assert rank0["queue_ptr"].item() == (3 * 8) % 16  # the pointer advanced by the GLOBAL batch
 
 
+@pytest.mark.parametrize("flag, value", [("--moco-m", "1.5"), ("--moco-t", "0"), ("--moco-k", "0"), ("--bn-splits", "0")])
+def test_bad_moco_flags_stop_at_parse_time(flag, value, capsys):
+    with pytest.raises(SystemExit) as e:
+        moco.main(TINY + [flag, value])
+    assert e.value.code == 2 and f"argument {flag}" in capsys.readouterr().err
+
+
+def test_moco_queue_not_divisible_by_batch(tiny_imagefolder, tmp_path):
+    expect_error(TINY + ["--data", tiny_imagefolder, "--batch-size", "16", "--moco-k", "100", "--out", str(tmp_path)],
+                 "--moco-k 100 is not divisible by --batch-size 16", "96 or 112", module=moco)
+    expect_error(TINY + ["--data", tiny_imagefolder, "--batch-size", "12", "--moco-k", "48", "--bn-splits", "8",
+                         "--out", str(tmp_path)], "--batch-size 12 is not divisible by --bn-splits 8", module=moco)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir(common.DEBIAN_FASHION_MNIST), reason="apt-get install dataset-fashion-mnist")
+def test_moco_v2_beats_random_init_on_fashion_mnist(tmp_path):
+    # the demo's K 4096, m 0.99, T 0.1 and lr per 256; batch 128 gives this short run 2x the momentum updates
+    # (measured here, 5 epochs: batch 256 gave kNN 73.4, batch 128 74.7, against 67.8 at random init)
+    args = FASHION + ["--batch-size", "128"]
+    random_init = moco.main(args + ["--eval-only", "--out", str(tmp_path / "random")])
+    trained = moco.main(args + ["--epochs", "5", "--mlp", "--aug-plus", "--cos", "--lr", "0.06", "--moco-k", "4096",
+                                "--moco-m", "0.99", "--moco-t", "0.1", "--out", str(tmp_path / "moco")])
+    print(f"kNN top-1: random init {random_init['knn_top1']:.2f}, MoCo v2 {trained['knn_top1']:.2f}")
+    assert trained["knn_top1"] >= random_init["knn_top1"] + 5
+
+
 # ---------------------------------------------------------------------------------------
-# Instance discrimination: NCE, softmax, memory bank, noise
+# Instance discrimination: NCE, softmax, memory bank, noise, real data
 # ---------------------------------------------------------------------------------------
 def test_instdisc_nce_loss_matches_naive_computation():
     g = torch.Generator().manual_seed(0)
@@ -276,14 +557,12 @@ def test_instdisc_bank_error_names_the_size():
     instdisc.check_bank_fits(1000, 128, torch.device("cpu"))  # a small bank passes
 
 
-def _instdisc_steps(rank, world_size, init_file, out_file):
+def _instdisc_steps(rank, world_size, out_file):
     """Three NCE steps on a fixed global batch of 8 out of 20 images, split over the ranks; a linear
     encoder without BN, so one process on the whole batch must give the same result as DDP."""
-    if world_size > 1:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     torch.manual_seed(0)
     model = instdisc.InstDisc("resnet-tiny", 32, num_images=20, low_dim=4)
-    model.encoder, model.fc = torch.nn.Identity(), torch.nn.Linear(6, 4)
+    model.trunk, model.fc = torch.nn.Identity(), torch.nn.Linear(6, 4)
     ddp = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world_size > 1 else model
     opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
     n, mine = 8 // world_size, slice(rank * 8 // world_size, (rank + 1) * 8 // world_size)
@@ -306,13 +585,11 @@ def _instdisc_steps(rank, world_size, init_file, out_file):
         assert torch.equal(model.memory[untouched], old[untouched])
         noise.append(idx)
     torch.save({"state": model.state_dict(), "noise": noise}, f"{out_file}.{rank}")
-    if world_size > 1:
-        dist.destroy_process_group()
 
 
 def test_instdisc_two_ranks_equal_one_process(tmp_path):
-    _instdisc_steps(0, 1, None, tmp_path / "single")
-    torch.multiprocessing.spawn(_instdisc_steps, args=(2, tmp_path / "init", tmp_path / "ddp"), nprocs=2)
+    _instdisc_steps(0, 1, tmp_path / "single")
+    two_ranks(_instdisc_steps, tmp_path / "init", tmp_path / "ddp")
     single, rank0, rank1 = (torch.load(tmp_path / name) for name in ("single.0", "ddp.0", "ddp.1"))
     for key in single["state"]:
         assert torch.equal(rank0["state"][key], rank1["state"][key]), key  # the same bank, Z and weights everywhere
@@ -322,8 +599,156 @@ def test_instdisc_two_ranks_equal_one_process(tmp_path):
         assert torch.equal(torch.cat([rank0["noise"][step], rank1["noise"][step]]), single["noise"][step])
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir(common.DEBIAN_FASHION_MNIST), reason="apt-get install dataset-fashion-mnist")
+def test_instdisc_beats_random_init_on_fashion_mnist(tmp_path):
+    # the official CIFAR recipe (full softmax over the bank, tau 0.1, lr 0.03 at batch 128) on 2,000 images, so
+    # each bank row is refreshed 30 times in the budget (measured here: kNN 62.5 and bank kNN 48.1 against 54.0
+    # at random init; NCE with K 4096 on 10,000 images for 5 epochs fell to 40.5: K/n is far from ImageNet's)
+    args = FASHION + ["--subset", "2000", "--batch-size", "128"]
+    random_init = instdisc.main(args + ["--eval-only", "--out", str(tmp_path / "random")])
+    trained = instdisc.main(args + ["--epochs", "30", "--lr", "0.06", "--nce-k", "0", "--nce-t", "0.1",
+                                    "--out", str(tmp_path / "instdisc")])
+    print(f"kNN top-1: random init {random_init['knn_top1']:.2f}, InstDisc {trained['knn_top1']:.2f} "
+          f"(memory-bank kNN {trained['knn_bank_top1']:.2f})")
+    assert trained["knn_top1"] >= random_init["knn_top1"] + 5
+    assert trained["knn_bank_top1"] >= 30  # the bank itself classifies (chance: 10)
+
+
 # ---------------------------------------------------------------------------------------
-# RotNet: the four rotations
+# CPC: patches, causality, InfoNCE, two ranks, real data
+# ---------------------------------------------------------------------------------------
+def test_cpc_patches_are_the_expected_windows():
+    assert cpc.patch_geometry(224) == (256, 64, 32)  # v1 Sec. 3.2: 7x7 patches of 64, stride 32, of a 256 crop
+    crop, patch, stride = cpc.patch_geometry(28)
+    assert (crop, patch, stride) == (32, 8, 4)
+    x = torch.arange(2 * 3 * crop * crop, dtype=torch.float).reshape(2, 3, crop, crop)
+    patches = cpc.cut_patches(x, patch, stride)
+    assert patches.shape == (2, 49, 3, patch, patch)
+    for b in range(2):
+        for r in range(7):
+            for c in range(7):
+                assert torch.equal(patches[b, 7 * r + c], x[b, :, r * stride:r * stride + patch, c * stride:c * stride + patch])
+
+
+def rows_seen(context, dim=4, rows=7):
+    """For each output row i, the input rows whose values change it (by the gradient of row i's sum)."""
+    z = torch.randn(2, dim, rows, 5, requires_grad=True)
+    seen = []
+    for i in range(rows):
+        grad, = torch.autograd.grad(context(z)[:, :, i].sum(), z)
+        seen.append({r for r in range(rows) if grad[:, :, r].abs().sum() > 0})
+    return seen
+
+
+def test_cpc_context_sees_only_the_rows_above():
+    torch.manual_seed(0)
+    context = torch.nn.Sequential(*[cpc.CausalBlock(4, hidden=8) for _ in range(3)], torch.nn.ReLU())
+    for i, seen in enumerate(rows_seen(context)):
+        assert seen and max(seen) <= i, (i, seen)  # nothing below row i, and it does see something
+        assert seen == set(range(max(0, i - 3), i + 1))  # each block's 2x1 convolution reaches one row further up
+    plain = torch.nn.Conv2d(4, 4, 3, padding=1)  # the check catches a plain 3x3 convolution, which leaks row i+1
+    assert any(max(seen) > i for i, seen in enumerate(rows_seen(plain)))
+
+
+def naive_info_nce(z, predictions, steps):
+    b, D, H, W = z.shape
+    candidates = [(n, r, c) for n in range(b) for r in range(H) for c in range(W)]
+    per_step = []
+    for k, pred in zip(steps, predictions):
+        losses = []
+        for n in range(b):
+            for i in range(H - k):
+                for j in range(W):
+                    scores = [float(z[n2, :, r, c] @ pred[n, :, i, j]) for n2, r, c in candidates]
+                    positive = candidates.index((n, i + k, j))
+                    losses.append(-scores[positive] + float(np.log(np.sum(np.exp(scores)))))
+        per_step.append(np.mean(losses))
+    return float(np.mean(per_step))
+
+
+def test_cpc_info_nce_matches_naive_loop():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(2, 3, 7, 2, generator=g)
+    steps = [2, 3]
+    predictions = [torch.randn(2, 3, 7 - k, 2, generator=g) for k in steps]
+    assert cpc.info_nce(z, predictions, steps).item() == pytest.approx(naive_info_nce(z, predictions, steps), rel=1e-5)
+
+
+def _cpc_loss_and_grads(rank, world_size, out_file):
+    """CPC loss and gradients on this rank's share of a fixed global batch of 4 images (layer norm: no batch
+    statistics, so one process on the whole batch must agree with 2 ranks)."""
+    torch.manual_seed(0)
+    model = cpc.CPC("resnet-tiny", 28, "layer", steps=[1, 2], context_blocks=1)
+    patches = torch.randn(4, 49, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    n = 4 // world_size
+    ddp = torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
+    z, predictions = ddp(patches[rank * n:(rank + 1) * n])
+    loss = cpc.info_nce(z, predictions, model.steps)
+    loss.backward()
+    mean_loss = common.all_reduce(loss.detach(), "mean").item()
+    if rank == 0:
+        torch.save({"loss": mean_loss, "grads": [p.grad.clone() for p in model.parameters()]}, out_file)
+
+
+def test_cpc_two_ranks_equal_one_process(tmp_path):
+    _cpc_loss_and_grads(0, 1, tmp_path / "single.pt")
+    two_ranks(_cpc_loss_and_grads, tmp_path / "init", tmp_path / "ddp.pt")
+    single, ddp = torch.load(tmp_path / "single.pt"), torch.load(tmp_path / "ddp.pt")
+    assert ddp["loss"] == pytest.approx(single["loss"], rel=1e-5)
+    for g_ddp, g_single in zip(ddp["grads"], single["grads"]):
+        torch.testing.assert_close(g_ddp, g_single, rtol=1e-4, atol=1e-6)
+
+
+def test_cpc_geometry_and_skip_errors(tiny_imagefolder, tmp_path):
+    expect_error(TINY + ["--data", tiny_imagefolder, "--image-size", "8", "--out", str(tmp_path)],
+                 "--image-size 8", "needs --image-size >= 11", module=cpc)
+    expect_error(TINY + ["--data", tiny_imagefolder, "--skip-rows", "5", "--out", str(tmp_path)],
+                 "--skip-rows 5", module=cpc)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir(common.DEBIAN_FASHION_MNIST), reason="apt-get install dataset-fashion-mnist")
+def test_cpc_beats_random_init_on_fashion_mnist(tmp_path):
+    # v1 as is (no normalisation, steps 1..5, greyscale, patch jitter) with Adam at 2e-3, not v1's 2e-4: a 3-epoch run
+    # of 4,000 images is 187 steps (measured here: loss 7.47 -> 6.16, kNN 61.6 against 51.1 at random init; at 2e-4
+    # on 2,000 images, kNN 42.0 against 42.7)
+    args = FASHION + ["--subset", "4000", "--batch-size", "64"]
+    random_init = cpc.main(args + ["--eval-only", "--out", str(tmp_path / "random")])
+    out = str(tmp_path / "cpc")
+    trained = cpc.main(args + ["--epochs", "3", "--lr", "2e-3", "--out", out])
+    losses = [m["loss"] for m in read_metrics(out) if "loss" in m]
+    print(f"InfoNCE {losses[0]:.2f} -> {losses[-1]:.2f} (log of the 64 x 49 candidates: {np.log(64 * 49):.2f}); "
+          f"kNN top-1 on the grid-mean z: random init {random_init['knn_top1']:.2f}, CPC {trained['knn_top1']:.2f}")
+    assert losses[-1] < losses[0] - 0.5
+    assert trained["knn_top1"] >= random_init["knn_top1"] + 5
+
+
+def test_cpc_patch_jitter_moves_the_content_and_the_probe_sees_grey():
+    args = cpc.parse_args(["--dataset", "cifar10", "--image-size", "224"])
+    grid = cpc.PatchGrid(args)
+    image = torchvision.transforms.functional.to_pil_image(torch.rand(3, 300, 300))
+    torch.manual_seed(0)
+    patches = grid(image)  # (49, 3, 64, 64), greyscale (v1): every channel the same up to normalisation
+    assert patches.shape == (49, 3, 64, 64)
+    zero = (patches == 0).all(1)  # the padding: exactly 64 - 60 rows and columns of each patch
+    assert ((~zero).any(2).sum(1) == 60).all() and ((~zero).any(1).sum(1) == 60).all()
+    # the content moved: undo the crop and compare with the unjittered grid of the same image
+    torch.manual_seed(0)
+    clean = cpc.cut_patches(grid.image(image)[None], grid.patch, grid.stride)[0]
+    assert not all(torch.equal(p[:, ~z], c[:, ~z]) for p, c, z in zip(patches, clean, zero))
+    # the v1 probe turns colour into grey as training did: a grey image gives the same feature as its colour copy
+    model = cpc.CPC("resnet-tiny", 32, "none", steps=[1], context_blocks=1).eval()
+    probe = cpc.GridMean(model, cpc.parse_args(["--dataset", "cifar10"]))
+    colour = torch.randn(2, 3, 32, 32)
+    mean, std = (torch.tensor(v)[:, None, None] for v in common.MEAN_STD["cifar10"])
+    grey = (((colour * std + mean) * torch.tensor([0.299, 0.587, 0.114])[:, None, None]).sum(1, keepdim=True) - mean) / std
+    with torch.no_grad():
+        torch.testing.assert_close(probe(colour), probe(grey))
+
+
+# ---------------------------------------------------------------------------------------
+# RotNet: the four rotations, real data
 # ---------------------------------------------------------------------------------------
 def test_rotation_labels_match_the_rotation_applied():
     x = torch.randn(3, 2, 5, 5)
@@ -339,8 +764,19 @@ def test_rotation_labels_match_the_rotation_applied():
     assert rotation.rotate_batch(square)[0][1, 0].tolist() == [[2, 4], [1, 3]]
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir(common.DEBIAN_FASHION_MNIST), reason="apt-get install dataset-fashion-mnist")
+def test_rotation_beats_random_init_on_fashion_mnist(tmp_path):
+    # the official CIFAR recipe (batch 128 at lr 0.1, Nesterov momentum 0.9, wd 5e-4), 2 epochs of 10,000 images
+    args = FASHION + ["--batch-size", "128"]
+    random_init = rotation.main(args + ["--eval-only", "--out", str(tmp_path / "random")])
+    trained = rotation.main(args + ["--epochs", "2", "--lr", "0.2", "--schedule", "--out", str(tmp_path / "rotation")])
+    print(f"kNN top-1: random init {random_init['knn_top1']:.2f}, RotNet {trained['knn_top1']:.2f}")
+    assert trained["knn_top1"] >= random_init["knn_top1"] + 4
+
+
 # ---------------------------------------------------------------------------------------
-# Jigsaw: permutation set, tiles, puzzle
+# Jigsaw: permutation set, tiles, puzzle, real data
 # ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def default_permutations():
@@ -462,12 +898,46 @@ def test_jigsaw_net_concatenates_the_tiles_in_position_order():
     swapped[1, [0, 4]] = tiles[1, [4, 0]]
     logits_swapped = net(swapped)
     assert torch.equal(logits_swapped[[0, 2]], logits[[0, 2]]) and not torch.allclose(logits_swapped[1], logits[1])
-    f = net.fc6(net.encoder(tiles[1])).relu().reshape(-1)  # puzzle 1 by hand, tile by tile
+    f = net.fc6(net.trunk(tiles[1])).relu().reshape(-1)  # puzzle 1 by hand, tile by tile
     torch.testing.assert_close(net.fc8(net.fc7(f).relu()), logits[1])
 
 
+def held_out_puzzle_accuracy(out, n=1000):
+    """Top-1 of the trained puzzle classifier on puzzles cut from n probe-test images it never saw."""
+    ckpt = load_state(out)
+    args = jigsaw.parse_args(["--dataset", "fashion-mnist", "--num-permutations", str(ckpt["args"]["num_permutations"])])
+    model = jigsaw.JigsawNet("resnet-tiny", args.image_size, ckpt["model"]["permutations"])
+    model.load_state_dict(ckpt["model"])
+    puzzles = common.Transformed(torch.utils.data.Subset(common.fashion_mnist("", "test"), range(n)),
+                                 jigsaw.JigsawPuzzle(args, model.permutations), seed=1)
+    tiles, order = zip(*[puzzles[(i, 0)][0] for i in range(n)])
+    with torch.no_grad():
+        predicted = model.eval()(torch.stack(tiles)).argmax(1)
+    return 100.0 * (predicted == torch.tensor(order)).float().mean().item()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir(common.DEBIAN_FASHION_MNIST), reason="apt-get install dataset-fashion-mnist")
+def test_jigsaw_solves_held_out_puzzles_on_fashion_mnist(tmp_path):
+    """At 28 px the tiles are 8 px: the puzzle is learnt and generalises, but the trunk's last pooled layer does not
+    beat its random init on whole images (measured, 10,000 images: 3 epochs with the 1000-class set, kNN 67.1
+    against 67.8; 100 classes, kNN 67.1 / linear 76.2 against 67.8 / 78.1; at 48 px with 14 px tiles, kNN 61.0 /
+    linear 75.6 against 61.1 / 78.4). So this test checks the puzzle, and prints the probe against random init."""
+    args = FASHION + ["--batch-size", "128"]
+    random_init = jigsaw.main(args + ["--eval-only", "--out", str(tmp_path / "random")])
+    out = str(tmp_path / "jigsaw")
+    trained = jigsaw.main(args + ["--epochs", "3", "--lr", "0.05", "--schedule", "--out", out])
+    accuracy = held_out_puzzle_accuracy(out)
+    losses = [m["loss"] for m in read_metrics(out) if "loss" in m]
+    print(f"held-out puzzle top-1 {accuracy:.1f}% (chance 0.1%); training loss {losses[0]:.2f} -> {losses[-1]:.2f}; "
+          f"kNN top-1: random init {random_init['knn_top1']:.2f}, Jigsaw {trained['knn_top1']:.2f}")
+    assert accuracy >= 5  # measured 15.5 after 3 epochs (the paper's ImageNet CFN: 71 after 350K steps)
+    assert losses[-1] < 0.75 * np.log(1000) < losses[0] + 0.1
+    assert trained["knn_top1"] >= random_init["knn_top1"] - 3  # the trunk was not wrecked on the way
+
+
 # ---------------------------------------------------------------------------------------
-# Context encoder: masks, loss weights, the adversarial switch
+# Context encoder: masks, loss weights, the adversarial switch, real data
 # ---------------------------------------------------------------------------------------
 def test_context_encoder_center_mask_and_overlap_weights():
     hole = context_encoder.center_mask(128)  # the paper's geometry: a 64 px centre, 4 px of it kept visible
@@ -509,6 +979,7 @@ def test_context_encoder_random_masks_cover_a_quarter(kind, low, high):
         assert rows_with_gaps > 100
 
 
+@pytest.mark.slow
 def test_context_encoder_adv_weight_zero_gives_the_discriminator_no_step(tiny_imagefolder, tmp_path):
     base = TINY + ["--data", tiny_imagefolder, "--batch-size", "16", "--epochs", "1", "--max-steps", "2",
                    "--probe-epochs", "0"]
@@ -519,11 +990,11 @@ def test_context_encoder_adv_weight_zero_gives_the_discriminator_no_step(tiny_im
     l2, joint = load_state(str(tmp_path / "l2")), load_state(str(tmp_path / "joint"))
     disc = [k for k in initial if k.startswith("discriminator.")]
     assert disc and all(torch.equal(l2["model"][k], initial[k]) for k in disc)  # no D step at all
-    assert l2["optimizer"]["discriminator"]["state"] == {} and l2["optimizer"]["generator"]["state"]
+    assert l2["optimizer_d"]["state"] == {} and l2["optimizer_g"]["state"]
     assert not all(torch.equal(joint["model"][k], initial[k]) for k in disc)  # with the joint loss D learns
-    assert joint["optimizer"]["discriminator"]["state"]
-    assert l2["optimizer"]["generator"]["param_groups"][0]["lr"] == pytest.approx(2e-4)  # L2 alone: --lr
-    assert joint["optimizer"]["generator"]["param_groups"][0]["lr"] == pytest.approx(2e-3)  # joint: 10x D's
+    assert joint["optimizer_d"]["state"]
+    assert l2["optimizer_g"]["param_groups"][0]["lr"] == pytest.approx(2e-4)  # L2 alone: --lr
+    assert joint["optimizer_g"]["param_groups"][0]["lr"] == pytest.approx(2e-3)  # joint: 10x D's
     # the image grid of the last step: 3 rows (masked, inpainted, original) of 8 images, 32 px + 2 px padding
     grid = torchvision.io.read_image(str(tmp_path / "joint" / "inpainting_step2.png"))
     assert grid.shape == (3, 3 * 34 + 2, 8 * 34 + 2)
@@ -534,312 +1005,28 @@ def test_context_encoder_image_too_small(tiny_imagefolder, tmp_path):
                  "--image-size 6", "use 8 or more", module=context_encoder)
     for kind in ("center", "random-region"):  # the smallest size it names does build (a 1x1 feature map at 8 px)
         model = context_encoder.ContextEncoder("resnet-tiny", 8, kind)
-        assert model.generator.encoder.bn1.num_batches_tracked == 0  # measuring the map left BN alone
-        assert model.training and model.generator.encoder.training
+        assert model.generator.trunk.bn1.num_batches_tracked == 0  # measuring the map left BN alone
+        assert model.training and model.generator.trunk.training
         side = 4 if kind == "center" else 8  # the centre square of half the side, or the whole image
         assert model.generator(torch.randn(2, 3, 8, 8)).shape == (2, 3, side, side)
 
 
-# ---------------------------------------------------------------------------------------
-# CPC: patches, causality, InfoNCE, two ranks
-# ---------------------------------------------------------------------------------------
-def test_cpc_patches_are_the_expected_windows():
-    assert cpc.patch_geometry(224) == (256, 64, 32)  # v1 Sec. 3.2: 7x7 patches of 64, stride 32, of a 256 crop
-    crop, patch, stride = cpc.patch_geometry(28)
-    assert (crop, patch, stride) == (32, 8, 4)
-    x = torch.arange(2 * 3 * crop * crop, dtype=torch.float).reshape(2, 3, crop, crop)
-    patches = cpc.cut_patches(x, patch, stride)
-    assert patches.shape == (2, 49, 3, patch, patch)
-    for b in range(2):
-        for r in range(7):
-            for c in range(7):
-                assert torch.equal(patches[b, 7 * r + c], x[b, :, r * stride:r * stride + patch, c * stride:c * stride + patch])
-
-
-def rows_seen(context, dim=4, rows=7):
-    """For each output row i, the input rows whose values change it (by the gradient of row i's sum)."""
-    z = torch.randn(2, dim, rows, 5, requires_grad=True)
-    seen = []
-    for i in range(rows):
-        grad, = torch.autograd.grad(context(z)[:, :, i].sum(), z)
-        seen.append({r for r in range(rows) if grad[:, :, r].abs().sum() > 0})
-    return seen
-
-
-def test_cpc_context_sees_only_the_rows_above():
-    torch.manual_seed(0)
-    context = torch.nn.Sequential(*[cpc.CausalBlock(4, hidden=8) for _ in range(3)], torch.nn.ReLU())
-    for i, seen in enumerate(rows_seen(context)):
-        assert seen and max(seen) <= i, (i, seen)  # nothing below row i, and it does see something
-        assert seen == set(range(max(0, i - 3), i + 1))  # each block's 2x1 convolution reaches one row further up
-    plain = torch.nn.Conv2d(4, 4, 3, padding=1)  # the check catches a plain 3x3 convolution, which leaks row i+1
-    assert any(max(seen) > i for i, seen in enumerate(rows_seen(plain)))
-
-
-def naive_info_nce(z, predictions, steps):
-    b, D, H, W = z.shape
-    candidates = [(n, r, c) for n in range(b) for r in range(H) for c in range(W)]
-    per_step = []
-    for k, pred in zip(steps, predictions):
-        losses = []
-        for n in range(b):
-            for i in range(H - k):
-                for j in range(W):
-                    scores = [float(z[n2, :, r, c] @ pred[n, :, i, j]) for n2, r, c in candidates]
-                    positive = candidates.index((n, i + k, j))
-                    losses.append(-scores[positive] + float(np.log(np.sum(np.exp(scores)))))
-        per_step.append(np.mean(losses))
-    return float(np.mean(per_step))
-
-
-def test_cpc_info_nce_matches_naive_loop():
-    g = torch.Generator().manual_seed(0)
-    z = torch.randn(2, 3, 7, 2, generator=g)
-    steps = [2, 3]
-    predictions = [torch.randn(2, 3, 7 - k, 2, generator=g) for k in steps]
-    assert cpc.info_nce(z, predictions, steps).item() == pytest.approx(naive_info_nce(z, predictions, steps), rel=1e-5)
-
-
-def _cpc_loss_and_grads(rank, world_size, init_file, out_file):
-    """CPC loss and gradients on this rank's share of a fixed global batch of 4 images (layer norm: no batch
-    statistics, so one process on the whole batch must agree with 2 ranks)."""
-    if world_size > 1:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    torch.manual_seed(0)
-    model = cpc.CPC("resnet-tiny", 28, "layer", steps=[1, 2], context_blocks=1)
-    patches = torch.randn(4, 49, 3, 8, 8, generator=torch.Generator().manual_seed(1))
-    n = 4 // world_size
-    ddp = torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
-    z, predictions = ddp(patches[rank * n:(rank + 1) * n])
-    loss = cpc.info_nce(z, predictions, model.steps)
-    loss.backward()
-    mean_loss = common.all_reduce_mean(loss.detach()).item()
-    if rank == 0:
-        torch.save({"loss": mean_loss, "grads": [p.grad.clone() for p in model.parameters()]}, out_file)
-    if world_size > 1:
-        dist.destroy_process_group()
-
-
-def test_cpc_two_ranks_equal_one_process(tmp_path):
-    _cpc_loss_and_grads(0, 1, None, tmp_path / "single.pt")
-    torch.multiprocessing.spawn(_cpc_loss_and_grads, args=(2, tmp_path / "init", tmp_path / "ddp.pt"), nprocs=2)
-    single, ddp = torch.load(tmp_path / "single.pt"), torch.load(tmp_path / "ddp.pt")
-    assert ddp["loss"] == pytest.approx(single["loss"], rel=1e-5)
-    for g_ddp, g_single in zip(ddp["grads"], single["grads"]):
-        torch.testing.assert_close(g_ddp, g_single, rtol=1e-4, atol=1e-6)
-
-
-def test_cpc_geometry_and_skip_errors(tiny_imagefolder, tmp_path):
-    expect_error(TINY + ["--data", tiny_imagefolder, "--image-size", "8", "--out", str(tmp_path)],
-                 "--image-size 8", "needs --image-size >= 11", module=cpc)
-    expect_error(TINY + ["--data", tiny_imagefolder, "--skip-rows", "5", "--out", str(tmp_path)],
-                 "--skip-rows 5", module=cpc)
-
-
-# ---------------------------------------------------------------------------------------
-# Probing
-# ---------------------------------------------------------------------------------------
-def test_simclr_sqrt_lr_scaling(tiny_imagefolder, tmp_path):
-    """--lr-scaling sqrt: peak lr = lr * sqrt(batch) (official learning_rate_scaling), linear: lr * batch / 256."""
-    args = TINY + ["--data", tiny_imagefolder, "--batch-size", "16", "--warmup-epochs", "0", "--probe-epochs", "0",
-                   "--max-steps", "1", "--print-freq", "1"]
-    for scaling, peak in (("sqrt", 0.075 * 4), ("linear", 0.075 * 16 / 256)):
-        out = str(tmp_path / scaling)
-        simclr.main(args + ["--lr", "0.075", "--lr-scaling", scaling, "--out", out])
-        assert read_metrics(out)[0]["lr"] == pytest.approx(peak)  # step 0 of the cosine is the peak
-
-
-def test_baselines_probe_the_initial_trunk_and_raw_pixels(tiny_imagefolder, tmp_path):
-    """--baselines adds the random-init trunk (the same as --eval-only without weights) and raw pixels."""
-    args = TINY + ["--data", tiny_imagefolder, "--batch-size", "16", "--probe-epochs", "5"]
-    random_init = rotation.main(args + ["--eval-only", "--out", str(tmp_path / "random")])
-    trained = rotation.main(args + ["--epochs", "1", "--baselines", "--out", str(tmp_path / "trained")])
-    assert trained["random_init_knn_top1"] == random_init["knn_top1"]
-    assert trained["random_init_linear_top1"] == random_init["linear_top1"]
-    probe_train, probe_test = (common.Transformed(torchvision.datasets.ImageFolder(os.path.join(tiny_imagefolder, split)),
-                                                  common.eval_transform("imagefolder", 32)) for split in ("train", "val"))
-    pixels = [torch.stack([ds[i][0] for i in range(len(ds))]).flatten(1) for ds in (probe_train, probe_test)]
-    labels = [torch.tensor([ds[i][1] for i in range(len(ds))]) for ds in (probe_train, probe_test)]
-    assert trained["raw_pixels_knn_top1"] == pytest.approx(common.knn_classify(pixels[0], labels[0], pixels[1], labels[1], k=5))
-    assert trained.keys() >= {"knn_top1", "linear_top1", "raw_pixels_linear_top1", "random_init_linear_top5"}
-
-
-def test_knn_matches_naive_vote_and_separates_clusters():
-    g = torch.Generator().manual_seed(0)
-    train_f, train_y = torch.randn(50, 6, generator=g), torch.randint(0, 3, (50,), generator=g)
-    test_f, test_y = torch.randn(20, 6, generator=g), torch.randint(0, 3, (20,), generator=g)
-    k, t = 7, 0.1
-    correct = 0
-    for f, y in zip(test_f, test_y):  # the vote written out plainly
-        sims = F.cosine_similarity(train_f, f[None], dim=1)
-        order = sims.argsort(descending=True)[:k]
-        votes = [sum(float(torch.exp(sims[j] / t)) for j in order if train_y[j] == c) for c in range(3)]
-        correct += int(np.argmax(votes) == int(y))
-    assert common.knn_classify(train_f, train_y, test_f, test_y, k, t, memory_bytes=16 * 50 * 6) == pytest.approx(100 * correct / 20)  # chunks of 6
-
-    centres = torch.randn(4, 32, generator=g) * 5
-    y = torch.arange(400) % 4
-    f = centres[y] + torch.randn(400, 32, generator=g)
-    assert common.knn_classify(f[:300], y[:300], f[300:], y[300:], k=20) == 100.0
-
-
-def test_linear_probe_learns_separable_and_not_random_labels():
-    g = torch.Generator().manual_seed(0)
-    w = torch.randn(32, 5, generator=g)
-    f = torch.randn(1000, 32, generator=g) * 3 + 2
-    y = (f @ w).argmax(1)  # linearly separable by construction
-    top1, top5 = common.linear_probe(f[:800], y[:800], f[800:], y[800:], epochs=30)
-    assert top1 > 90 and top5 == 100.0
-    random_y = torch.randint(0, 5, (1000,), generator=g)
-    top1, _ = common.linear_probe(f[:800], random_y[:800], f[800:], random_y[800:], epochs=30)
-    assert top1 < 40  # chance is 20%
-
-
-def tied_probe_data():
-    """Features with many exactly equal cosine similarities, and sizes that do not divide by 2 ranks: rows of four
-    1s among 8 (norm 2, so every similarity is an exact multiple of 1/4), duplicated rows with other labels."""
-    g = torch.Generator().manual_seed(0)
-
-    def rows(n):
-        return torch.zeros(n, 8).scatter_(1, torch.rand(n, 8, generator=g).argsort(1)[:, :4], 1.0)
-    base = rows(40)
-    train_f = torch.cat([base, base[:21]])  # 61 rows, 21 of them duplicates
-    train_y = torch.randint(0, 4, (61,), generator=g)
-    test_f, test_y = rows(37), torch.randint(0, 4, (37,), generator=g)
-    return train_f, train_y, test_f, test_y
-
-
-def naive_knn_lower_index_wins(train_f, train_y, test_f, test_y, k, t):
-    correct = 0
-    for f, y in zip(test_f, test_y):
-        sims = (F.normalize(train_f, dim=1) @ F.normalize(f, dim=0)).tolist()
-        order = sorted(range(len(sims)), key=lambda j: (-sims[j], j))[:k]  # ties: the lower train index first
-        votes = [sum(np.exp(sims[j] / t) for j in order if train_y[j] == c) for c in range(4)]
-        correct += int(np.argmax(votes) == int(y))
-    return 100.0 * correct / len(test_y)
-
-
-def _sharded_probes(rank, world_size, init_file, out_file):
-    """Each rank passes its strided share (as DistributedSampler deals them) to the sharded kNN and linear probe."""
-    if world_size > 1:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    train_f, train_y, test_f, test_y = tied_probe_data()
-    mine = torch.arange(len(train_f))[rank::world_size]
-    test_mine = torch.arange(len(test_f))[rank::world_size]
-    results = {"knn": [common.knn_classify(train_f[mine], train_y[mine], test_f[test_mine], test_y[test_mine], k, 0.1,
-                                           train_index=mine, memory_bytes=16 * 2 * 31 * 5) for k in (1, 5, 20, 61)]}
-    g = torch.Generator().manual_seed(1)
-    w = torch.randn(8, 3, generator=g)
-    f = torch.randn(5001, 8, generator=g) * 3 + 2
-    y = (f @ w + torch.randn(5001, 3, generator=g) * 2).argmax(1)  # noisy linear labels: accuracy well below 100
-    share = torch.arange(4001)[rank::world_size]
-    held_out = torch.arange(4001, 5001)[rank::world_size]
-    results["linear"] = common.linear_probe(f[share], y[share], f[held_out], y[held_out], epochs=10)
-    results["rows"] = (len(share), len(held_out))
-    gathered = [None] * world_size
-    if world_size > 1:
-        dist.all_gather_object(gathered, results)
-        dist.destroy_process_group()
-    else:
-        gathered = [results]
-    if rank == 0:
-        torch.save(gathered, out_file)
-
-
-def test_sharded_knn_and_linear_probe_equal_one_process(tmp_path):
-    _sharded_probes(0, 1, None, tmp_path / "single.pt")
-    torch.multiprocessing.spawn(_sharded_probes, args=(2, tmp_path / "init", tmp_path / "ddp.pt"), nprocs=2)
-    (single,), ranks = torch.load(tmp_path / "single.pt"), torch.load(tmp_path / "ddp.pt")
-    train_f, train_y, test_f, test_y = tied_probe_data()
-    for k, knn in zip((1, 5, 20, 61), single["knn"]):  # the one-process kNN is the vote written out
-        assert knn == pytest.approx(naive_knn_lower_index_wins(train_f, train_y, test_f, test_y, k, 0.1)), k
-    for r in ranks:
-        assert r["knn"] == single["knn"]  # exactly, on every rank, ties included
-        # the linear probe: each rank trained on its ~half, gradients averaged; within 1 point of one process
-        # (the minibatches hold other samples, so only the optimum is shared, not the path)
-        assert abs(r["linear"][0] - single["linear"][0]) <= 1.0 and r["linear"] == ranks[0]["linear"]
-    print(f"linear top-1: one process {single['linear'][0]:.2f}, two ranks {ranks[0]['linear'][0]:.2f}")
-    assert single["linear"][0] < 97 and [r["rows"] for r in ranks] == [(2001, 500), (2000, 500)]
-
-
-class IndexedVectors(torch.utils.data.Dataset):
-    """n vectors of size dim, made from the index on the fly (the dataset itself holds nothing)."""
-
-    def __init__(self, n, dim):
-        self.n, self.dim = n, dim
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        return torch.arange(self.dim, dtype=torch.float).mul_(i % 101 + 1).sin_(), i % 10, i
-
-
-def proc_status_bytes(key):
-    """VmRSS (resident now) or VmHWM (its peak since the last reset) of this process, from Linux's /proc."""
-    with open("/proc/self/status") as f:
-        return 1024 * int(next(line.split()[1] for line in f if line.startswith(key + ":")))
-
-
-def _evaluation_shares_and_peak(rank, world_size, init_file, n, out_file):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    args = rotation.parse_args(["--batch-size", "512", "--workers", "0", "--probe-epochs", "1", "--knn-k", "20"])
-    args.amp = False
-    common.KNN_MEMORY_BYTES = 2 ** 22  # the kNN's fixed working set, small, so the features' share shows
-    train, test = IndexedVectors(n, 1024), IndexedVectors(500, 1024)
-    loaders = [common.eval_loader(ds, args, world_size, rank) for ds in (train, test)]
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the peak (VmHWM) to what is resident now
-    before = proc_status_bytes("VmRSS")
-    common.evaluate(torch.nn.Identity(), *loaders, torch.device("cpu"), args)
-    peak = proc_status_bytes("VmHWM") - before  # the evaluation's own peak, above what was resident
-    shares = [None] * world_size
-    mine = common.extract_features(torch.nn.Identity(), loaders[0], torch.device("cpu"))[2].tolist()
-    dist.all_gather_object(shares, (mine, peak))
-    if rank == 0:
-        torch.save(shares, out_file)
-    dist.destroy_process_group()
-
-
-def test_each_rank_holds_its_share_and_evaluation_memory_grows_as_n_over_world(tmp_path):
-    """Two gloo ranks, two synthetic sizes: each rank extracts exactly its share (no padding repeats), and the
-    evaluation's peak memory above what was resident grows by about N / world x 1024 floats, not N x 1024."""
-    peaks = {}
-    for n in (20_001, 60_001):
-        torch.multiprocessing.spawn(_evaluation_shares_and_peak, args=(2, tmp_path / f"init{n}", n, tmp_path / f"{n}.pt"),
-                                    nprocs=2)
-        shares = torch.load(tmp_path / f"{n}.pt")
-        (rank0, peak0), (rank1, peak1) = shares
-        assert len(rank0) == (n + 1) // 2 and len(rank1) == n // 2 and sorted(rank0 + rank1) == list(range(n))
-        peaks[n] = max(peak0, peak1)
-    all_features = 40_000 * 1024 * 4  # what holding every extra feature on each rank would add
-    growth = peaks[60_001] - peaks[20_001]
-    print(f"evaluation peak per rank: {peaks[20_001] / 2**20:.0f} MiB at N 20,001, {peaks[60_001] / 2**20:.0f} MiB at "
-          f"N 60,001: +{growth / 2**20:.0f} MiB (N / world x 1024 fp32: {all_features / 2 / 2**20:.0f} MiB)")
-    assert 0.3 * all_features < growth < 0.75 * all_features
-
-
-def test_monitor_subset_is_class_balanced_and_fixed(tiny_imagefolder, tmp_path):
-    labels = torch.tensor([0] * 50 + [1] * 30 + [2] * 20)
-    picked = common.balanced_subset(labels, 30)
-    assert picked == sorted(picked) and picked == common.balanced_subset(labels, 30)  # a fixed list
-    assert collections.Counter(labels[picked].tolist()) == {0: 10, 1: 10, 2: 10}
-    # in a run: the monitor reads that subset of each probe set, every epoch, on both ranks; the end reads all
-    out = str(tmp_path)
-    r = torchrun("rotation.py", *TINY, "--data", tiny_imagefolder, "--batch-size", "16", "--epochs", "2",
-                 "--eval-every", "1", "--monitor-subset", "4", "--probe-epochs", "0", "--out", out)
-    assert r.returncode == 0, r.stderr[-2000:]
-    monitors = [m for m in read_metrics(out) if "knn_top1" in m]
-    assert len(monitors) == 2  # epoch 1's monitor, then the final evaluation
-    args = rotation.parse_args(TINY + ["--data", tiny_imagefolder, "--monitor-subset", "4"])
-    model = torch.nn.Linear(1, 1)
-    _, probe_train, probe_test = common.build_datasets(args, None)
-    loaders = [common.eval_loader(ds, args, 1, 0) for ds in (probe_train, probe_test)]
-    run = common.Run(args, model, torch.optim.SGD(model.parameters(), lr=0.1), model, loaders, torch.device("cpu"), 0, 1)
-    for full, monitor in zip(loaders, run.monitor_loaders):
-        chosen = monitor.dataset.indices
-        assert chosen == common.balanced_subset(common.dataset_labels(full.dataset), 4)
-        assert collections.Counter(common.dataset_labels(full.dataset)[chosen].tolist()) == {0: 2, 1: 2}
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir(common.DEBIAN_FASHION_MNIST), reason="apt-get install dataset-fashion-mnist")
+def test_context_encoder_learns_to_inpaint_on_fashion_mnist(tmp_path):
+    # random-region holes, the joint loss (0.999 L2 + 0.001 adversarial), batch 64, Adam 2e-4 / 2e-3 as official;
+    # 2 epochs of 10,000 images (measured here: kNN 70.5 / linear 80.7 against 67.8 / 78.1 at random init)
+    args = FASHION + ["--batch-size", "64", "--probe-epochs", "30"]
+    random_init = context_encoder.main(args + ["--eval-only", "--out", str(tmp_path / "random")])
+    out = str(tmp_path / "context_encoder")
+    trained = context_encoder.main(args + ["--epochs", "2", "--out", out])
+    losses = [m["loss"] for m in read_metrics(out) if "loss" in m]
+    print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f}; kNN / linear top-1: random init {random_init['knn_top1']:.2f} / "
+          f"{random_init['linear_top1']:.2f}, Context Encoder {trained['knn_top1']:.2f} / {trained['linear_top1']:.2f}")
+    assert losses[-1] < 0.8 * losses[0]  # the reconstruction improves
+    assert trained["knn_top1"] >= random_init["knn_top1"] + 1.5
+    assert trained["linear_top1"] >= random_init["linear_top1"] + 1.5
+    assert os.path.exists(os.path.join(out, f"inpainting_step{2 * 10000 // 64}.png"))
 
 
 # ---------------------------------------------------------------------------------------
@@ -1015,110 +1202,195 @@ def test_device_stage_on_cuda_equals_cpu():
 
 
 # ---------------------------------------------------------------------------------------
-# Training runs
+# Probing: kNN, linear probe, sharded evaluation, the monitor, baselines
 # ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize("method", METHODS)
-def test_torchrun_two_ranks_stay_in_sync(method, tiny_imagefolder, tmp_path):
-    out = str(tmp_path / "run")
-    r = torchrun(f"{method}.py", *TINY, *METHODS[method][1], "--data", tiny_imagefolder, "--batch-size", "16",
-                 "--epochs", "2", "--eval-every", "1", "--out", out)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.count("loss") == 8  # 64 images / 16 = 4 steps an epoch, a line each, from rank 0 only
-    metrics = read_metrics(out)
-    train_lines = [m for m in metrics if "loss" in m]
-    assert [m["step"] for m in train_lines] == list(range(1, 9))
-    assert all(m["img_per_s"] > 0 and m["lr"] >= 0 for m in train_lines)
-    assert [m["epoch"] for m in metrics if "knn_top1" in m] == [1, 2]  # the monitor after epoch 1, then the end
-    final = metrics[-1]
-    assert final["rank_weight_max_diff"] == 0.0
-    assert 0 <= final["knn_top1"] <= 100 and "linear_top1" in final
-    assert torch.load(os.path.join(out, "checkpoint.pth"), weights_only=False)["epoch"] == 2
+@pytest.mark.slow
+def test_baselines_probe_the_initial_trunk_and_raw_pixels(tiny_imagefolder, tmp_path):
+    """--baselines adds the random-init trunk (the same as --eval-only without weights) and raw pixels."""
+    args = TINY + ["--data", tiny_imagefolder, "--batch-size", "16", "--probe-epochs", "5"]
+    random_init = rotation.main(args + ["--eval-only", "--out", str(tmp_path / "random")])
+    trained = rotation.main(args + ["--epochs", "1", "--baselines", "--out", str(tmp_path / "trained")])
+    assert trained["random_init_knn_top1"] == random_init["knn_top1"]
+    assert trained["random_init_linear_top1"] == random_init["linear_top1"]
+    probe_train, probe_test = (common.Transformed(torchvision.datasets.ImageFolder(os.path.join(tiny_imagefolder, split)),
+                                                  common.eval_transform("imagefolder", 32)) for split in ("train", "val"))
+    pixels = [torch.stack([ds[i][0] for i in range(len(ds))]).flatten(1) for ds in (probe_train, probe_test)]
+    labels = [torch.tensor([ds[i][1] for i in range(len(ds))]) for ds in (probe_train, probe_test)]
+    assert trained["raw_pixels_knn_top1"] == pytest.approx(common.knn_classify(pixels[0], labels[0], pixels[1], labels[1], k=5))
+    assert trained.keys() >= {"knn_top1", "linear_top1", "raw_pixels_linear_top1", "random_init_linear_top5"}
 
 
-def step_losses(out):
-    return [r["loss"] for r in read_metrics(out) if "loss" in r]
+def test_knn_matches_naive_vote_and_separates_clusters():
+    g = torch.Generator().manual_seed(0)
+    train_f, train_y = torch.randn(50, 6, generator=g), torch.randint(0, 3, (50,), generator=g)
+    test_f, test_y = torch.randn(20, 6, generator=g), torch.randint(0, 3, (20,), generator=g)
+    k, t = 7, 0.1
+    correct = 0
+    for f, y in zip(test_f, test_y):  # the vote written out plainly
+        sims = F.cosine_similarity(train_f, f[None], dim=1)
+        order = sims.argsort(descending=True)[:k]
+        votes = [sum(float(torch.exp(sims[j] / t)) for j in order if train_y[j] == c) for c in range(3)]
+        correct += int(np.argmax(votes) == int(y))
+    assert common.knn_classify(train_f, train_y, test_f, test_y, k, t, memory_bytes=16 * 50 * 6) == pytest.approx(100 * correct / 20)  # chunks of 6
+
+    centres = torch.randn(4, 32, generator=g) * 5
+    y = torch.arange(400) % 4
+    f = centres[y] + torch.randn(400, 32, generator=g)
+    assert common.knn_classify(f[:300], y[:300], f[300:], y[300:], k=20) == 100.0
 
 
-TWO_STEPS = ["--batch-size", "16", "--max-steps", "2", "--probe-epochs", "0", "--eval-every", "0"]
+def test_linear_probe_learns_separable_and_not_random_labels():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(32, 5, generator=g)
+    f = torch.randn(1000, 32, generator=g) * 3 + 2
+    y = (f @ w).argmax(1)  # linearly separable by construction
+    top1, top5 = common.linear_probe(f[:800], y[:800], f[800:], y[800:], epochs=30)
+    assert top1 > 90 and top5 == 100.0
+    random_y = torch.randint(0, 5, (1000,), generator=g)
+    top1, _ = common.linear_probe(f[:800], random_y[:800], f[800:], random_y[800:], epochs=30)
+    assert top1 < 40  # chance is 20%
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_two_steps_under_bf16_autocast(method, tiny_imagefolder, tmp_path):
-    """The CUDA default (bf16 autocast) exercised on CPU: dtypes meet, and the loss is fp32's to bf16's precision."""
-    module, extra = METHODS[method]
-    args = TINY + extra + TWO_STEPS + ["--data", tiny_imagefolder]
-    module.main(args + ["--amp", "--out", str(tmp_path / "bf16")])
-    module.main(args + ["--no-amp", "--out", str(tmp_path / "fp32")])
-    bf16, fp32 = step_losses(tmp_path / "bf16"), step_losses(tmp_path / "fp32")
-    assert len(bf16) == 2 and all(math.isfinite(v) for v in bf16)
-    assert bf16[0] != fp32[0] and bf16[0] == pytest.approx(fp32[0], rel=0.05)  # autocast was on, and close
+def probe_data():
+    """Features in general position (no two cosine similarities equal), sizes that do not divide by 2 ranks, and
+    labels unrelated to the features, so that every vote counts: 61 train rows, 37 test rows, 4 classes."""
+    g = torch.Generator().manual_seed(0)
+    train_f, train_y = torch.randn(61, 8, generator=g), torch.randint(0, 4, (61,), generator=g)
+    test_f, test_y = torch.randn(37, 8, generator=g), torch.randint(0, 4, (37,), generator=g)
+    return train_f, train_y, test_f, test_y
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_two_steps_compiled(method, tiny_imagefolder, tmp_path):
-    """--compile (inductor) under bf16, in its own process as users run it: graph breaks that fail, dtype errors
-    in generated code; the first loss is eager bf16's up to fused rounding."""
-    module, extra = METHODS[method]
-    args = TINY + extra + TWO_STEPS + ["--data", tiny_imagefolder, "--amp"]
-    module.main(args + ["--out", str(tmp_path / "eager")])
-    done = subprocess.run([sys.executable, f"{method}.py", *args, "--compile", "--out", str(tmp_path / "compiled")],
-                          cwd=HERE, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    compiled, eager = step_losses(tmp_path / "compiled"), step_losses(tmp_path / "eager")
-    assert len(compiled) == 2 and compiled[0] == pytest.approx(eager[0], rel=0.05)
+def naive_knn(train_f, train_y, test_f, test_y, k, t):
+    correct = 0
+    for f, y in zip(test_f, test_y):
+        sims = (F.normalize(train_f, dim=1) @ F.normalize(f, dim=0)).tolist()
+        order = sorted(range(len(sims)), key=lambda j: -sims[j])[:k]
+        votes = [sum(np.exp(sims[j] / t) for j in order if train_y[j] == c) for c in range(4)]
+        correct += int(np.argmax(votes) == int(y))
+    return 100.0 * correct / len(test_y)
 
 
-def load_state(out):
-    return torch.load(os.path.join(out, "checkpoint.pth"), weights_only=False)
+def _sharded_probes(rank, world_size, out_file):
+    """Each rank passes its strided share (as DistributedSampler deals them) to the sharded kNN and linear probe."""
+    train_f, train_y, test_f, test_y = probe_data()
+    mine = torch.arange(len(train_f))[rank::world_size]
+    test_mine = torch.arange(len(test_f))[rank::world_size]
+    results = {"knn": [common.knn_classify(train_f[mine], train_y[mine], test_f[test_mine], test_y[test_mine], k, 0.1,
+                                           memory_bytes=16 * 2 * 31 * 5) for k in (1, 5, 20, 61)]}
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(8, 3, generator=g)
+    f = torch.randn(5001, 8, generator=g) * 3 + 2
+    y = (f @ w + torch.randn(5001, 3, generator=g) * 2).argmax(1)  # noisy linear labels: accuracy well below 100
+    share = torch.arange(4001)[rank::world_size]
+    held_out = torch.arange(4001, 5001)[rank::world_size]
+    results["linear"] = common.linear_probe(f[share], y[share], f[held_out], y[held_out], epochs=10)
+    results["rows"] = (len(share), len(held_out))
+    gathered = [None] * world_size
+    if world_size > 1:
+        dist.all_gather_object(gathered, results)
+    else:
+        gathered = [results]
+    if rank == 0:
+        torch.save(gathered, out_file)
 
 
-def assert_same_state(a, b):
-    """Every parameter and buffer (MoCo's queue and pointer included) bit-identical."""
-    assert a["model"].keys() == b["model"].keys()
-    for key in a["model"]:
-        assert torch.equal(a["model"][key], b["model"][key]), key
+def test_sharded_knn_and_linear_probe_equal_one_process(tmp_path):
+    _sharded_probes(0, 1, tmp_path / "single.pt")
+    two_ranks(_sharded_probes, tmp_path / "init", tmp_path / "ddp.pt")
+    (single,), ranks = torch.load(tmp_path / "single.pt"), torch.load(tmp_path / "ddp.pt")
+    train_f, train_y, test_f, test_y = probe_data()
+    for k, knn in zip((1, 5, 20, 61), single["knn"]):  # the one-process kNN is the vote written out
+        assert knn == pytest.approx(naive_knn(train_f, train_y, test_f, test_y, k, 0.1)), k
+    for r in ranks:
+        assert r["knn"] == single["knn"]  # exactly, on every rank (the two-stage top-k is the global top-k)
+        # the linear probe: each rank trained on its ~half, gradients averaged; within 1 point of one process
+        # (the minibatches hold other samples, so only the optimum is shared, not the path)
+        assert abs(r["linear"][0] - single["linear"][0]) <= 1.0 and r["linear"] == ranks[0]["linear"]
+    print(f"linear top-1: one process {single['linear'][0]:.2f}, two ranks {ranks[0]['linear'][0]:.2f}")
+    assert single["linear"][0] < 97 and [r["rows"] for r in ranks] == [(2001, 500), (2000, 500)]
 
 
-def kill_after_mid_epoch_save(argv, out):
-    """Run a method file in a subprocess, kill -9 it as soon as it has written a mid-epoch checkpoint."""
-    proc = subprocess.Popen([sys.executable, *argv], cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    path = os.path.join(out, "checkpoint.pth")
-    try:
-        while proc.poll() is None:
-            if os.path.exists(path) and load_state(out)["step_in_epoch"] > 0:  # saved atomically: never half-written
-                proc.kill()
-                proc.wait()
-                return load_state(out)
-            time.sleep(0.01)
-        pytest.fail(f"the run ended before a mid-epoch checkpoint: {proc.stderr.read()[-2000:]}")
-    finally:
-        proc.kill()
+class IndexedVectors(torch.utils.data.Dataset):
+    """n vectors of size dim, made from the index on the fly (the dataset itself holds nothing)."""
+
+    def __init__(self, n, dim):
+        self.n, self.dim = n, dim
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return torch.arange(self.dim, dtype=torch.float).mul_(i % 101 + 1).sin_(), i % 10, i
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_resume_reaches_the_same_weights(method, tiny_imagefolder, tmp_path):
-    """Straight run (2 workers) == stop at an epoch end + resume == kill -9 after a mid-epoch --save-every
-    checkpoint + resume (0 workers): the same weights and method state, bit for bit."""
-    module, extra = METHODS[method]
-    # --epochs 50 fixes the lr schedule; --max-steps 8 ends the runs after 2 epochs of 4 steps
-    args = TINY + extra + ["--data", tiny_imagefolder, "--batch-size", "16", "--epochs", "50", "--probe-epochs", "0",
-                           "--eval-every", "0"]
-    straight, stopped, killed = (str(tmp_path / name) for name in ("straight", "stopped", "killed"))
-    module.main(args + ["--out", straight, "--workers", "2", "--max-steps", "8"])
-    module.main(args + ["--out", stopped, "--max-steps", "4"])
-    assert load_state(stopped)["epoch"] == 1
-    module.main(args + ["--out", stopped, "--max-steps", "8", "--resume", os.path.join(stopped, "checkpoint.pth")])
-    assert_same_state(load_state(straight), load_state(stopped))
-
-    at_kill = kill_after_mid_epoch_save([f"{method}.py", *args, "--out", killed, "--save-every", "3"], killed)
-    assert at_kill["step_in_epoch"] in (2, 3) and at_kill["global_step"] < 8  # saved at step 3 or 6
-    module.main(args + ["--out", killed, "--max-steps", "8", "--workers", "1",
-                        "--resume", os.path.join(killed, "checkpoint.pth")])
-    assert_same_state(load_state(straight), load_state(killed))
-    conv1 = TRUNK_PREFIX[method] + "conv1.weight"  # and the steps after the kill did change the weights
-    assert not torch.equal(at_kill["model"][conv1], load_state(straight)["model"][conv1])
+def proc_status_bytes(key):
+    """VmRSS (resident now) or VmHWM (its peak since the last reset) of this process, from Linux's /proc."""
+    with open("/proc/self/status") as f:
+        return 1024 * int(next(line.split()[1] for line in f if line.startswith(key + ":")))
 
 
+def _evaluation_shares_and_peak(rank, world_size, n, out_file):
+    args = rotation.parse_args(["--batch-size", "512", "--workers", "0", "--probe-epochs", "1", "--knn-k", "20"])
+    args.amp = False
+    common.KNN_MEMORY_BYTES = 2 ** 22  # the kNN's fixed working set, small, so the features' share shows
+    train, test = IndexedVectors(n, 1024), IndexedVectors(500, 1024)
+    loaders = [common.eval_loader(ds, args) for ds in (train, test)]
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak (VmHWM) to what is resident now
+    before = proc_status_bytes("VmRSS")
+    common.evaluate(torch.nn.Identity(), *loaders, torch.device("cpu"), args)
+    peak = proc_status_bytes("VmHWM") - before  # the evaluation's own peak, above what was resident
+    shares = [None] * world_size
+    mine = common.extract_features(torch.nn.Identity(), loaders[0], torch.device("cpu"))[2].tolist()
+    dist.all_gather_object(shares, (mine, peak))
+    if rank == 0:
+        torch.save(shares, out_file)
+
+
+@pytest.mark.slow
+def test_each_rank_holds_its_share_and_evaluation_memory_grows_as_n_over_world(tmp_path):
+    """Two gloo ranks, two synthetic sizes: each rank extracts exactly its share (no padding repeats), and the
+    evaluation's peak memory above what was resident grows by about N / world x 1024 floats, not N x 1024."""
+    peaks = {}
+    for n in (20_001, 60_001):
+        two_ranks(_evaluation_shares_and_peak, tmp_path / f"init{n}", n, tmp_path / f"{n}.pt")
+        shares = torch.load(tmp_path / f"{n}.pt")
+        (rank0, peak0), (rank1, peak1) = shares
+        assert len(rank0) == (n + 1) // 2 and len(rank1) == n // 2 and sorted(rank0 + rank1) == list(range(n))
+        peaks[n] = max(peak0, peak1)
+    all_features = 40_000 * 1024 * 4  # what holding every extra feature on each rank would add
+    growth = peaks[60_001] - peaks[20_001]
+    print(f"evaluation peak per rank: {peaks[20_001] / 2**20:.0f} MiB at N 20,001, {peaks[60_001] / 2**20:.0f} MiB at "
+          f"N 60,001: +{growth / 2**20:.0f} MiB (N / world x 1024 fp32: {all_features / 2 / 2**20:.0f} MiB)")
+    assert 0.3 * all_features < growth < 0.75 * all_features
+
+
+@pytest.mark.slow
+def test_monitor_subset_is_class_balanced_and_fixed(tiny_imagefolder, tmp_path):
+    labels = torch.tensor([0] * 50 + [1] * 30 + [2] * 20)
+    picked = common.balanced_subset(labels, 30)
+    assert picked == sorted(picked) and picked == common.balanced_subset(labels, 30)  # a fixed list
+    assert collections.Counter(labels[picked].tolist()) == {0: 10, 1: 10, 2: 10}
+    # in a run: the monitor reads that subset of each probe set, every epoch, on both ranks; the end reads all
+    out = str(tmp_path)
+    r = torchrun("rotation.py", *TINY, "--data", tiny_imagefolder, "--batch-size", "16", "--epochs", "2",
+                 "--eval-every", "1", "--monitor-subset", "4", "--probe-epochs", "0", "--out", out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    monitors = [m for m in read_metrics(out) if "knn_top1" in m]
+    assert len(monitors) == 2  # epoch 1's monitor, then the final evaluation
+    args = rotation.parse_args(TINY + ["--data", tiny_imagefolder, "--monitor-subset", "4"])
+    model = torch.nn.Linear(1, 1)
+    _, probe_train, probe_test = common.build_datasets(args, None)
+    run = common.Run(args, torch.device("cpu"), (probe_train, probe_test), model, model=model)
+    for full, monitor in zip(run.probe_loaders, run.monitor_loaders):
+        chosen = monitor.dataset.indices
+        assert chosen == common.balanced_subset(common.dataset_labels(full.dataset), 4)
+        assert collections.Counter(common.dataset_labels(full.dataset)[chosen].tolist()) == {0: 2, 1: 2}
+
+
+# ---------------------------------------------------------------------------------------
+# Data and bad input
+# ---------------------------------------------------------------------------------------
 def test_per_sample_seeding_leaves_the_callers_generator_alone():
     base = common.ArrayDataset(np.zeros((4, 8, 8), dtype=np.uint8), [0, 1, 0, 1])
     views = common.Transformed(base, torchvision.transforms.Compose([
@@ -1132,35 +1404,6 @@ def test_per_sample_seeding_leaves_the_callers_generator_alone():
     assert torch.equal(views[(2, 5)][0], first)  # and the sample's views depend on (seed, epoch, index) only
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_backbone_loads_into_torchvision(method, tiny_imagefolder, tmp_path):
-    module, extra = METHODS[method]
-    out = str(tmp_path / "run")
-    args = TINY + extra + ["--data", tiny_imagefolder, "--arch", "resnet18", "--image-size", "96", "--subset", "8",
-                           "--batch-size", "4", "--probe-epochs", "0"]
-    final = module.main(args + ["--epochs", "1", "--max-steps", "1", "--out", out])
-    # evaluating the saved trunk again gives the run's own final kNN
-    again = module.main(args + ["--eval-only", "--resume", os.path.join(out, "backbone.pth"), "--out", out])
-    assert again["knn_top1"] == final["knn_top1"]
-    if method == "instdisc":  # the paper's bank kNN needs the trained bank, which backbone.pth does not hold
-        assert "knn_bank_top1" in final and "knn_bank_top1" not in again
-    state = torch.load(os.path.join(out, "backbone.pth"))
-    # CPC's trunk has no normalisation layers (v1): build torchvision's with the same norm_layer
-    net = torchvision.models.resnet18(**({"norm_layer": cpc.norm_layer("none")} if method == "cpc" else {}))
-    missing, unexpected = net.load_state_dict(state, strict=False)
-    assert sorted(missing) == ["fc.bias", "fc.weight"] and unexpected == []
-    # every tensor of the torchvision model is the trained trunk's (BN statistics included)
-    trained = load_state(out)["model"]
-    for key, value in net.state_dict().items():
-        if not key.startswith("fc."):
-            assert torch.equal(value, trained[TRUNK_PREFIX[method] + key]), key
-    if method != "cpc":
-        assert not torch.equal(net.layer4[1].bn2.running_mean, torch.zeros(512))  # trained, not the initial buffers
-
-
-# ---------------------------------------------------------------------------------------
-# Data
-# ---------------------------------------------------------------------------------------
 def write_idx_gz(path, array):
     header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
     with gzip.open(path, "wb") as f:
@@ -1189,18 +1432,7 @@ def test_offline_download_says_what_to_place(tmp_path, monkeypatch):
                  "could not download CIFAR10", "cifar-10-python.tar.gz", str(tmp_path))
 
 
-# ---------------------------------------------------------------------------------------
-# Bad input: one clear line, no traceback from inside torch
-# ---------------------------------------------------------------------------------------
-def expect_error(argv, *words, module=simclr):
-    with pytest.raises(SystemExit) as e:
-        module.main(argv)
-    message = str(e.value)
-    assert message.startswith("error: ") and "\n" not in message
-    for w in words:
-        assert w in message, message
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", ["0", "2"])
 def test_undecodable_jpeg_names_the_file(workers, tmp_path):
     """A truncated JPEG stops with one line naming it relative to --data, from the main process or a worker."""
@@ -1220,222 +1452,8 @@ def test_missing_data_folder(tmp_path):
     expect_error(TINY + ["--data", str(tmp_path), "--out", str(tmp_path)], "train")
 
 
-@pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("flag, value", [("--batch-size", "0"), ("--knn-k", "0"), ("--epochs", "-1"),
-                                         ("--lr", "nan"), ("--knn-t", "0"), ("--workers", "two")])
-def test_bad_flags_stop_at_parse_time(method, flag, value, capsys):
-    with pytest.raises(SystemExit) as e:
-        METHODS[method][0].main(TINY + [flag, value])
-    assert e.value.code == 2  # argparse's own exit, before any data or model is touched
-    assert f"argument {flag}: '{value}' is not" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("flag, value", [("--moco-m", "1.5"), ("--moco-t", "0"), ("--moco-k", "0"), ("--bn-splits", "0")])
-def test_bad_moco_flags_stop_at_parse_time(flag, value, capsys):
-    with pytest.raises(SystemExit) as e:
-        moco.main(TINY + [flag, value])
-    assert e.value.code == 2 and f"argument {flag}" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("method", METHODS)
-def test_truncated_checkpoint(method, tiny_imagefolder, tmp_path):
-    module, extra = METHODS[method]
-    out = str(tmp_path / "run")
-    args = TINY + extra + ["--data", tiny_imagefolder, "--batch-size", "16", "--epochs", "1", "--max-steps", "1",
-                           "--probe-epochs", "0", "--out", out]
-    module.main(args)
-    path = os.path.join(out, "checkpoint.pth")
-    data = open(path, "rb").read()
-    with open(path, "wb") as f:
-        f.write(data[: len(data) // 2])
-    expect_error(args + ["--resume", path], "truncated or corrupt", module=module)
-    module.main(args)  # a good checkpoint again, resumed with another architecture
-    expect_error(args + ["--resume", path, "--arch", "resnet18"], "does not fit", "--arch", module=module)
-
-
-@pytest.mark.parametrize("method, print_freq", [("simclr", "1"), ("moco", "100"), ("instdisc", "1"), ("rotation", "100"),
-                                                ("jigsaw", "1"), ("context_encoder", "1"), ("cpc", "100")])
-def test_divergence_stops_and_keeps_the_good_checkpoint(method, print_freq, tiny_imagefolder, tmp_path):
-    """A good epoch, then a huge lr: the run stops with one line naming the step and the last good checkpoint,
-    whose file is untouched. print-freq 1 catches it at the progress line, 100 at the next --save-every save."""
-    module, extra = METHODS[method]
-    out = str(tmp_path / "run")
-    path = os.path.join(out, "checkpoint.pth")
-    args = TINY + extra + ["--data", tiny_imagefolder, "--batch-size", "16", "--epochs", "3", "--probe-epochs", "0",
-                           "--out", out, "--print-freq", print_freq, "--save-every", "2"]
-    module.main(args + ["--max-steps", "4"])
-    good = open(path, "rb").read()
-    with pytest.raises(SystemExit) as e:
-        module.main(args + ["--lr", "1e30", "--resume", path])
-    message = str(e.value)
-    assert message.startswith("error: training diverged: non-finite loss or weights at step ") and "\n" not in message
-    assert f"the last good checkpoint is {path} (step 4)" in message
-    step = int(message.split("at step ")[1].split(";")[0])
-    assert step in (5, 6)  # the first step after the good checkpoint whose loss (or weights) went non-finite
-    if print_freq == "1":  # stopped at that step's progress line: every logged loss before it is finite
-        assert [m["step"] for m in read_metrics(out) if "loss" in m][-1] == step - 1
-    assert open(path, "rb").read() == good
-    assert all(torch.isfinite(v).all() for v in load_state(out)["model"].values() if v.is_floating_point())
-
-
-def test_batch_not_divisible_by_world_size(tiny_imagefolder, tmp_path):
-    r = torchrun("simclr.py", *TINY, "--data", tiny_imagefolder, "--batch-size", "15", "--out", str(tmp_path))
-    assert r.returncode != 0
-    assert "error: --batch-size 15 is not divisible by the world size 2" in r.stderr
-
-
-def test_moco_queue_not_divisible_by_batch(tiny_imagefolder, tmp_path):
-    expect_error(TINY + ["--data", tiny_imagefolder, "--batch-size", "16", "--moco-k", "100", "--out", str(tmp_path)],
-                 "--moco-k 100 is not divisible by --batch-size 16", "96 or 112", module=moco)
-    expect_error(TINY + ["--data", tiny_imagefolder, "--batch-size", "12", "--moco-k", "48", "--bn-splits", "8",
-                         "--out", str(tmp_path)], "--batch-size 12 is not divisible by --bn-splits 8", module=moco)
-
-
 # ---------------------------------------------------------------------------------------
-# Real data: each method must beat its own random init on Fashion-MNIST
-# ---------------------------------------------------------------------------------------
-FASHION = ["--dataset", "fashion-mnist", "--arch", "resnet-tiny", "--subset", "10000", "--workers", "2",
-           "--probe-epochs", "0", "--print-freq", "20", "--seed", "0"]
-@pytest.mark.skipif(not os.path.isdir(common.DEBIAN_FASHION_MNIST), reason="apt-get install dataset-fashion-mnist")
-def test_simclr_beats_random_init_on_fashion_mnist(tmp_path):
-    args = FASHION + ["--batch-size", "256"]
-    random_init = simclr.main(args + ["--eval-only", "--out", str(tmp_path / "random")])
-    trained = simclr.main(args + ["--epochs", "5", "--lr", "2.0", "--temperature", "0.1", "--warmup-epochs", "0.5",
-                                  "--color-jitter-strength", "0.5", "--out", str(tmp_path / "simclr")])
-    print(f"kNN top-1: random init {random_init['knn_top1']:.2f}, SimCLR {trained['knn_top1']:.2f}")
-    assert trained["knn_top1"] >= random_init["knn_top1"] + 5
-    # and above what a random init reaches without zero-init residual BN (measured here: 66-68)
-    assert trained["knn_top1"] >= 70
-
-
-@pytest.mark.skipif(not os.path.isdir(common.DEBIAN_FASHION_MNIST), reason="apt-get install dataset-fashion-mnist")
-def test_moco_v2_beats_random_init_on_fashion_mnist(tmp_path):
-    # the demo's K 4096, m 0.99, T 0.1 and lr per 256; batch 128 gives this short run 2x the momentum updates
-    # (measured here, 5 epochs: batch 256 gave kNN 73.4, batch 128 74.7, against 67.8 at random init)
-    args = FASHION + ["--batch-size", "128"]
-    random_init = moco.main(args + ["--eval-only", "--out", str(tmp_path / "random")])
-    trained = moco.main(args + ["--epochs", "5", "--mlp", "--aug-plus", "--cos", "--lr", "0.06", "--moco-k", "4096",
-                                "--moco-m", "0.99", "--moco-t", "0.1", "--out", str(tmp_path / "moco")])
-    print(f"kNN top-1: random init {random_init['knn_top1']:.2f}, MoCo v2 {trained['knn_top1']:.2f}")
-    assert trained["knn_top1"] >= random_init["knn_top1"] + 5
-
-
-@pytest.mark.skipif(not os.path.isdir(common.DEBIAN_FASHION_MNIST), reason="apt-get install dataset-fashion-mnist")
-def test_instdisc_beats_random_init_on_fashion_mnist(tmp_path):
-    # the official CIFAR recipe (full softmax over the bank, tau 0.1, lr 0.03 at batch 128) on 2,000 images, so
-    # each bank row is refreshed 30 times in the budget (measured here: kNN 62.5 and bank kNN 48.1 against 54.0
-    # at random init; NCE with K 4096 on 10,000 images for 5 epochs fell to 40.5: K/n is far from ImageNet's)
-    args = FASHION + ["--subset", "2000", "--batch-size", "128"]
-    random_init = instdisc.main(args + ["--eval-only", "--out", str(tmp_path / "random")])
-    trained = instdisc.main(args + ["--epochs", "30", "--lr", "0.06", "--nce-k", "0", "--nce-t", "0.1",
-                                    "--out", str(tmp_path / "instdisc")])
-    print(f"kNN top-1: random init {random_init['knn_top1']:.2f}, InstDisc {trained['knn_top1']:.2f} "
-          f"(memory-bank kNN {trained['knn_bank_top1']:.2f})")
-    assert trained["knn_top1"] >= random_init["knn_top1"] + 5
-    assert trained["knn_bank_top1"] >= 30  # the bank itself classifies (chance: 10)
-
-
-@pytest.mark.skipif(not os.path.isdir(common.DEBIAN_FASHION_MNIST), reason="apt-get install dataset-fashion-mnist")
-def test_rotation_beats_random_init_on_fashion_mnist(tmp_path):
-    # the official CIFAR recipe (batch 128 at lr 0.1, Nesterov momentum 0.9, wd 5e-4), 2 epochs of 10,000 images
-    args = FASHION + ["--batch-size", "128"]
-    random_init = rotation.main(args + ["--eval-only", "--out", str(tmp_path / "random")])
-    trained = rotation.main(args + ["--epochs", "2", "--lr", "0.2", "--schedule", "--out", str(tmp_path / "rotation")])
-    print(f"kNN top-1: random init {random_init['knn_top1']:.2f}, RotNet {trained['knn_top1']:.2f}")
-    assert trained["knn_top1"] >= random_init["knn_top1"] + 4
-
-
-def held_out_puzzle_accuracy(out, n=1000):
-    """Top-1 of the trained puzzle classifier on puzzles cut from n probe-test images it never saw."""
-    ckpt = load_state(out)
-    args = jigsaw.parse_args(["--dataset", "fashion-mnist", "--num-permutations", str(ckpt["args"]["num_permutations"])])
-    model = jigsaw.JigsawNet("resnet-tiny", args.image_size, ckpt["model"]["permutations"])
-    model.load_state_dict(ckpt["model"])
-    puzzles = common.Transformed(torch.utils.data.Subset(common.fashion_mnist("", "test"), range(n)),
-                                 jigsaw.JigsawPuzzle(args, model.permutations), seed=1)
-    tiles, order = zip(*[puzzles[(i, 0)][0] for i in range(n)])
-    with torch.no_grad():
-        predicted = model.eval()(torch.stack(tiles)).argmax(1)
-    return 100.0 * (predicted == torch.tensor(order)).float().mean().item()
-
-
-@pytest.mark.skipif(not os.path.isdir(common.DEBIAN_FASHION_MNIST), reason="apt-get install dataset-fashion-mnist")
-def test_jigsaw_solves_held_out_puzzles_on_fashion_mnist(tmp_path):
-    """At 28 px the tiles are 8 px: the puzzle is learnt and generalises, but the trunk's last pooled layer does not
-    beat its random init on whole images (measured, 10,000 images: 3 epochs with the 1000-class set, kNN 67.1
-    against 67.8; 100 classes, kNN 67.1 / linear 76.2 against 67.8 / 78.1; at 48 px with 14 px tiles, kNN 61.0 /
-    linear 75.6 against 61.1 / 78.4). So this test checks the puzzle, and prints the probe against random init."""
-    args = FASHION + ["--batch-size", "128"]
-    random_init = jigsaw.main(args + ["--eval-only", "--out", str(tmp_path / "random")])
-    out = str(tmp_path / "jigsaw")
-    trained = jigsaw.main(args + ["--epochs", "3", "--lr", "0.05", "--schedule", "--out", out])
-    accuracy = held_out_puzzle_accuracy(out)
-    losses = [m["loss"] for m in read_metrics(out) if "loss" in m]
-    print(f"held-out puzzle top-1 {accuracy:.1f}% (chance 0.1%); training loss {losses[0]:.2f} -> {losses[-1]:.2f}; "
-          f"kNN top-1: random init {random_init['knn_top1']:.2f}, Jigsaw {trained['knn_top1']:.2f}")
-    assert accuracy >= 5  # measured 15.5 after 3 epochs (the paper's ImageNet CFN: 71 after 350K steps)
-    assert losses[-1] < 0.75 * np.log(1000) < losses[0] + 0.1
-    assert trained["knn_top1"] >= random_init["knn_top1"] - 3  # the trunk was not wrecked on the way
-
-
-@pytest.mark.skipif(not os.path.isdir(common.DEBIAN_FASHION_MNIST), reason="apt-get install dataset-fashion-mnist")
-def test_context_encoder_learns_to_inpaint_on_fashion_mnist(tmp_path):
-    # random-region holes, the joint loss (0.999 L2 + 0.001 adversarial), batch 64, Adam 2e-4 / 2e-3 as official;
-    # 2 epochs of 10,000 images (measured here: kNN 70.5 / linear 80.7 against 67.8 / 78.1 at random init)
-    args = FASHION + ["--batch-size", "64", "--probe-epochs", "30"]
-    random_init = context_encoder.main(args + ["--eval-only", "--out", str(tmp_path / "random")])
-    out = str(tmp_path / "context_encoder")
-    trained = context_encoder.main(args + ["--epochs", "2", "--out", out])
-    losses = [m["loss"] for m in read_metrics(out) if "loss" in m]
-    print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f}; kNN / linear top-1: random init {random_init['knn_top1']:.2f} / "
-          f"{random_init['linear_top1']:.2f}, Context Encoder {trained['knn_top1']:.2f} / {trained['linear_top1']:.2f}")
-    assert losses[-1] < 0.8 * losses[0]  # the reconstruction improves
-    assert trained["knn_top1"] >= random_init["knn_top1"] + 1.5
-    assert trained["linear_top1"] >= random_init["linear_top1"] + 1.5
-    assert os.path.exists(os.path.join(out, f"inpainting_step{2 * 10000 // 64}.png"))
-
-
-@pytest.mark.skipif(not os.path.isdir(common.DEBIAN_FASHION_MNIST), reason="apt-get install dataset-fashion-mnist")
-def test_cpc_beats_random_init_on_fashion_mnist(tmp_path):
-    # v1 as is (no normalisation, steps 1..5, greyscale, patch jitter) with Adam at 2e-3, not v1's 2e-4: a 3-epoch run
-    # of 4,000 images is 187 steps (measured here: loss 7.47 -> 6.16, kNN 61.6 against 51.1 at random init; at 2e-4
-    # on 2,000 images, kNN 42.0 against 42.7)
-    args = FASHION + ["--subset", "4000", "--batch-size", "64"]
-    random_init = cpc.main(args + ["--eval-only", "--out", str(tmp_path / "random")])
-    out = str(tmp_path / "cpc")
-    trained = cpc.main(args + ["--epochs", "3", "--lr", "2e-3", "--out", out])
-    losses = [m["loss"] for m in read_metrics(out) if "loss" in m]
-    print(f"InfoNCE {losses[0]:.2f} -> {losses[-1]:.2f} (log of the 64 x 49 candidates: {np.log(64 * 49):.2f}); "
-          f"kNN top-1 on the grid-mean z: random init {random_init['knn_top1']:.2f}, CPC {trained['knn_top1']:.2f}")
-    assert losses[-1] < losses[0] - 0.5
-    assert trained["knn_top1"] >= random_init["knn_top1"] + 5
-
-
-def test_cpc_patch_jitter_moves_the_content_and_the_probe_sees_grey():
-    args = cpc.parse_args(["--dataset", "cifar10", "--image-size", "224"])
-    grid = cpc.PatchGrid(args)
-    image = torchvision.transforms.functional.to_pil_image(torch.rand(3, 300, 300))
-    torch.manual_seed(0)
-    patches = grid(image)  # (49, 3, 64, 64), greyscale (v1): every channel the same up to normalisation
-    assert patches.shape == (49, 3, 64, 64)
-    zero = (patches == 0).all(1)  # the padding: exactly 64 - 60 rows and columns of each patch
-    assert ((~zero).any(2).sum(1) == 60).all() and ((~zero).any(1).sum(1) == 60).all()
-    # the content moved: undo the crop and compare with the unjittered grid of the same image
-    torch.manual_seed(0)
-    clean = cpc.cut_patches(grid.image(image)[None], grid.patch, grid.stride)[0]
-    assert not all(torch.equal(p[:, ~z], c[:, ~z]) for p, c, z in zip(patches, clean, zero))
-    # the v1 probe turns colour into grey as training did: a grey image gives the same feature as its colour copy
-    model = cpc.CPC("resnet-tiny", 32, "none", steps=[1], context_blocks=1).eval()
-    probe = cpc.GridMean(model, cpc.parse_args(["--dataset", "cifar10"]))
-    colour = torch.randn(2, 3, 32, 32)
-    mean, std = (torch.tensor(v)[:, None, None] for v in common.MEAN_STD["cifar10"])
-    grey = (((colour * std + mean) * torch.tensor([0.299, 0.587, 0.114])[:, None, None]).sum(1, keepdim=True) - mean) / std
-    with torch.no_grad():
-        torch.testing.assert_close(probe(colour), probe(grey))
-
-
-# ---------------------------------------------------------------------------------------
-# Benchmarks: the runner and the speed script, at tiny size
+# Benchmarks: the runner and the speed scripts, at tiny size
 # ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def tiny_fashion(tmp_path_factory):
@@ -1449,6 +1467,7 @@ def tiny_fashion(tmp_path_factory):
     return str(folder)
 
 
+@pytest.mark.slow
 def test_benchmark_runner_writes_every_row(tiny_fashion, tmp_path):
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "benchmarks"))
     import run as benchmark
@@ -1476,6 +1495,7 @@ def test_benchmark_runner_writes_every_row(tiny_fashion, tmp_path):
             assert parsed.epochs == epochs and parsed.dataset == "fashion-mnist"
 
 
+@pytest.mark.slow
 def test_speed_script_records_what_each_method_feeds_its_trunk():
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "benchmarks"))
     import speed
@@ -1491,6 +1511,7 @@ def test_speed_script_records_what_each_method_feeds_its_trunk():
         assert row["ratio"] == pytest.approx(row["step_img_s"] / row["trunk_img_s"])
 
 
+@pytest.mark.slow
 def test_pipeline_script_reports_every_stage(tmp_path):
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "benchmarks"))
     import pipeline
