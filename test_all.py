@@ -52,7 +52,7 @@ def trunk_prefix(method, data, monkeypatch, tmp_path):
     with monkeypatch.context() as patch:
         patch.setattr(common.Run, "__init__", built)
         with pytest.raises(_Built) as prefix:
-            module.main(TINY + extra + ["--data", data, "--out", str(tmp_path / "prefix")])
+            module.main(TINY + extra + ["--data", data, "--batch-size", "16", "--out", str(tmp_path / "prefix")])
     return prefix.value.args[0]
 
 
@@ -93,6 +93,17 @@ def two_ranks(fn, init_file, *args):
     torch.multiprocessing.spawn(_in_process_group, args=(2, init_file, fn, args), nprocs=2)
 
 
+def assert_loss_and_grads_equal_one_process(fn, tmp_path):
+    """fn(rank, world_size, out_file) saves {"loss", "grads"} on rank 0: two ranks, each on its half of the batch,
+    give one process's loss and gradients."""
+    fn(0, 1, tmp_path / "single.pt")
+    two_ranks(fn, tmp_path / "init", tmp_path / "ddp.pt")
+    single, ddp = torch.load(tmp_path / "single.pt"), torch.load(tmp_path / "ddp.pt")
+    assert ddp["loss"] == pytest.approx(single["loss"], rel=1e-5)
+    for g_ddp, g_single in zip(ddp["grads"], single["grads"]):
+        torch.testing.assert_close(g_ddp, g_single, rtol=1e-4, atol=1e-6)
+
+
 def torchrun(*args, nproc=2):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")  # CPU + gloo, also on a GPU machine
@@ -106,6 +117,12 @@ def expect_error(argv, *words, module=simclr):
     assert message.startswith("error: ") and "\n" not in message
     for w in words:
         assert w in message, message
+
+
+def real_data(test):
+    """A real-data (Fashion-MNIST) run: slow, and skipped where Debian's package is not installed."""
+    installed = os.path.isdir(common.DEBIAN_FASHION_MNIST)
+    return pytest.mark.slow(pytest.mark.skipif(not installed, reason="apt-get install dataset-fashion-mnist")(test))
 
 
 FASHION = ["--dataset", "fashion-mnist", "--arch", "resnet-tiny", "--subset", "10000", "--workers", "2",
@@ -345,12 +362,7 @@ def _loss_and_grads(rank, world_size, out_file):
 
 
 def test_ddp_two_ranks_equal_one_process(tmp_path):
-    _loss_and_grads(0, 1, tmp_path / "single.pt")
-    two_ranks(_loss_and_grads, tmp_path / "init", tmp_path / "ddp.pt")
-    single, ddp = torch.load(tmp_path / "single.pt"), torch.load(tmp_path / "ddp.pt")
-    assert ddp["loss"] == pytest.approx(single["loss"], rel=1e-5)
-    for g_ddp, g_single in zip(ddp["grads"], single["grads"]):
-        torch.testing.assert_close(g_ddp, g_single, rtol=1e-4, atol=1e-6)
+    assert_loss_and_grads_equal_one_process(_loss_and_grads, tmp_path)
 
 
 def test_simclr_sqrt_lr_scaling(tiny_imagefolder, tmp_path):
@@ -363,8 +375,7 @@ def test_simclr_sqrt_lr_scaling(tiny_imagefolder, tmp_path):
         assert read_metrics(out)[0]["lr"] == pytest.approx(peak)  # step 0 of the cosine is the peak
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not os.path.isdir(common.DEBIAN_FASHION_MNIST), reason="apt-get install dataset-fashion-mnist")
+@real_data
 def test_simclr_beats_random_init_on_fashion_mnist(tmp_path):
     args = FASHION + ["--batch-size", "256"]
     random_init = simclr.main(args + ["--eval-only", "--out", str(tmp_path / "random")])
@@ -500,8 +511,7 @@ def test_moco_queue_not_divisible_by_batch(tiny_imagefolder, tmp_path):
                          "--out", str(tmp_path)], "--batch-size 12 is not divisible by --bn-splits 8", module=moco)
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not os.path.isdir(common.DEBIAN_FASHION_MNIST), reason="apt-get install dataset-fashion-mnist")
+@real_data
 def test_moco_v2_beats_random_init_on_fashion_mnist(tmp_path):
     # the demo's K 4096, m 0.99, T 0.1 and lr per 256; batch 128 gives this short run 2x the momentum updates
     # (measured here, 5 epochs: batch 256 gave kNN 73.4, batch 128 74.7, against 67.8 at random init)
@@ -599,8 +609,7 @@ def test_instdisc_two_ranks_equal_one_process(tmp_path):
         assert torch.equal(torch.cat([rank0["noise"][step], rank1["noise"][step]]), single["noise"][step])
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not os.path.isdir(common.DEBIAN_FASHION_MNIST), reason="apt-get install dataset-fashion-mnist")
+@real_data
 def test_instdisc_beats_random_init_on_fashion_mnist(tmp_path):
     # the official CIFAR recipe (full softmax over the bank, tau 0.1, lr 0.03 at batch 128) on 2,000 images, so
     # each bank row is refreshed 30 times in the budget (measured here: kNN 62.5 and bank kNN 48.1 against 54.0
@@ -692,12 +701,7 @@ def _cpc_loss_and_grads(rank, world_size, out_file):
 
 
 def test_cpc_two_ranks_equal_one_process(tmp_path):
-    _cpc_loss_and_grads(0, 1, tmp_path / "single.pt")
-    two_ranks(_cpc_loss_and_grads, tmp_path / "init", tmp_path / "ddp.pt")
-    single, ddp = torch.load(tmp_path / "single.pt"), torch.load(tmp_path / "ddp.pt")
-    assert ddp["loss"] == pytest.approx(single["loss"], rel=1e-5)
-    for g_ddp, g_single in zip(ddp["grads"], single["grads"]):
-        torch.testing.assert_close(g_ddp, g_single, rtol=1e-4, atol=1e-6)
+    assert_loss_and_grads_equal_one_process(_cpc_loss_and_grads, tmp_path)
 
 
 def test_cpc_geometry_and_skip_errors(tiny_imagefolder, tmp_path):
@@ -707,8 +711,7 @@ def test_cpc_geometry_and_skip_errors(tiny_imagefolder, tmp_path):
                  "--skip-rows 5", module=cpc)
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not os.path.isdir(common.DEBIAN_FASHION_MNIST), reason="apt-get install dataset-fashion-mnist")
+@real_data
 def test_cpc_beats_random_init_on_fashion_mnist(tmp_path):
     # v1 as is (no normalisation, steps 1..5, greyscale, patch jitter) with Adam at 2e-3, not v1's 2e-4: a 3-epoch run
     # of 4,000 images is 187 steps (measured here: loss 7.47 -> 6.16, kNN 61.6 against 51.1 at random init; at 2e-4
@@ -764,8 +767,7 @@ def test_rotation_labels_match_the_rotation_applied():
     assert rotation.rotate_batch(square)[0][1, 0].tolist() == [[2, 4], [1, 3]]
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not os.path.isdir(common.DEBIAN_FASHION_MNIST), reason="apt-get install dataset-fashion-mnist")
+@real_data
 def test_rotation_beats_random_init_on_fashion_mnist(tmp_path):
     # the official CIFAR recipe (batch 128 at lr 0.1, Nesterov momentum 0.9, wd 5e-4), 2 epochs of 10,000 images
     args = FASHION + ["--batch-size", "128"]
@@ -916,8 +918,7 @@ def held_out_puzzle_accuracy(out, n=1000):
     return 100.0 * (predicted == torch.tensor(order)).float().mean().item()
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not os.path.isdir(common.DEBIAN_FASHION_MNIST), reason="apt-get install dataset-fashion-mnist")
+@real_data
 def test_jigsaw_solves_held_out_puzzles_on_fashion_mnist(tmp_path):
     """At 28 px the tiles are 8 px: the puzzle is learnt and generalises, but the trunk's last pooled layer does not
     beat its random init on whole images (measured, 10,000 images: 3 epochs with the 1000-class set, kNN 67.1
@@ -1011,8 +1012,7 @@ def test_context_encoder_image_too_small(tiny_imagefolder, tmp_path):
         assert model.generator(torch.randn(2, 3, 8, 8)).shape == (2, 3, side, side)
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not os.path.isdir(common.DEBIAN_FASHION_MNIST), reason="apt-get install dataset-fashion-mnist")
+@real_data
 def test_context_encoder_learns_to_inpaint_on_fashion_mnist(tmp_path):
     # random-region holes, the joint loss (0.999 L2 + 0.001 adversarial), batch 64, Adam 2e-4 / 2e-3 as official;
     # 2 epochs of 10,000 images (measured here: kNN 70.5 / linear 80.7 against 67.8 / 78.1 at random init)
