@@ -430,15 +430,10 @@ class Loader(torch.utils.data.DataLoader):
     """DataLoader whose undecodable image stops the run with one line (a worker re-raises it with its traceback)."""
 
     def __iter__(self):
-        batches = super().__iter__()
-        while True:
-            try:
-                batch = next(batches)
-            except StopIteration:
-                return
-            except BadImage as e:
-                fail(str(e).strip().splitlines()[-1].split("BadImage: ")[-1])
-            yield batch
+        try:
+            yield from super().__iter__()
+        except BadImage as e:
+            fail(str(e).strip().splitlines()[-1].split("BadImage: ")[-1])
 
 
 def train_loader(dataset, args):

@@ -28,7 +28,7 @@ import common
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Context Encoder pretraining + kNN / linear evaluation")
-    # TRY NOT TO MODIFY: the flags every method file shares (common.py reads them), with this file's defaults:
+    # ALGO LOGIC: the flags every method file shares (common.add_common_args), with this file's recipe as defaults;
     # official train.lua: niter 25, batch 64, Adam 2e-4, no weight decay
     common.add_common_args(p, out="runs/context_encoder", arch="resnet50", epochs=25, batch_size=64, lr=2e-4, wd=0.0,
                            lr_help="Adam lr of the discriminator (official 2e-4; not scaled with the batch)")

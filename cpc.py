@@ -28,7 +28,7 @@ GRID = 7  # patches per side (Sec. 3.2)
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="CPC pretraining + kNN / linear evaluation")
-    # TRY NOT TO MODIFY: the flags every method file shares (common.py reads them), with this file's defaults:
+    # ALGO LOGIC: the flags every method file shares (common.add_common_args), with this file's recipe as defaults;
     # v1 Sec. 3.2: Adam at 2e-4, 32 GPUs x 16 images; no weight decay and no epoch count stated (100 is ours)
     common.add_common_args(p, out="runs/cpc", arch="resnet50", epochs=100, batch_size=512, lr=2e-4, wd=0.0,
                            lr_help="Adam lr (v1 Sec. 3.2: 2e-4; not scaled with the batch)")

@@ -24,7 +24,7 @@ import common
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Jigsaw puzzle pretraining + kNN / linear evaluation")
-    # TRY NOT TO MODIFY: the flags every method file shares (common.py reads them), with this file's defaults:
+    # ALGO LOGIC: the flags every method file shares (common.add_common_args), with this file's recipe as defaults;
     # official solver: 350K iterations at batch 256, about 70 ImageNet epochs (as the port's 70); lr 0.01, wd 5e-4
     common.add_common_args(p, out="runs/jigsaw", arch="resnet50", epochs=70, batch_size=256, lr=0.01, wd=5e-4)
     # ALGO LOGIC: jigsaw hyper-parameters

@@ -26,7 +26,7 @@ import common
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="RotNet pretraining + kNN / linear evaluation")
-    # TRY NOT TO MODIFY: the flags every method file shares (common.py reads them), with this file's defaults:
+    # ALGO LOGIC: the flags every method file shares (common.add_common_args), with this file's recipe as defaults;
     # official ImageNet config: 50 epochs, batch 192 images (x4 rotations), lr 0.01 at batch 192 (its LUT_lr) = 0.01333
     # per 256 images, weight decay 5e-4
     common.add_common_args(p, out="runs/rotation", arch="resnet50", epochs=50, batch_size=192, lr=0.01 * 256 / 192,
