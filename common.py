@@ -72,6 +72,8 @@ def add_common_args(p, out, arch="resnet50", epochs=100, batch_size=256, lr=0.1,
     a("--knn-k", type=positive_int, default=200, help="neighbours of the weighted kNN")
     a("--knn-t", type=positive_float, default=0.1, help="temperature of the weighted kNN")
     a("--probe-epochs", type=nonneg_int, default=100, help="epochs of the linear probe (0: kNN only)")
+    a("--probe-stages", action="store_true",
+      help="also probe the stem and each residual stage, average-pooled to about 4.5 x the final width")
     a("--eval-every", type=nonneg_int, default=0, help="kNN monitor every N epochs (0: only at the end)")
     a("--monitor-subset", type=nonneg_int, default=0,
       help="the monitor's kNN on N class-balanced images of each probe set (0: all)")
@@ -657,9 +659,11 @@ class Run:
         if end_of_epoch or self.done() or (args.save_every and self.global_step % args.save_every == 0):
             self.save(epoch + 1 if end_of_epoch else epoch, 0 if end_of_epoch else step + 1)
         if end_of_epoch and args.eval_every and (epoch + 1) % args.eval_every == 0 and not self.done():
-            monitor = evaluate(self.features, *self.monitor_loaders, self.device, args, linear=False)
+            monitor = evaluate(self.features, *self.monitor_loaders, self.device, args, linear=False, trunk=self.trunk)
             self.log(epoch=epoch + 1, **monitor)
-            print0(f"epoch {epoch + 1} kNN top-1 {monitor['knn_top1']:.2f}")
+            best = monitor.get("best_stage_knn", "final")
+            print0(f"epoch {epoch + 1} kNN top-1 {monitor['knn_top1']:.2f}" + (f", best stage {best} "
+                   f"{monitor[best + '_knn_top1']:.2f}" if best != "final" else ""))
             self.tick = (time.time(), self.global_step)  # evaluation time is not training throughput
         return self.done()
 
@@ -695,13 +699,13 @@ class Run:
     def final_evaluation(self, extra=None):
         """kNN + linear probe of the trunk, `extra()` (a method's own results), the replicas' weight difference and,
         with --baselines, the same probes on the random-init trunk and (<= 64 px) the raw normalised pixels."""
-        results = evaluate(self.features, *self.probe_loaders, self.device, self.args)
+        results = evaluate(self.features, *self.probe_loaders, self.device, self.args, trunk=self.trunk)
         results.update(extra() if extra else {})
         if self.initial_trunk is not None:
             trained = copy.deepcopy(self.trunk.state_dict())
             self.trunk.load_state_dict(self.initial_trunk)
-            results.update({f"random_init_{k}": v for k, v in evaluate(self.features, *self.probe_loaders,
-                                                                       self.device, self.args).items()})
+            results.update({f"random_init_{k}": v for k, v in evaluate(self.features, *self.probe_loaders, self.device,
+                                                                       self.args, trunk=self.trunk).items()})
             self.trunk.load_state_dict(trained)
             if self.args.image_size <= 64:
                 pixels = evaluate(nn.Flatten(), *self.probe_loaders, self.device, self.args)
@@ -712,7 +716,7 @@ class Run:
             dist.broadcast(reference, 0)
             results["rank_weight_max_diff"] = all_reduce((flat - reference).abs().max(), "max").item()
         self.log(epoch=self.epochs_done, step=self.global_step, **results)
-        print0(" ".join(f"{k} {v:.4g}" for k, v in results.items()))
+        print0(" ".join(f"{k} {v if isinstance(v, str) else f'{v:.4g}'}" for k, v in results.items()))
         return results
 
 
@@ -730,9 +734,9 @@ KNN_MEMORY_BYTES = 2 ** 30  # the kNN's similarity block per rank, whatever the 
 @torch.no_grad()
 def extract_features(trunk, loader, device, amp=False):
     """Frozen trunk in eval mode over a deterministic DistributedSampler loader -> this rank's share only:
-    (features, labels, dataset indices), without the sampler's padding. Features are fp16 on CUDA (rounding a SimCLR
-    trunk's Fashion-MNIST features to fp16 moved kNN from 73.21 to 73.17 and left the linear probe at 81.55) and fp32
-    on CPU, written into one preallocated tensor."""
+    (features, labels, dataset indices), without the sampler's padding; features a dict when the trunk returns one
+    (StageFeatures). Features are fp16 on CUDA (rounding a SimCLR trunk's Fashion-MNIST features to fp16 moved kNN
+    from 73.21 to 73.17 and left the linear probe at 81.55) and fp32 on CPU, written into preallocated tensors."""
     was_training, feats, filled, n = trunk.training, None, 0, len(loader.sampler)
     trunk.eval()
     labels, indices = torch.empty(n, dtype=torch.long), torch.empty(n, dtype=torch.long)
@@ -740,16 +744,53 @@ def extract_features(trunk, loader, device, amp=False):
         x = x.to(device, non_blocking=True)
         with torch.autocast(device.type, torch.bfloat16, enabled=amp):
             f = trunk(x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x)
+        f = f if isinstance(f, dict) else {None: f}
         if feats is None:
             dtype = torch.float16 if device.type == "cuda" else torch.float32
-            feats = torch.empty(n, f.shape[1], dtype=dtype, device=device)
-        feats[filled:filled + len(f)], labels[filled:filled + len(f)], indices[filled:filled + len(f)] = f, y, i
-        filled += len(f)
+            feats = {k: torch.empty(n, v.shape[1], dtype=dtype, device=device) for k, v in f.items()}
+        for k, v in f.items():
+            feats[k][filled:filled + len(v)] = v
+        labels[filled:filled + len(y)], indices[filled:filled + len(y)] = y, i
+        filled += len(y)
     trunk.train(was_training)
     # DistributedSampler repeats the first samples to even out the ranks: rank r's i-th sample sits at position
     # r + i * world of the padded list, so the repeats are this rank's last positions past the dataset's end
     keep = min(filled, max(0, -(-(len(loader.dataset) - loader.sampler.rank) // loader.sampler.num_replicas)))
-    return feats[:keep], labels[:keep].to(device), indices[:keep].to(device)
+    feats = {k: v[:keep] for k, v in feats.items()}
+    return feats.get(None, feats), labels[:keep].to(device), indices[:keep].to(device)
+
+
+STAGES = ("stem", "layer1", "layer2", "layer3", "layer4", "final")
+PROBE_MEMORY_BYTES = 4 * 2 ** 30  # per rank: the probe features held at once; stages beyond it take another pass
+
+
+class StageFeatures(nn.Module):
+    """features(x) as "final" and, given a trunk, its stem (after the ReLU) and residual stages, read by forward hooks,
+    each map average-pooled to a g x g grid with C g^2 close to `budget` = 4.5 x the trunk's width: Goyal et al. 2019
+    (Sec. 3) and VISSL's ResNet-50 linear benchmarks pool conv1 to 12x12, res2 6x6, res3 4x4, res4 3x3 and res5 2x2,
+    about 9k = 4.5 x 2048 dims; every ResNet's stage widths scale together, so each trunk gets those grids (resnet18:
+    about 2.3k dims, resnet-tiny 576). A trunk run on P patches per image (CPC) gives each image the mean of its
+    patches' pooled maps, as its final feature. -> {stage: (B, dim)} for the stages asked for."""
+
+    def __init__(self, features, trunk=None, stages=("final",)):
+        super().__init__()
+        self.features, self.stages, self.maps = features, stages, {}
+        self.train(features.training)  # as a module it has a mode: the features' own
+        self.budget = 4.5 * [m.out_channels for m in trunk.layer4.modules() if isinstance(m, nn.Conv2d)][-1] if trunk else 0
+        self.hooks = [getattr(trunk, "relu" if s == "stem" else s).register_forward_hook(functools.partial(self.keep, s))
+                      for s in stages if s != "final"]
+
+    def keep(self, stage, module, inputs, output):
+        C, H, W = output.shape[1:]
+        self.maps[stage] = F.adaptive_avg_pool2d(output, max(1, min(H, W, round(math.sqrt(self.budget / C))))).flatten(1)
+
+    def forward(self, x):
+        self.maps["final"] = self.features(x)
+        return {s: self.maps.pop(s).unflatten(0, (len(x), -1)).mean(1) for s in self.stages}
+
+    def remove_hooks(self):
+        for hook in self.hooks:
+            hook.remove()
 
 
 def _pad_rows(x, rows, value=0):
@@ -842,15 +883,31 @@ def balanced_subset(labels, n):
     return torch.cat(picked).sort().values.tolist()
 
 
-def evaluate(trunk, probe_train_loader, probe_test_loader, device, args, linear=True):
-    """kNN (and optionally linear-probe) accuracy of a frozen trunk; same result on every rank."""
+def evaluate(features, probe_train_loader, probe_test_loader, device, args, linear=True, trunk=None):
+    """kNN (and optionally linear-probe) accuracy of frozen features; same result on every rank. Given the `trunk` and
+    --probe-stages, also of its stem and stages (StageFeatures; as many per pass over the probe sets as
+    PROBE_MEMORY_BYTES holds): knn_top1 etc. stay the final features', {stage}_knn_top1 etc. are each stage's, and
+    best_stage_knn (best_stage_linear) names the best."""
     if is_distributed():  # BN running stats drift apart without SyncBN (CPU): use rank 0's, as DDP does
-        for buffer in trunk.buffers():
+        for buffer in features.buffers():
             dist.broadcast(buffer, 0)
-    train_f, train_y, _ = extract_features(trunk, probe_train_loader, device, args.amp)
-    test_f, test_y, _ = extract_features(trunk, probe_test_loader, device, args.amp)
-    results = {"knn_top1": knn_classify(train_f, train_y, test_f, test_y, args.knn_k, args.knn_t)}
-    if linear and args.probe_epochs > 0:
-        results["linear_top1"], results["linear_top5"] = linear_probe(train_f, train_y, test_f, test_y,
-                                                                      args.probe_epochs, seed=args.seed)
+    stages, linear, results = STAGES if args.probe_stages and trunk else STAGES[-1:], linear and args.probe_epochs > 0, {}
+    rows = len(probe_train_loader.sampler) + len(probe_test_loader.sampler)
+    stage_bytes = rows * StageFeatures(features, trunk).budget * (2 if device.type == "cuda" else 4)
+    per_pass = max(1, int(PROBE_MEMORY_BYTES // max(1, stage_bytes)))
+    for first in range(0, len(stages), per_pass):
+        probe = StageFeatures(features, trunk if len(stages) > 1 else None, stages[first:first + per_pass])
+        (train_f, train_y, _), (test_f, test_y, _) = (extract_features(probe, loader, device, args.amp)
+                                                      for loader in (probe_train_loader, probe_test_loader))
+        probe.remove_hooks()
+        for s in probe.stages:
+            name = "" if s == "final" else f"{s}_"
+            results[f"{name}knn_top1"] = knn_classify(train_f[s], train_y, test_f[s], test_y, args.knn_k, args.knn_t)
+            if linear:
+                results[f"{name}linear_top1"], results[f"{name}linear_top5"] = linear_probe(
+                    train_f[s], train_y, test_f[s], test_y, args.probe_epochs, seed=args.seed)
+        del train_f, test_f
+    for kind in ("knn", "linear")[:1 + linear] if len(stages) > 1 else ():
+        score = {s: results[f"{'' if s == 'final' else s + '_'}{kind}_top1"] for s in stages}
+        results[f"best_stage_{kind}"] = max(score, key=score.get)
     return results

@@ -1,8 +1,10 @@
 """Smoke and correctness tests on CPU with tiny data: `pytest -q test_all.py` runs everything, `pytest -q -m "not slow"
 test_all.py` the quick loop (no real data, subprocesses, torchrun or torch.compile). One section per method file."""
+import argparse
 import collections
 import glob
 import gzip
+import importlib.util
 import itertools
 import json
 import math
@@ -1220,6 +1222,66 @@ def test_baselines_probe_the_initial_trunk_and_raw_pixels(tiny_imagefolder, tmp_
     assert trained.keys() >= {"knn_top1", "linear_top1", "raw_pixels_linear_top1", "random_init_linear_top5"}
 
 
+def test_stage_features_are_the_trunks_layers_run_by_hand_pooled_to_the_budget():
+    """The hooks read what running the trunk's layers by hand gives, each map average-pooled to the grid whose C g^2 is
+    closest to 4.5 x the width (ResNet-50 at 224 px: VISSL's 12x12, 6x6, 4x4, 3x3, 2x2); a trunk on P patches per image
+    (as CPC) gives each image the mean of its patches'."""
+    trunk, width = common.build_backbone("resnet-tiny", 32)
+    trunk.eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        stages = common.StageFeatures(trunk, trunk, common.STAGES)(x)
+        h, by_hand = trunk.relu(trunk.bn1(trunk.conv1(x))), {}
+        for name, layer, grid in (("stem", None, 6), ("layer1", trunk.layer1, 6), ("layer2", trunk.layer2, 4),
+                                  ("layer3", trunk.layer3, 3), ("layer4", trunk.layer4, 2)):
+            h = layer(h) if layer else h
+            by_hand[name] = F.adaptive_avg_pool2d(h, grid).flatten(1)
+        by_hand["final"] = trunk(x)
+        for name in common.STAGES:
+            assert torch.equal(stages[name], by_hand[name]), name
+        assert {k: v.shape[1] for k, v in stages.items()} == {"stem": 16 * 36, "layer1": 16 * 36, "layer2": 32 * 16,
+                                                              "layer3": 64 * 9, "layer4": 128 * 4, "final": width}
+
+        class Quadrants(torch.nn.Module):  # (B, C, 32, 32) -> the trunk on 4 patches of 16 px per image, their mean
+            def forward(self, x):
+                patches = x.unfold(2, 16, 16).unfold(3, 16, 16).permute(0, 2, 3, 1, 4, 5).reshape(-1, 3, 16, 16)
+                return trunk(patches).unflatten(0, (len(x), 4)).mean(1)
+        quadrants = Quadrants().eval()
+        patched = common.StageFeatures(quadrants, trunk, ("layer2", "final"))(x)
+        patches = x.unfold(2, 16, 16).unfold(3, 16, 16).permute(0, 2, 3, 1, 4, 5).reshape(-1, 3, 16, 16)
+        layer2 = trunk.layer2(trunk.layer1(trunk.maxpool(trunk.relu(trunk.bn1(trunk.conv1(patches))))))
+        assert torch.allclose(patched["layer2"], F.adaptive_avg_pool2d(layer2, 4).flatten(1).unflatten(0, (3, 4)).mean(1))
+        assert torch.equal(patched["final"], quadrants(x))
+    big, _ = common.build_backbone("resnet50", 224)
+    dims = {k: v.shape[1] for k, v in common.StageFeatures(big, big, common.STAGES).eval()(torch.zeros(1, 3, 224, 224)).items()}
+    assert dims == {"stem": 64 * 144, "layer1": 256 * 36, "layer2": 512 * 16, "layer3": 1024 * 9, "layer4": 2048 * 4,
+                    "final": 2048}
+
+
+def test_probe_stages_leave_the_final_layers_numbers_and_fit_the_memory_budget(tiny_imagefolder, monkeypatch):
+    """--probe-stages adds every stage's kNN and linear probe and names the best; the final layer's numbers are
+    today's, and a memory budget of one stage per pass gives the same numbers as one pass for all."""
+    parser = argparse.ArgumentParser()
+    common.add_common_args(parser, out="unused")
+    args = common.parse(parser, TINY + ["--data", tiny_imagefolder, "--batch-size", "16", "--probe-epochs", "3"])
+    args.amp = False
+    _, *probe_sets = common.build_datasets(args, T.ToTensor())
+    loaders = [common.eval_loader(ds, args) for ds in probe_sets]
+    torch.manual_seed(0)
+    trunk, _ = common.build_backbone("resnet-tiny", 32)
+    final_only = common.evaluate(trunk, *loaders, torch.device("cpu"), args, trunk=trunk)
+    args.probe_stages = True
+    every_stage = common.evaluate(trunk, *loaders, torch.device("cpu"), args, trunk=trunk)
+    assert {k: every_stage[k] for k in final_only} == final_only
+    for stage in common.STAGES[:-1]:
+        assert 0 <= every_stage[f"{stage}_knn_top1"] <= 100 and 0 <= every_stage[f"{stage}_linear_top1"] <= 100
+    knn = {s: every_stage[f"{s}_knn_top1" if s != "final" else "knn_top1"] for s in common.STAGES}
+    assert every_stage["best_stage_knn"] == max(knn, key=knn.get)
+    assert not any(m._forward_hooks for m in trunk.modules())  # the hooks are gone after the evaluation
+    monkeypatch.setattr(common, "PROBE_MEMORY_BYTES", 1)  # one stage per pass
+    assert common.evaluate(trunk, *loaders, torch.device("cpu"), args, trunk=trunk) == every_stage
+
+
 def test_knn_matches_naive_vote_and_separates_clusters():
     g = torch.Generator().manual_seed(0)
     train_f, train_y = torch.randn(50, 6, generator=g), torch.randint(0, 3, (50,), generator=g)
@@ -1473,18 +1535,30 @@ def test_benchmark_runner_writes_every_row(tiny_fashion, tmp_path):
     import run as benchmark
     table = benchmark.main(["--protocol", "smoke", "--data", tiny_fashion, "--out", str(tmp_path),
                             "--runs", str(tmp_path / "runs")])
-    names = [row["method"] for row in table["rows"]]
-    assert names == benchmark.METHODS + ["random-init", "raw-pixels", "supervised"]
+    names = [(row["method"], row["seed"]) for row in table["rows"]]
+    assert names == [(name, 0) for name in benchmark.METHODS + benchmark.ANCHORS] + [("rotation", 1)]  # + noise band
     for row in table["rows"]:
         assert 0 <= row["knn_top1"] <= 100 and 0 <= row["linear_top1"] <= 100 and row["seconds"] > 0, row
+        if row["method"] != "raw-pixels":  # every stage probed, and the best named
+            assert {f"{s}_linear_top1" for s in common.STAGES[:-1]} <= row["results"].keys(), row
+            assert row["results"]["best_stage_knn"] in common.STAGES
     # each method really trained its 2 steps, and the table holds what the method's own run printed
     for name in benchmark.METHODS:
         metrics = read_metrics(str(tmp_path / "runs" / name))
-        assert metrics[-1]["step"] == 2 and metrics[-1]["knn_top1"] == table["rows"][names.index(name)]["knn_top1"]
+        results = table["rows"][names.index((name, 0))]["results"]
+        assert metrics[-1]["step"] == 2 and all(metrics[-1][k] == results[k] for k in ("knn_top1", "layer2_linear_top1"))
+        assert 0 < table["rows"][names.index((name, 0))]["pretrain_seconds"] < table["rows"][names.index((name, 0))]["seconds"]
+    rerun = table["rows"][-1]
+    assert read_metrics(str(tmp_path / "runs" / "rotation_seed1"))[-1]["knn_top1"] == rerun["knn_top1"]
     saved = json.load(open(tmp_path / "results.json"))["smoke"]
-    assert saved["rows"] == table["rows"] and saved["commit"] and saved["hardware"]
+    assert saved["rows"] == json.loads(json.dumps(table["rows"])) and saved["commit"] and saved["hardware"]
     md = open(tmp_path / "results.md").read()
-    assert "| supervised |" in md and "`smoke` protocol" in md
+    assert "| supervised |" in md and "`smoke` protocol" in md and "- rotation, seeds 0, 1: best-stage kNN" in md
+    assert "| method | stem | layer1 | layer2 | layer3 | layer4 | final |" in md  # the per-stage table
+    if importlib.util.find_spec("matplotlib"):  # benchmarks/requirements.txt
+        assert open(tmp_path / "curves_smoke.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n" and "curves_smoke.png" in md
+    else:
+        assert not os.path.exists(tmp_path / "curves_smoke.png")
     # the gpu and cpu protocols' flags parse in every method file (the gpu protocol itself needs a GPU to run)
     for protocol in ("cpu", "gpu"):
         bench_args = benchmark.parse_args(["--protocol", protocol])

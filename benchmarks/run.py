@@ -1,13 +1,16 @@
 """Representation quality of every sslref method under one protocol on Fashion-MNIST, with three anchors.
 
-    python benchmarks/run.py --protocol cpu        # resnet-tiny, 10,000 images, each method's short-run recipe
+    python benchmarks/run.py --protocol cpu        # resnet-tiny, 10,000 images, 4 minutes of pretraining each
     python benchmarks/run.py --protocol gpu        # resnet18 (CIFAR stem), all 60,000 images, 2 epochs each
+    python benchmarks/run.py --protocol cpu --plot-only   # redraw curves_cpu.png and results.md from results.json
 
 Each method pretrains on the training split with its own file's recipe for short runs (documented there), then
-the same probes score its frozen trunk: weighted kNN (k 200, t 0.1) and a 30-epoch linear probe, trained on the
-pretraining images and tested on the 10,000 test images. Anchors on the same probes: the random-init trunk, raw
-pixels, and the same trunk trained with labels (cross-entropy) for as many epochs as the longest method. Writes
-benchmarks/results.json (every protocol run so far) and benchmarks/results.md (its tables).
+the same probes score its frozen trunk at every stage (--probe-stages): weighted kNN (k 200, t 0.1) and a 30-epoch
+linear probe, trained on the pretraining images and tested on the 10,000 test images; the kNN monitor runs each
+epoch on 2,000 class-balanced images of each set. Anchors on the same probes: the random-init trunk, raw pixels, and
+the same trunk trained with labels (cross-entropy) for the same budget. Two methods are rerun with two more seeds
+(the noise band). Writes benchmarks/results.json (every protocol run so far), benchmarks/results.md (its tables)
+and, with matplotlib (benchmarks/requirements.txt), benchmarks/curves_<protocol>.png.
 """
 import argparse
 import datetime
@@ -49,29 +52,37 @@ RECIPES = {
     "context_encoder": ["--batch-size", "64"],
 }
 
+# The `cpu` protocol gives every method the same wall-clock budget of pretraining on 2 CPU cores, about 4 minutes:
+# methods differ 8x in cost per epoch (CPC encodes 49 patches an image, InstDisc one view), so equal epochs would give
+# one method eight times another's compute. Epochs = 240 s / each method's measured seconds per epoch at this protocol
+# (simclr 18, moco 12, instdisc 9, cpc 77, rotation 31, jigsaw 41, context_encoder 32, supervised 7.5); the table
+# reports the minutes each run took. Every method is probed at every stage and monitored each epoch.
 PROTOCOLS = {
-    # the whole table in under 30 minutes on 2 CPU cores: about 2-3 minutes of pretraining per method
-    "cpu": {"flags": ["--arch", "resnet-tiny", "--subset", "10000", "--workers", "2"],
-            "epochs": {"simclr": 5, "moco": 5, "instdisc": 5, "cpc": 1, "rotation": 2, "jigsaw": 3,
-                       "context_encoder": 2, "supervised": 5}},  # supervised: the most epochs any method gets
+    "cpu": {"flags": ["--arch", "resnet-tiny", "--subset", "10000", "--workers", "2", "--probe-stages",
+                      "--eval-every", "1", "--monitor-subset", "2000"],
+            "epochs": {"simclr": 13, "moco": 20, "instdisc": 27, "cpc": 3, "rotation": 8, "jigsaw": 6,
+                       "context_encoder": 7, "supervised": 32},
+            "noise": {"methods": ["simclr", "rotation"], "seeds": [1, 2]}},  # seed 0 is the table's run
     # one H100/H200: all 60,000 images, the same number of epochs for every method, the table in about 5 minutes
-    "gpu": {"flags": ["--arch", "resnet18", "--workers", str(min(16, os.cpu_count() or 1))],
+    "gpu": {"flags": ["--arch", "resnet18", "--workers", str(min(16, os.cpu_count() or 1)), "--probe-stages"],
             "epochs": dict.fromkeys(METHODS + ["supervised"], 2)},
     # the smoke test: two steps of batch 16 on whatever --data holds
     "smoke": {"flags": ["--arch", "resnet-tiny", "--subset", "64", "--workers", "0", "--max-steps", "2",
-                        "--probe-epochs", "2"],
+                        "--probe-epochs", "2", "--probe-stages", "--eval-every", "1", "--monitor-subset", "16"],
               "override": ["--batch-size", "16"], "method_override": {"jigsaw": ["--num-permutations", "24"]},
-              "supervised_batch": 16,
-              "epochs": dict.fromkeys(METHODS + ["supervised"], 1)},
+              "supervised_batch": 16, "epochs": dict.fromkeys(METHODS + ["supervised"], 1),
+              "noise": {"methods": ["rotation"], "seeds": [1]}},
 }
+ANCHORS = ["random-init", "raw-pixels", "supervised"]
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--protocol", default="cpu", choices=list(PROTOCOLS))
     p.add_argument("--data", default="", help="Fashion-MNIST's idx .gz files (default: Debian's copy, else download)")
-    p.add_argument("--methods", nargs="*", default=METHODS + ["random-init", "raw-pixels", "supervised"],
-                   help="rows to run")
+    p.add_argument("--methods", nargs="*", default=METHODS + ANCHORS, help="rows to run")
+    p.add_argument("--no-noise", action="store_true", help="skip the noise band's reruns with other seeds")
+    p.add_argument("--plot-only", action="store_true", help="redraw curves.png and results.md from results.json")
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks"), help="folder of results.json / results.md")
     p.add_argument("--runs", default=os.path.join(ROOT, "runs", "benchmarks"), help="the methods' output folders")
     return p.parse_args(argv)
@@ -79,21 +90,42 @@ def parse_args(argv=None):
 
 def shared_flags(args):
     """The flags every row gets: data, protocol, probe."""
-    flags = ["--dataset", "fashion-mnist", "--data", args.data, "--seed", "0", "--probe-epochs", "30",
-             "--print-freq", "100"] + PROTOCOLS[args.protocol]["flags"]
-    return flags
+    return ["--dataset", "fashion-mnist", "--data", args.data, "--seed", "0", "--probe-epochs", "30",
+            "--print-freq", "100"] + PROTOCOLS[args.protocol]["flags"]
 
 
-def run_method(name, args):
+def read_metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def pretraining_seconds(records, batch_size):
+    """Seconds of training steps, from the progress lines' throughput (monitor, checkpoints and probes excluded)."""
+    seconds, last_step = 0.0, 0
+    for record in records:
+        if "img_per_s" in record:
+            seconds += (record["step"] - last_step) * batch_size / max(record["img_per_s"], 1e-9)
+            last_step = record["step"]
+    return seconds
+
+
+def run_method(name, args, seed=0):
     module = __import__(name)
     epochs = PROTOCOLS[args.protocol]["epochs"][name]
     protocol = PROTOCOLS[args.protocol]
     override = protocol.get("override", []) + protocol.get("method_override", {}).get(name, [])
-    flags = shared_flags(args) + RECIPES[name] + override + ["--epochs", str(epochs), "--out", os.path.join(args.runs, name)]
-    if os.path.exists(os.path.join(args.runs, name, "checkpoint.pth")):
-        os.remove(os.path.join(args.runs, name, "checkpoint.pth"))  # a fresh run, never a silent resume
-    results = module.main(flags)
-    return results, epochs, " ".join(RECIPES[name] + ["--epochs", str(epochs)])
+    out = os.path.join(args.runs, name if not seed else f"{name}_seed{seed}")
+    flags = shared_flags(args) + RECIPES[name] + override + ["--epochs", str(epochs), "--seed", str(seed), "--out", out]
+    for stale in ("checkpoint.pth", "metrics.jsonl"):  # a fresh run, never a silent resume
+        if os.path.exists(os.path.join(out, stale)):
+            os.remove(os.path.join(out, stale))
+    results, records = module.main(flags), read_metrics(out)
+    # the learning curve: the monitor's kNN each epoch on the stage that is best in the final evaluation
+    best = results.get("best_stage_knn", "final")
+    key = "knn_top1" if best == "final" else f"{best}_knn_top1"
+    curve = [(r["epoch"], r[key]) for r in records if key in r and "loss" not in r and "linear_top1" not in r]
+    seconds = pretraining_seconds(records, module.parse_args(flags).batch_size)
+    return results, epochs, " ".join(RECIPES[name] + ["--epochs", str(epochs)]), seconds, curve
 
 
 def probe_setup(args, train_transform):
@@ -103,45 +135,52 @@ def probe_setup(args, train_transform):
     margs = common.parse(parser, shared_flags(args))
     device = common.setup(margs)
     pretrain, probe_train, probe_test = common.build_datasets(margs, train_transform)
-    loaders = (common.eval_loader(probe_train, margs), common.eval_loader(probe_test, margs))
-    return margs, device, pretrain, loaders
+    return margs, device, pretrain, (probe_train, probe_test)
 
 
 def run_anchor(name, args):
     """random-init: the trunk as built (kaiming init); raw-pixels: the normalised image flattened; supervised: the
-    same trunk trained with labels (padded random crop + flip, SGD 0.1 per 256, momentum 0.9, wd 5e-4, cosine)."""
+    same trunk trained with labels (padded random crop + flip, SGD 0.1 per 256, momentum 0.9, wd 5e-4, cosine) for the
+    protocol's budget. Also the monitor's kNN (its subset, best stage), the level the curves are drawn against."""
     size = common.DEFAULT_IMAGE_SIZE["fashion-mnist"]
     train_tf = T.Compose([T.RandomCrop(size, padding=size // 8), T.RandomHorizontalFlip(), T.ToTensor(),
                           common.normalize("fashion-mnist")])
-    margs, device, pretrain, loaders = probe_setup(args, train_tf)
-    if name == "raw-pixels":
-        return common.evaluate(nn.Flatten(), *loaders, device, margs), 0, "normalised pixels, 3 x 28 x 28"
-    trunk, dim = common.build_backbone(margs.arch, margs.image_size)
-    trunk = trunk.to(device)
-    if name == "random-init":
-        return common.evaluate(trunk, *loaders, device, margs), 0, "kaiming init, BN statistics at init"
-    epochs = PROTOCOLS[args.protocol]["epochs"]["supervised"]
-    margs.batch_size = PROTOCOLS[args.protocol].get("supervised_batch", 128)
-    head = nn.Linear(dim, int(common.dataset_labels(pretrain).max()) + 1).to(device)
-    model = nn.Sequential(trunk, head)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1 * margs.batch_size / 256, momentum=0.9, weight_decay=5e-4)
-    loader, sampler = common.train_loader(pretrain, margs)
-    total = epochs * len(loader) if not margs.max_steps else min(margs.max_steps, epochs * len(loader))
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total)
-    step = 0
-    for epoch in range(epochs):
-        sampler.set_epoch(epoch)
-        for images, labels, _ in loader:
-            if step == total:  # --max-steps reached (the smoke protocol): no further step in any epoch
-                break
-            with torch.autocast(device.type, torch.bfloat16, enabled=margs.amp):
-                loss = F.cross_entropy(model(images.to(device)), labels.to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            step += 1
-    return common.evaluate(trunk, *loaders, device, margs), epochs, f"cross-entropy, batch {margs.batch_size}"
+    margs, device, pretrain, probe_sets = probe_setup(args, train_tf)
+    trunk = nn.Flatten() if name == "raw-pixels" else common.build_backbone(margs.arch, margs.image_size)[0].to(device)
+    run = common.Run(margs, device, probe_sets, trunk, model=trunk)
+    stages = None if name == "raw-pixels" else trunk
+    epochs, start, recipe = 0, time.time(), {"raw-pixels": "normalised pixels, 3 x 28 x 28",
+                                             "random-init": "kaiming init, BN statistics at init"}.get(name)
+    if name == "supervised":
+        epochs = PROTOCOLS[args.protocol]["epochs"]["supervised"]
+        margs.batch_size = PROTOCOLS[args.protocol].get("supervised_batch", 128)
+        recipe = f"cross-entropy, batch {margs.batch_size}, --epochs {epochs}"
+        head = nn.Linear(trunk(torch.zeros(2, 3, size, size, device=device)).shape[1],
+                         int(common.dataset_labels(pretrain).max()) + 1).to(device)
+        model = nn.Sequential(trunk, head)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1 * margs.batch_size / 256, momentum=0.9, weight_decay=5e-4)
+        loader, sampler = common.train_loader(pretrain, margs)
+        total = epochs * len(loader) if not margs.max_steps else min(margs.max_steps, epochs * len(loader))
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total)
+        step = 0
+        for epoch in range(epochs):
+            sampler.set_epoch(epoch)
+            for images, labels, _ in loader:
+                if step == total:  # --max-steps reached (the smoke protocol): no further step in any epoch
+                    break
+                with torch.autocast(device.type, torch.bfloat16, enabled=margs.amp):
+                    loss = F.cross_entropy(model(images.to(device)), labels.to(device))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                step += 1
+    seconds = time.time() - start
+    results = common.evaluate(trunk, *run.probe_loaders, device, margs, trunk=stages)
+    monitor = common.evaluate(trunk, *run.monitor_loaders, device, margs, linear=False, trunk=stages)
+    best = monitor.get("best_stage_knn", "final")
+    level = monitor["knn_top1" if best == "final" else f"{best}_knn_top1"]
+    return results, epochs, recipe, seconds, [(0, level), (max(PROTOCOLS[args.protocol]["epochs"].values()), level)]
 
 
 def hardware():
@@ -160,43 +199,136 @@ def commit():
         return "unknown"
 
 
+def best(row, kind):
+    """(stage, top-1) of the row's best stage for kNN or linear; the final layer's when stages were not probed."""
+    stage = row["results"].get(f"best_stage_{kind}", "final")
+    return stage, row["results"][f"{kind}_top1" if stage == "final" else f"{stage}_{kind}_top1"]
+
+
+def summary(row):
+    r = row["results"]
+    return {"best_knn": best(row, "knn"), "best_linear": best(row, "linear") if "linear_top1" in r else ("-", None),
+            "knn": r["knn_top1"], "linear": r.get("linear_top1")}
+
+
+def fmt(v):
+    return "-" if v is None else f"{v:.2f}"
+
+
+def noise_band(rows):
+    """Mean +- std (over seeds) of best-stage and final kNN / linear, for the methods rerun with other seeds."""
+    lines = []
+    for method in dict.fromkeys(r["method"] for r in rows if r.get("seed")):
+        runs = [summary(r) for r in rows if r["method"] == method]
+        seeds = [r.get("seed", 0) for r in rows if r["method"] == method]
+        cells = []
+        for label, values in (("best-stage kNN", [s["best_knn"][1] for s in runs]),
+                              ("best-stage linear", [s["best_linear"][1] for s in runs]),
+                              ("final kNN", [s["knn"] for s in runs]), ("final linear", [s["linear"] for s in runs])):
+            v = torch.tensor([x for x in values if x is not None], dtype=torch.float64)
+            cells.append(f"{label} {v.mean():.2f} +- {v.std():.2f}" if len(v) > 1 else f"{label} -")
+        lines.append(f"- {method}, seeds {', '.join(map(str, seeds))}: " + "; ".join(cells))
+    return lines
+
+
 def write_tables(everything, out):
     lines = ["# Benchmark results", "",
-             "Written by `benchmarks/run.py`; see the README's Results section for the protocol.", ""]
+             "Written by `benchmarks/run.py`; the protocol is in the README's Results section. Top-1, %; a best-stage",
+             "cell gives the stage and its score (stem, layer1-4 average-pooled to about 4.5 x the trunk's width, final:",
+             "the pooled features).", ""]
     for protocol, table in everything.items():
-        lines += [f"## `{protocol}` protocol ({table['hardware']}, commit {table['commit']}, {table['date']})", "",
-                  "| method | kNN top-1 | linear top-1 | epochs | wall time | recipe |", "|---|---|---|---|---|---|"]
-        for row in table["rows"]:
-            linear = f"{row['linear_top1']:.2f}" if row.get("linear_top1") is not None else "-"
-            lines.append(f"| {row['method']} | {row['knn_top1']:.2f} | {linear} | {row['epochs']} | "
-                         f"{row['seconds'] / 60:.1f} min | `{row['recipe']}` |")
-        lines.append("")
+        rows = [r for r in table["rows"] if not r.get("seed")]
+        anchor = {r["method"]: summary(r) for r in rows}.get("random-init")
+        lines += [f"## `{protocol}` protocol ({table['hardware']}, commit {table['commit']}, {table['date']}, "
+                  f"torch {table.get('torch', '?')})", "",
+                  "| method | best kNN | best linear | final kNN | final linear | vs random-init: best kNN, best "
+                  "linear, final linear | epochs | pretraining | recipe |", "|---|---|---|---|---|---|---|---|---|"]
+        for row in rows:
+            s = summary(row)
+            vs = "-"
+            if anchor and row["method"] not in ANCHORS[:2] and s["linear"] is not None:
+                vs = (f"{s['best_knn'][1] - anchor['best_knn'][1]:+.1f}, {s['best_linear'][1] - anchor['best_linear'][1]:+.1f}, "
+                      f"{s['linear'] - anchor['linear']:+.1f}")
+            lines.append(f"| {row['method']} | {s['best_knn'][0]} {fmt(s['best_knn'][1])} | {s['best_linear'][0]} "
+                         f"{fmt(s['best_linear'][1])} | {fmt(s['knn'])} | {fmt(s['linear'])} | {vs} | {row['epochs']} | "
+                         f"{row['pretrain_seconds'] / 60:.1f} min | `{row['recipe']}` |")
+        band = noise_band(table["rows"])
+        lines += ([""] + ["Noise band (the same recipe with other seeds):"] + band if band else []) + [""]
+        if any("stem_knn_top1" in r["results"] for r in rows):
+            lines += ["Every stage, kNN / linear:", "", "| method | " + " | ".join(common.STAGES) + " |",
+                      "|---|" + "---|" * len(common.STAGES)]
+            for row in rows:
+                r = row["results"]
+                cells = [f"{fmt(r.get(p + 'knn_top1'))} / {fmt(r.get(p + 'linear_top1'))}"
+                         for p in [f"{s}_" for s in common.STAGES[:-1]] + [""]]
+                lines.append(f"| {row['method']} | " + " | ".join(cells) + " |")
+            lines.append("")
+        if os.path.exists(os.path.join(out, f"curves_{protocol}.png")):
+            lines += [f"![kNN each epoch, `{protocol}` protocol](curves_{protocol}.png)", ""]
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write("\n".join(lines))
 
 
+def plot_curves(table, path):
+    """kNN (the monitor's subset, each method's best stage) against epoch, one line per method; anchors dashed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("no curves: matplotlib is not installed (pip install -r benchmarks/requirements.txt)")
+        return
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for row in (r for r in table["rows"] if not r.get("seed") and r["curve"]):
+        x, y = zip(*row["curve"])
+        anchor = row["method"] in ANCHORS
+        stage = summary(row)["best_knn"][0]
+        ax.plot(x, y, "--" if anchor else "-o", markersize=3, label=f"{row['method']} ({stage})")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("kNN top-1, % (monitor subset)")
+    ax.set_title("Fashion-MNIST kNN each epoch, best stage of each trunk")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None):
     args = parse_args(argv)
-    unknown = set(args.methods) - set(METHODS + ["random-init", "raw-pixels", "supervised"])
+    unknown = set(args.methods) - set(METHODS + ANCHORS)
     if unknown:
-        common.fail(f"unknown rows {sorted(unknown)}; pick from {METHODS + ['random-init', 'raw-pixels', 'supervised']}")
+        common.fail(f"unknown rows {sorted(unknown)}; pick from {METHODS + ANCHORS}")
     os.makedirs(args.out, exist_ok=True)
-    code = commit()  # the code that runs, taken before the runs
-    rows = []
-    for name in args.methods:
-        start = time.time()
-        results, epochs, recipe = run_method(name, args) if name in METHODS else run_anchor(name, args)
-        rows.append({"method": name, "knn_top1": results["knn_top1"], "linear_top1": results.get("linear_top1"),
-                     "epochs": epochs, "seconds": time.time() - start, "recipe": recipe})
-        print(f"== {name}: kNN {results['knn_top1']:.2f} linear {results.get('linear_top1', float('nan')):.2f} "
-              f"({rows[-1]['seconds']:.0f} s)", flush=True)
     path = os.path.join(args.out, "results.json")
     everything = json.load(open(path)) if os.path.exists(path) else {}
-    everything[args.protocol] = {"hardware": hardware(), "commit": code, "date": datetime.date.today().isoformat(),
-                                 "torch": torch.__version__, "rows": rows}
-    with open(path, "w") as f:
-        json.dump(everything, f, indent=1)
-    write_tables(everything, args.out)
+    if not args.plot_only:
+        code, rows = commit(), []  # the code that runs, taken before the runs
+        noise = [] if args.no_noise else PROTOCOLS[args.protocol].get("noise", {}).get("methods", [])
+        jobs = [(name, 0) for name in args.methods] + [(name, seed) for name in noise if name in args.methods
+                                                       for seed in PROTOCOLS[args.protocol]["noise"]["seeds"]]
+        for name, seed in jobs:
+            start = time.time()
+            results, epochs, recipe, pretrain, curve = (run_method(name, args, seed) if name in METHODS
+                                                        else run_anchor(name, args))
+            rows.append({"method": name, "seed": seed, "results": results, "knn_top1": results["knn_top1"],
+                         "linear_top1": results.get("linear_top1"), "epochs": epochs, "seconds": time.time() - start,
+                         "pretrain_seconds": pretrain, "recipe": recipe, "curve": curve})
+            s = summary(rows[-1])
+            print(f"== {name} seed {seed}: best kNN {s['best_knn'][0]} {fmt(s['best_knn'][1])} best linear "
+                  f"{s['best_linear'][0]} {fmt(s['best_linear'][1])} final {fmt(s['knn'])} / {fmt(s['linear'])} "
+                  f"({pretrain:.0f} s pretraining, {rows[-1]['seconds']:.0f} s in all)", flush=True)
+        everything[args.protocol] = {"hardware": hardware(), "commit": code, "date": datetime.date.today().isoformat(),
+                                     "torch": torch.__version__, "rows": rows,
+                                     "minutes": sum(r["seconds"] for r in rows) / 60}
+        with open(path, "w") as f:
+            json.dump(everything, f, indent=1)
+    if args.protocol not in everything or "results" not in everything[args.protocol]["rows"][0]:
+        common.fail(f"results.json holds no {args.protocol} table of this format; run without --plot-only first")
+    plot_curves(everything[args.protocol], os.path.join(args.out, f"curves_{args.protocol}.png"))
+    write_tables({k: v for k, v in everything.items() if "results" in v["rows"][0]}, args.out)
+    for line in noise_band(everything[args.protocol]["rows"]):
+        print(line)
     return everything[args.protocol]
 
 
