@@ -1282,6 +1282,30 @@ def test_probe_stages_leave_the_final_layers_numbers_and_fit_the_memory_budget(t
     assert common.evaluate(trunk, *loaders, torch.device("cpu"), args, trunk=trunk) == every_stage
 
 
+def _stage_probes(rank, world_size, data, out_file):
+    parser = argparse.ArgumentParser()
+    common.add_common_args(parser, out="unused")
+    args = common.parse(parser, TINY + ["--data", data, "--batch-size", "16", "--probe-epochs", "3", "--probe-stages"])
+    args.amp = False
+    _, *probe_sets = common.build_datasets(args, T.ToTensor())
+    torch.manual_seed(0)
+    trunk, _ = common.build_backbone("resnet-tiny", 32)
+    results = common.evaluate(trunk, *[common.eval_loader(ds, args) for ds in probe_sets], torch.device("cpu"), args,
+                              trunk=trunk)
+    if rank == 0:
+        torch.save(results, out_file)
+
+
+def test_stage_probes_on_two_ranks_equal_one_process(tiny_imagefolder, tmp_path):
+    """Each rank extracts its share of every stage; the kNN of every stage is one process's."""
+    _stage_probes(0, 1, tiny_imagefolder, tmp_path / "single.pt")
+    two_ranks(_stage_probes, tmp_path / "init", tiny_imagefolder, tmp_path / "ddp.pt")
+    single, ddp = torch.load(tmp_path / "single.pt"), torch.load(tmp_path / "ddp.pt")
+    knn = [k for k in single if k.endswith("knn_top1")]
+    assert len(knn) == 6 and {k: ddp[k] for k in knn} == {k: single[k] for k in knn}
+    assert ddp.keys() == single.keys()
+
+
 def test_knn_matches_naive_vote_and_separates_clusters():
     g = torch.Generator().manual_seed(0)
     train_f, train_y = torch.randn(50, 6, generator=g), torch.randint(0, 3, (50,), generator=g)

@@ -241,8 +241,8 @@ def write_tables(everything, out):
         anchor = {r["method"]: summary(r) for r in rows}.get("random-init")
         lines += [f"## `{protocol}` protocol ({table['hardware']}, commit {table['commit']}, {table['date']}, "
                   f"torch {table.get('torch', '?')})", "",
-                  "| method | best kNN | best linear | final kNN | final linear | vs random-init: best kNN, best "
-                  "linear, final linear | epochs | pretraining | recipe |", "|---|---|---|---|---|---|---|---|---|"]
+                  "| method | best kNN | best linear | final kNN | final linear | against random-init's best stage "
+                  "(kNN, linear) and final layer (linear) | epochs | pretraining | recipe |", "|---|---|---|---|---|---|---|---|---|"]
         for row in rows:
             s = summary(row)
             vs = "-"
