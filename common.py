@@ -891,7 +891,8 @@ def evaluate(features, probe_train_loader, probe_test_loader, device, args, line
     if is_distributed():  # BN running stats drift apart without SyncBN (CPU): use rank 0's, as DDP does
         for buffer in features.buffers():
             dist.broadcast(buffer, 0)
-    stages, linear, results = STAGES if args.probe_stages and trunk else STAGES[-1:], linear and args.probe_epochs > 0, {}
+    stages = STAGES if args.probe_stages and trunk is not None else STAGES[-1:]
+    linear, results = linear and args.probe_epochs > 0, {}
     rows = len(probe_train_loader.sampler) + len(probe_test_loader.sampler)
     stage_bytes = rows * StageFeatures(features, trunk).budget * (2 if device.type == "cuda" else 4)
     per_pass = max(1, int(PROBE_MEMORY_BYTES // max(1, stage_bytes)))
