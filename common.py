@@ -776,9 +776,10 @@ class StageFeatures(nn.Module):
         super().__init__()
         self.features, self.stages, self.maps = features, stages, {}
         self.train(features.training)  # as a module it has a mode: the features' own
-        self.budget = 4.5 * [m.out_channels for m in trunk.layer4.modules() if isinstance(m, nn.Conv2d)][-1] if trunk else 0
-        self.hooks = [getattr(trunk, "relu" if s == "stem" else s).register_forward_hook(functools.partial(self.keep, s))
-                      for s in stages if s != "final"]
+        convs = [m for m in trunk.layer4.modules() if isinstance(m, nn.Conv2d)] if trunk is not None else []
+        self.budget = 4.5 * convs[-1].out_channels if convs else 0  # 4.5 x the width of the trunk's last stage
+        hooked = {s: getattr(trunk, "relu" if s == "stem" else s) for s in stages if s != "final"}
+        self.hooks = [m.register_forward_hook(functools.partial(self.keep, s)) for s, m in hooked.items()]
 
     def keep(self, stage, module, inputs, output):
         C, H, W = output.shape[1:]

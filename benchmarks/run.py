@@ -146,7 +146,8 @@ def run_anchor(name, args):
     train_tf = T.Compose([T.RandomCrop(size, padding=size // 8), T.RandomHorizontalFlip(), T.ToTensor(),
                           common.normalize("fashion-mnist")])
     margs, device, pretrain, probe_sets = probe_setup(args, train_tf)
-    trunk = nn.Flatten() if name == "raw-pixels" else common.build_backbone(margs.arch, margs.image_size)[0].to(device)
+    trunk, width = (nn.Flatten(), None) if name == "raw-pixels" else common.build_backbone(margs.arch, margs.image_size)
+    trunk = trunk.to(device)
     run = common.Run(margs, device, probe_sets, trunk, model=trunk)
     stages = None if name == "raw-pixels" else trunk
     epochs, start, recipe = 0, time.time(), {"raw-pixels": "normalised pixels, 3 x 28 x 28",
@@ -155,8 +156,7 @@ def run_anchor(name, args):
         epochs = PROTOCOLS[args.protocol]["epochs"]["supervised"]
         margs.batch_size = PROTOCOLS[args.protocol].get("supervised_batch", 128)
         recipe = f"cross-entropy, batch {margs.batch_size}, --epochs {epochs}"
-        head = nn.Linear(trunk(torch.zeros(2, 3, size, size, device=device)).shape[1],
-                         int(common.dataset_labels(pretrain).max()) + 1).to(device)
+        head = nn.Linear(width, int(common.dataset_labels(pretrain).max()) + 1).to(device)
         model = nn.Sequential(trunk, head)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1 * margs.batch_size / 256, momentum=0.9, weight_decay=5e-4)
         loader, sampler = common.train_loader(pretrain, margs)
