@@ -1577,7 +1577,9 @@ def test_benchmark_runner_writes_every_row(tiny_fashion, tmp_path):
     saved = json.load(open(tmp_path / "results.json"))["smoke"]
     assert saved["rows"] == json.loads(json.dumps(table["rows"])) and saved["commit"] and saved["hardware"]
     md = open(tmp_path / "results.md").read()
-    assert "| supervised |" in md and "`smoke` protocol" in md and "- rotation, seeds 0, 1: best-stage kNN" in md
+    assert "| supervised |" in md and "`smoke` protocol" in md
+    knn = torch.tensor([benchmark.best(r, "knn")[1] for r in table["rows"] if r["method"] == "rotation"], dtype=torch.float64)
+    assert f"- rotation, seeds 0, 1: best-stage kNN {knn.mean():.2f} +- {knn.std():.2f};" in md  # the noise band's value
     assert "| method | stem | layer1 | layer2 | layer3 | layer4 | final |" in md  # the per-stage table
     if importlib.util.find_spec("matplotlib"):  # benchmarks/requirements.txt
         assert open(tmp_path / "curves_smoke.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n" and "curves_smoke.png" in md

@@ -82,7 +82,7 @@ def parse_args(argv=None):
     p.add_argument("--data", default="", help="Fashion-MNIST's idx .gz files (default: Debian's copy, else download)")
     p.add_argument("--methods", nargs="*", default=METHODS + ANCHORS, help="rows to run")
     p.add_argument("--no-noise", action="store_true", help="skip the noise band's reruns with other seeds")
-    p.add_argument("--plot-only", action="store_true", help="redraw curves.png and results.md from results.json")
+    p.add_argument("--plot-only", action="store_true", help="redraw curves_<protocol>.png and results.md from results.json")
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks"), help="folder of results.json / results.md")
     p.add_argument("--runs", default=os.path.join(ROOT, "runs", "benchmarks"), help="the methods' output folders")
     return p.parse_args(argv)
