@@ -764,6 +764,11 @@ STAGES = ("stem", "layer1", "layer2", "layer3", "layer4", "final")
 PROBE_MEMORY_BYTES = 4 * 2 ** 30  # per rank: the probe features held at once; stages beyond it take another pass
 
 
+def trunk_stages(trunk):
+    """The residual stages a trunk holds layers in (CPC's v1 trunk stops after layer3: its layer4 is an Identity)."""
+    return [s for s in STAGES[1:-1] if any(True for _ in getattr(trunk, s).parameters())]
+
+
 class StageFeatures(nn.Module):
     """features(x) as "final" and, given a trunk, its stem (after the ReLU) and residual stages, read by forward hooks,
     each map average-pooled to a g x g grid with C g^2 close to `budget` = 4.5 x the trunk's width: Goyal et al. 2019
@@ -776,7 +781,8 @@ class StageFeatures(nn.Module):
         super().__init__()
         self.features, self.stages, self.maps = features, stages, {}
         self.train(features.training)  # as a module it has a mode: the features' own
-        convs = [m for m in trunk.layer4.modules() if isinstance(m, nn.Conv2d)] if trunk is not None else []
+        last = trunk_stages(trunk)[-1] if trunk is not None else None
+        convs = [m for m in getattr(trunk, last).modules() if isinstance(m, nn.Conv2d)] if last else []
         self.budget = 4.5 * convs[-1].out_channels if convs else 0  # 4.5 x the width of the trunk's last stage
         hooked = {s: getattr(trunk, "relu" if s == "stem" else s) for s in stages if s != "final"}
         self.hooks = [m.register_forward_hook(functools.partial(self.keep, s)) for s, m in hooked.items()]
@@ -892,7 +898,7 @@ def evaluate(features, probe_train_loader, probe_test_loader, device, args, line
     if is_distributed():  # BN running stats drift apart without SyncBN (CPU): use rank 0's, as DDP does
         for buffer in features.buffers():
             dist.broadcast(buffer, 0)
-    stages = STAGES if args.probe_stages and trunk is not None else STAGES[-1:]
+    stages = ["stem", *trunk_stages(trunk), "final"] if args.probe_stages and trunk is not None else ["final"]
     linear, results = linear and args.probe_epochs > 0, {}
     rows = len(probe_train_loader.sampler) + len(probe_test_loader.sampler)
     stage_bytes = rows * StageFeatures(features, trunk).budget * (2 if device.type == "cuda" else 4)

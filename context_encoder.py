@@ -30,8 +30,10 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Context Encoder pretraining + kNN / linear evaluation")
     # ALGO LOGIC: the flags every method file shares (common.add_common_args), with this file's recipe as defaults;
     # official train.lua: niter 25, batch 64, Adam 2e-4, no weight decay
-    common.add_common_args(p, out="runs/context_encoder", arch="resnet50", epochs=25, batch_size=64, lr=2e-4, wd=0.0,
-                           lr_help="Adam lr of the discriminator (official 2e-4; not scaled with the batch)")
+    common.add_common_args(p, out="runs/context_encoder", arch="resnet50", epochs=25, batch_size=64, lr=None, wd=0.0,
+                           lr_help="Adam lr, not scaled with the batch: of the discriminator with the adversarial term "
+                                   "(official 2e-4); with --adv-weight 0 of the encoder-decoder (paper Sec. 5.2: 1e-3 for "
+                                   "the centre mask, 1e-4 for random ones)")
     # ALGO LOGIC: context encoder hyper-parameters (official train.lua)
     p.add_argument("--mask", default="random-region", choices=["center", "random-block", "random-region"],
                    help="hole shape (paper Sec. 3.3: random-region for feature learning)")
@@ -40,7 +42,17 @@ def parse_args(argv=None):
     p.add_argument("--overlap-weight", type=common.nonneg_float, default=10.0, help="L2 weight on the centre hole's overlap border")
     p.add_argument("--beta1", type=common.unit_float, default=0.5, help="Adam beta1 (official 0.5)")
     p.add_argument("--gen-lr-ratio", type=common.positive_float, default=10.0, help="encoder-decoder lr / --lr with the adversarial term (official 10)")
+    p.add_argument("--dropout", type=common.unit_float, default=None,
+                   help="dropout on the channel-wise FC layer (paper Sec. 5.2: 0.5 with --adv-weight 0; official "
+                        "train.lua, with the adversarial term: none)")
     args = common.parse(p, argv)
+    adversarial = args.adv_weight > 0
+    if args.lr is None:
+        args.lr = 2e-4 if adversarial else (1e-3 if args.mask == "center" else 1e-4)
+    if args.dropout is None:
+        args.dropout = 0.0 if adversarial else 0.5
+    if args.dropout == 1:
+        common.fail("--dropout 1 drops every feature of the bottleneck; use a rate below 1 (paper: 0.5)")
     return args
 
 
@@ -150,10 +162,21 @@ class ChannelWiseFC(nn.Module):
         self.bias = nn.Parameter(torch.zeros(channels, n))
         self.mix = nn.Conv2d(channels, channels, 1)
 
-    def forward(self, f):  # (b, C, h, w)
+    def forward(self, f, keep=None):  # f (b, C, h, w); keep (b, C, h*w): dropout's scaled mask, or None
         b, c, h, w = f.shape
-        f = torch.einsum("bcp,cpq->bcq", f.flatten(2), self.weight.to(f.dtype)) + self.bias.to(f.dtype)
-        return self.mix(F.relu(f.reshape(b, c, h, w)))
+        f = F.relu(torch.einsum("bcp,cpq->bcq", f.flatten(2), self.weight.to(f.dtype)) + self.bias.to(f.dtype))
+        f = f if keep is None else f * keep.to(f.dtype)  # 0 and 2 (p 0.5) are exact in bf16
+        return self.mix(f.reshape(b, c, h, w))
+
+
+def dropout_mask(b, shape, p, generator):
+    """Dropout's mask for the channel-wise FC (paper Sec. 5.2), from the step's own generator: drawn for the global
+    batch, this rank's rows kept, so --resume repeats it exactly; None when p is 0."""
+    if p == 0:
+        return None
+    rank, world_size = common.rank(), common.world()
+    u = torch.rand(world_size * b, *shape, generator=generator, device=generator.device)[rank * b:(rank + 1) * b]
+    return (u >= p) / (1 - p)
 
 
 def up_block(cin, cout):  # official decoder: 4x4 stride-2 up-convolution, BN, ReLU
@@ -184,8 +207,8 @@ class Generator(nn.Module):
         x = t.maxpool(t.relu(t.bn1(t.conv1(x))))
         return t.layer4(t.layer3(t.layer2(t.layer1(x))))
 
-    def forward(self, masked):
-        out = self.decoder(self.bottleneck(self.feature_map(masked)))
+    def forward(self, masked, keep=None):
+        out = self.decoder(self.bottleneck(self.feature_map(masked), keep))
         if out.shape[-1] != self.out_size:  # e.g. 16 -> 14 at 28 px: the grid does not halve evenly
             out = F.interpolate(out, size=self.out_size, mode="bilinear", align_corners=False)
         return out
@@ -305,8 +328,10 @@ def main(argv=None):
             target, weight = target_region(x, args.mask), loss_weights(hole, args.mask, args.overlap_weight)
             if device.type == "cuda":
                 masked = masked.contiguous(memory_format=torch.channels_last)
+            keep = dropout_mask(len(x), model.generator.bottleneck.bias.shape, args.dropout,
+                                common.step_generator(args.seed, run.global_step, device))
             with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
-                prediction = generator(masked)
+                prediction = generator(masked, keep)
             fake = inpainted(prediction, x, hole, args.mask)
             if adversarial:  # discriminator step first, real and inpainted in separate batches (official)
                 with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):

@@ -1,50 +1,76 @@
 # CPC: van den Oord, Li, Vinyals, "Representation Learning with Contrastive Predictive Coding", 2018
 # (arXiv:1807.03748, Sec. 3.2 images); v2: Hénaff et al., "Data-Efficient Image Recognition with Contrastive
-# Predictive Coding", ICML 2020 (arXiv:1905.09272). No official code was released; defaults are the papers'.
+# Predictive Coding", ICML 2020 (arXiv:1905.09272; Sec. 4.1-4.2, Fig. 3, and its appendix's pseudo-code of the loss
+# and the context network). No official code was released; defaults are the papers'.
 #
 #   python cpc.py --data /imagenet                                   # one GPU (or CPU)
 #   torchrun --nproc_per_node=8 cpc.py --data /imagenet              # 8 GPUs
-#   torchrun --nproc_per_node=8 cpc.py --data /imagenet --v2         # layer norm, per-patch augmentation, skip rows
+#   torchrun --nproc_per_node=8 cpc.py --data /imagenet --v2         # ResNet-161, layer norm, four directions, patch aug.
 #   python cpc.py --dataset fashion-mnist --arch resnet-tiny --subset 4000 --epochs 3 --batch-size 64 --lr 2e-3
 #       # short runs (the test, benchmarks/run.py): v1's 2e-4 is for ~300K steps; 2e-3 learns in a few hundred
 #
 # Each image becomes a 7x7 grid of half-overlapping patches; the trunk encodes every patch on its own (z); a
 # row-causal context network summarises the rows above (c); W_k c at row i must pick out z at row i + k among all
-# patches of the global batch (InfoNCE). EVALUATION DIFFERS from the other files: the probe's feature is the
-# trunk's output averaged over the patch grid of the whole image (the mean of z, as v2 and the common
-# reimplementations; c would need the context network, which backbone.pth does not hold).
+# patches of the global batch (InfoNCE), for k from two rows below (v1 Fig. 4: the next row shares half its pixels).
+# EVALUATION DIFFERS from the other files: the probe's feature is the trunk's output averaged over the patch grid of
+# the whole image (the mean of z, as v2 and the common reimplementations; c would need the context network, which
+# backbone.pth does not hold).
+#
+# Left out of v2, for want of numbers in the paper's text: its larger patches (Fig. 3 "LP"; this file keeps v1's grid)
+# and the exact list and magnitudes of its patch augmentations (Sec. 4.2 "PA" names AutoAugment's primitives, elastic
+# deformations and colour transforms; here: torchvision's RandAugment, two ops per patch, and an elastic warp).
 import argparse
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision
 from torchvision import transforms as T
 
 import common
 
 GRID = 7  # patches per side (Sec. 3.2)
+DIRECTIONS = 4  # v2 Sec. 4.2: context from above (v1), below, the left and the right; each a rotation of the grid
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="CPC pretraining + kNN / linear evaluation")
     # ALGO LOGIC: the flags every method file shares (common.add_common_args), with this file's recipe as defaults;
-    # v1 Sec. 3.2: Adam at 2e-4, 32 GPUs x 16 images; no weight decay and no epoch count stated (100 is ours)
-    common.add_common_args(p, out="runs/cpc", arch="resnet50", epochs=100, batch_size=512, lr=2e-4, wd=0.0,
+    # v1 Sec. 3.2: Adam at 2e-4, 32 GPUs x 16 images, ResNet-v2-101; no weight decay and no epoch count stated (100 is ours)
+    common.add_common_args(p, out="runs/cpc", arch=None, epochs=100, batch_size=512, lr=2e-4, wd=0.0,
                            lr_help="Adam lr (v1 Sec. 3.2: 2e-4; not scaled with the batch)")
-    # ALGO LOGIC: CPC hyper-parameters
-    p.add_argument("--v2", action="store_true", help="CPC v2: --norm layer, per-patch colour dropping and flips, --skip-rows 2")
+    # ALGO LOGIC: CPC hyper-parameters; None = v1's value, or v2's with --v2
+    p.add_argument("--v2", action="store_true", help="CPC v2: the defaults below switch to v2's (each flag names both)")
+    p.add_argument("--stacks", type=common.positive_int, default=3,
+                   help="residual stages of the pre-activation trunk kept (v1, v2: 3, 'the third residual block')")
     p.add_argument("--norm", default=None, choices=["none", "batch", "layer"],
                    help="trunk normalisation (v1 Sec. 3.2: 'We did not use Batch-Norm' -> none; v2: layer; batch lets "
                         "patches share statistics, which v2 found the model exploits: for comparison only)")
-    p.add_argument("--pred-steps", type=common.positive_int, default=5, help="K: predict up to K rows below (v1: 5)")
-    p.add_argument("--skip-rows", type=common.nonneg_int, default=None, help="skip the nearest rows (row i+1 shares half its pixels with row i) (v1: 0, v2: 2)")
-    p.add_argument("--context-blocks", type=common.positive_int, default=5, help="residual blocks of the context network (v2: 5)")
+    p.add_argument("--skip-rows", type=common.nonneg_int, default=None,
+                   help="rows skipped below the context (v1 Fig. 4: 1, targets from z_{t+2}; v2 pseudo-code: 2)")
+    p.add_argument("--pred-steps", type=common.positive_int, default=None,
+                   help="K: rows predicted after the skipped ones (v1: 5, 'up to five rows'; v2 pseudo-code: 1)")
+    p.add_argument("--directions", type=int, default=None, choices=[1, DIRECTIONS],
+                   help="prediction directions (v1: 1, top-down; v2 Sec. 4.2: 4)")
+    p.add_argument("--target-dim", type=common.nonneg_int, default=None,
+                   help="targets: a 1x1 conv of z to this width (v2 pseudo-code: 64); 0: z itself (v1 Eq. 3)")
+    p.add_argument("--emb-scale", type=common.positive_float, default=0.1,
+                   help="predictions W_k c scaled by this (v2 pseudo-code: 0.1; v1 states none: ours, so the first "
+                        "scores are O(1))")
+    p.add_argument("--patch-aug", action=argparse.BooleanOptionalAction, default=None,
+                   help="per-patch RandAugment (2 ops) and elastic warps (v2 Sec. 4.2 'PA'; v1: no)")
+    p.add_argument("--context-blocks", type=common.positive_int, default=5,
+                   help="residual blocks of each context network (v2 pseudo-code: 5)")
     args = common.parse(p, argv)
-    if args.pred_steps > GRID - 1:
-        common.fail(f"--pred-steps {args.pred_steps} reaches past the {GRID}-row grid; use --pred-steps <= {GRID - 1} (v1: 5)")
-    args.norm = args.norm or ("layer" if args.v2 else "none")
-    args.skip_rows = args.skip_rows if args.skip_rows is not None else (2 if args.v2 else 0)
+    v1, v2 = dict(arch="resnet101", norm="none", skip_rows=1, pred_steps=5, directions=1, target_dim=0, patch_aug=False), \
+        dict(arch="resnet161", norm="layer", skip_rows=2, pred_steps=1, directions=DIRECTIONS, target_dim=64, patch_aug=True)
+    for name, value in (v2 if args.v2 else v1).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.skip_rows + args.pred_steps > GRID - 1:
+        common.fail(f"--skip-rows {args.skip_rows} and --pred-steps {args.pred_steps} reach past the {GRID}-row grid; "
+                    f"use --skip-rows + --pred-steps <= {GRID - 1} (v1: 1 + 5)")
     return args
 
 
@@ -71,9 +97,9 @@ def cut_patches(x, patch, stride):
 
 
 class PatchGrid:
-    """image -> its patches (49, C, p, p). v1: a random crop of the resized image, a flip and greyscale for the
-    whole image, then each patch jittered (a random 60/64 sub-crop, padded back); v2 adds per-patch colour dropping
-    (keep one channel) and flips."""
+    """image -> its patches (49, C, p, p). v1 Sec. 3.2: a random crop of the resized image, a flip and greyscale for
+    the whole image, then each patch jittered (a random 60/64 sub-crop, padded back). v2 keeps colour, and with
+    --patch-aug gives each patch its own RandAugment and elastic warp (Sec. 4.2 'PA'), then colour dropping and flips."""
 
     def __init__(self, args):
         self.crop, self.patch, self.stride = patch_geometry(args.image_size)
@@ -83,12 +109,19 @@ class PatchGrid:
             T.RandomCrop(self.crop),
             T.RandomHorizontalFlip(),
             *([] if args.v2 else [T.Grayscale(num_output_channels=3)]),  # v1 Sec. 3.2: greyscale images
-            T.ToTensor(),
-            common.normalize(args.dataset),
+            T.PILToTensor(),  # uint8: the patch augmentations work on it, then ToTensor's scaling
         ])
+        self.per_patch = T.Compose([
+            T.RandAugment(num_ops=2),  # two of AutoAugment's primitives per patch, torchvision's magnitude 9 of 31
+            T.RandomApply([T.ElasticTransform(alpha=50.0 * self.patch / 64, sigma=5.0 * self.patch / 64)], p=0.2),
+        ]) if args.patch_aug else None
+        self.normalize = common.normalize(args.dataset)
 
     def __call__(self, image):
-        patches = cut_patches(self.image(image)[None], self.patch, self.stride)[0]  # (49, C, p, p)
+        patches = cut_patches(self.image(image)[None], self.patch, self.stride)[0]  # (49, C, p, p) uint8
+        if self.per_patch is not None:
+            patches = torch.stack([self.per_patch(p) for p in patches])
+        patches = self.normalize(patches.float() / 255)
         n, C, p, _ = patches.shape
         # spatial jitter (v1 Sec. 3.2): a random keep x keep crop of each patch (60 of 64), padded back to p x p
         # at a random place, so the content moves and overlapping neighbours no longer line up pixel for pixel
@@ -101,7 +134,7 @@ class PatchGrid:
         # (n, p, p, C) -> (n, C, p, p), the rest 0 (the mean); contiguous, as the workers' collate would make it, so
         # the trunk sees one memory layout (and gives the same bits) whatever --workers is
         patches = (moved.permute(0, 3, 1, 2) * inside[:, None]).contiguous()
-        if self.v2:  # colour dropping: each patch keeps one of its three channels (v2 Sec. 4.1)
+        if self.v2:  # colour dropping: each patch keeps one of its three channels (v2 Sec. 4.2 'RC'), and a flip
             kept = torch.randint(0, C, (n,))
             patches = patches * F.one_hot(kept, C).to(patches.dtype)[:, :, None, None]
             flip = torch.rand(n) < 0.5
@@ -109,15 +142,65 @@ class PatchGrid:
         return patches
 
 
-# ALGO LOGIC: model. z = mean-pooled trunk per patch; c = row-causal context network; W_k per step
+# ALGO LOGIC: the trunk. v1 Sec. 3.2: "ResNet-v2-101 ... the outputs from the third residual block, spatially mean-pooled
+# to a single 1024-d vector per 64x64 patch", no batch norm: pre-activation blocks (He et al. 2016, "Identity Mappings
+# in Deep Residual Networks"), cut after --stacks, with an initialisation that needs no normalisation
 def norm_layer(kind):
     """torchvision's ResNet takes norm_layer(channels): v1's no normalisation, BN, or per-patch layer norm."""
     return {"none": lambda c: nn.Identity(), "batch": nn.BatchNorm2d, "layer": lambda c: nn.GroupNorm(1, c)}[kind]
 
 
+class PreAct(nn.Module):
+    """A torchvision block's convolutions, run pre-activation: x + F(x), F = (norm, ReLU, conv) for each conv, the
+    projection shortcut on the pre-activated input, nothing after the sum. Its convs keep torchvision's names and
+    shapes (conv1.., downsample.0); its norms sit before each conv, on that conv's input channels."""
+
+    def __init__(self, block, norm):
+        super().__init__()
+        self.convs = [block.conv1, block.conv2] + ([block.conv3] if hasattr(block, "conv3") else [])
+        for i, conv in enumerate(self.convs, 1):
+            setattr(self, f"conv{i}", conv)
+            setattr(self, f"bn{i}", norm(conv.in_channels))
+        self.norms = [getattr(self, f"bn{i}") for i in range(1, len(self.convs) + 1)]
+        self.downsample = nn.Sequential(block.downsample[0]) if block.downsample is not None else None  # no norm after
+
+    def forward(self, x):
+        h = F.relu(self.norms[0](x))
+        shortcut = x if self.downsample is None else self.downsample(h)
+        for i, (conv, norm) in enumerate(zip(self.convs, self.norms)):
+            h = conv(h if i == 0 else F.relu(norm(h)))
+        return shortcut + h
+
+
+def build_trunk(arch, image_size, norm, stacks):
+    """torchvision's ResNet for --arch (its stem, stage layout and names) with pre-activation blocks, cut after
+    `stacks` stages (the rest Identity), mean-pooled -> (trunk, width). No normalisation: Fixup's rules 1-2
+    (Zhang, Dauphin, Ma, ICLR 2019, Sec. 3): He (fan-in) init, the convs inside each of the L residual branches of
+    m layers scaled by L^(-1/(2m-2)), the last one zero, so every block starts as the identity and the activations
+    keep the scale of the stem's; Fixup's scalar biases and multipliers (its rule 3) are left out."""
+    net, _ = common.build_backbone("resnet101" if arch == "resnet161" else arch, image_size, norm_layer=norm_layer(norm))
+    if arch == "resnet161":  # v2 Sec. 4.1 'MC': ResNet-101's third stack at 46 blocks, 4096 wide, 512-d bottlenecks
+        net.inplanes, net.base_width = 512, 32  # torchvision's bottleneck width: planes x base_width / 64
+        net.layer3 = net._make_layer(torchvision.models.resnet.Bottleneck, 1024, 46, stride=2)
+    for i in range(1, 5):
+        setattr(net, f"layer{i}", nn.Sequential(*[PreAct(b, norm_layer(norm)) for b in getattr(net, f"layer{i}")])
+                if i <= stacks else nn.Identity())
+    blocks = [m for m in net.modules() if isinstance(m, PreAct)]
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d):  # forward-preserving He init (torchvision's fan-out shrinks a no-norm trunk's scale)
+            nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+    if norm == "none":
+        for block in blocks:
+            for conv in block.convs[:-1]:
+                conv.weight.data.mul_(len(blocks) ** (-1 / (2 * len(block.convs) - 2)))
+            nn.init.zeros_(block.convs[-1].weight)
+    return net, blocks[-1].convs[-1].out_channels
+
+
+# ALGO LOGIC: model. z = the mean-pooled trunk per patch; per direction, c = a causal context network and W_k per step
 class CausalBlock(nn.Module):
-    """A residual block whose output row i sees input rows <= i only (v2's context block): 1x1, a 1x3 within
-    the row, then one row of zeros padded on top and a 2x1 'valid' convolution over rows i-1 and i, then 1x1."""
+    """A residual block whose output row i sees input rows <= i only (v2's pseudo-code of the context network): 1x1,
+    a 1x3 within the row, then one row of zeros padded on top and a 2x1 'valid' convolution over rows i-1 and i, 1x1."""
 
     def __init__(self, dim, hidden=256):
         super().__init__()
@@ -130,13 +213,23 @@ class CausalBlock(nn.Module):
         return c + self.expand(F.relu(h))
 
 
+def turn(x, d):
+    """Rotate a (b, D, H, W) grid by d quarter turns so that direction d reads top-down: 0 from above, 1 from the
+    right, 2 from below, 3 from the left (turn(x, -d) turns back)."""
+    return torch.rot90(x, d, dims=(2, 3))
+
+
 class CPC(nn.Module):
-    def __init__(self, arch, image_size, norm, steps, context_blocks):
+    def __init__(self, arch, image_size, norm, stacks, steps, context_blocks, directions=1, target_dim=0, emb_scale=0.1):
         super().__init__()
-        self.trunk, dim = common.build_backbone(arch, image_size, norm_layer=norm_layer(norm))
-        self.context = nn.Sequential(*[CausalBlock(dim) for _ in range(context_blocks)], nn.ReLU())
-        self.steps = list(steps)  # k = skip_rows + 1 .. K: only the steps used have a W_k (DDP needs every one used)
-        self.W = nn.ModuleList(nn.Conv2d(dim, dim, 1, bias=False) for _ in self.steps)  # W_k: linear, per step
+        self.trunk, dim = build_trunk(arch, image_size, norm, stacks)
+        self.steps, self.emb_scale = list(steps), emb_scale  # only the steps used have a W_k (DDP needs each one used)
+        # v2 pseudo-code: targets are a 1x1 conv of z (64 wide) and the predictions map c to that width; v1: z itself
+        self.target = nn.Conv2d(dim, target_dim, 1) if target_dim else nn.Identity()
+        self.context = nn.ModuleList(nn.Sequential(*[CausalBlock(dim) for _ in range(context_blocks)], nn.ReLU())
+                                     for _ in range(directions))  # one context network per direction
+        self.W = nn.ModuleList(nn.ModuleList(nn.Conv2d(dim, target_dim or dim, 1, bias=False) for _ in self.steps)
+                               for _ in range(directions))  # W_k: linear, per direction and step
 
     def encode(self, patches):
         """(b, 49, C, p, p) -> z (b, D, 7, 7): every patch on its own through the trunk, as one batch of 49b."""
@@ -145,10 +238,16 @@ class CPC(nn.Module):
         return z.reshape(b, GRID, GRID, -1).permute(0, 3, 1, 2)
 
     def forward(self, patches):
-        """-> z (b, D, 7, 7) and, per step k, the predictions W_k c of rows k .. 6 made from rows 0 .. 6-k."""
-        z = self.encode(patches)
-        c = self.context(z)  # row i has seen rows <= i only
-        return z, [W_k(c[:, :, :GRID - k]) for k, W_k in zip(self.steps, self.W)]
+        return self.predict(self.encode(patches))
+
+    def predict(self, z):
+        """z -> per direction d, in d's frame (turn): the targets (b, D', 7, 7) and, per step k, the predictions
+        emb_scale W_k c of rows k .. 6 made from rows 0 .. 6-k."""
+        targets, predictions = self.target(z), []
+        for d, (context, W) in enumerate(zip(self.context, self.W)):
+            c = context(turn(z, d))  # row i has seen rows <= i only, of the grid turned for direction d
+            predictions.append([self.emb_scale * W_k(c[:, :, :GRID - k]) for k, W_k in zip(self.steps, W)])
+        return [turn(targets, d) for d in range(len(self.W))], predictions
 
 
 def info_nce(z, predictions, steps):
@@ -165,6 +264,11 @@ def info_nce(z, predictions, steps):
         target = ((rank * b + img) * H + row + k) * Wd + col  # where z at (i + k, j) sits among the candidates
         losses.append(F.cross_entropy(logits, target.flatten().to(logits.device)))
     return torch.stack(losses).mean()
+
+
+def cpc_loss(targets, predictions, steps):
+    """InfoNCE averaged over the directions (v2: each direction one more prediction task)."""
+    return torch.stack([info_nce(t, p, steps) for t, p in zip(targets, predictions)]).mean()
 
 
 class GridMean(nn.Module):
@@ -190,14 +294,12 @@ def main(argv=None):
     # TRY NOT TO MODIFY: distributed start-up, seeds, --out, data
     args = parse_args(argv)
     device = common.setup(args)
-    if args.skip_rows + 1 > min(args.pred_steps, GRID - 1):  # steps k = skip+1 .. K, each with a row k below
-        common.fail(f"--skip-rows {args.skip_rows} leaves no step to predict of --pred-steps {args.pred_steps} "
-                    f"on a {GRID}-row grid; use --skip-rows < {min(args.pred_steps, GRID - 1)}")
     pretrain_set, *probe_sets = common.build_datasets(args, PatchGrid(args))
 
     # ALGO LOGIC: model and optimizer
-    steps = range(args.skip_rows + 1, min(args.pred_steps, GRID - 1) + 1)
-    model = CPC(args.arch, args.image_size, args.norm, steps, args.context_blocks).to(device)
+    steps = range(args.skip_rows + 1, args.skip_rows + args.pred_steps + 1)  # k: rows below the context
+    model = CPC(args.arch, args.image_size, args.norm, args.stacks, steps, args.context_blocks, args.directions,
+                args.target_dim, args.emb_scale).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.wd)  # v1 Sec. 3.2
@@ -234,8 +336,8 @@ def main(argv=None):
             if device.type == "cuda":  # channels_last per patch: the trunk's (49b, C, p, p) view keeps it
                 patches = patches.flatten(0, 1).contiguous(memory_format=torch.channels_last).unflatten(0, patches.shape[:2])
             with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
-                z, predictions = ddp_model(patches)
-            loss = info_nce(z, predictions, model.steps)  # fp32, outside autocast
+                targets, predictions = ddp_model(patches)
+            loss = cpc_loss(targets, predictions, model.steps)  # fp32, outside autocast
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

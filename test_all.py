@@ -216,11 +216,14 @@ def kill_after_mid_epoch_save(argv, out):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", METHODS)
-def test_resume_reaches_the_same_weights(method, tiny_imagefolder, tmp_path, monkeypatch):
+@pytest.mark.parametrize("method, variant", [(m, []) for m in METHODS] + [
+    ("cpc", ["--v2"]),  # four directions, 64-d targets, per-patch RandAugment and elastic warps
+    ("context_encoder", ["--adv-weight", "0"])])  # dropout on the channel-wise FC, from the step generator
+def test_resume_reaches_the_same_weights(method, variant, tiny_imagefolder, tmp_path, monkeypatch):
     """Straight run (2 workers) == stop at an epoch end + resume == kill -9 after a mid-epoch --save-every
     checkpoint + resume (0 workers): the same weights and method state, bit for bit."""
     module, extra = METHODS[method]
+    extra = extra + variant
     # --epochs 50 fixes the lr schedule; --max-steps 8 ends the runs after 2 epochs of 4 steps
     args = TINY + extra + ["--data", tiny_imagefolder, "--batch-size", "16", "--epochs", "50", "--probe-epochs", "0",
                            "--eval-every", "0"]
@@ -254,14 +257,16 @@ def test_backbone_loads_into_torchvision(method, tiny_imagefolder, tmp_path, mon
     if method == "instdisc":  # the paper's bank kNN needs the trained bank, which backbone.pth does not hold
         assert "knn_bank_top1" in final and "knn_bank_top1" not in again
     state = torch.load(os.path.join(out, "backbone.pth"))
-    # CPC's trunk has no normalisation layers (v1): build torchvision's with the same norm_layer
+    # CPC's trunk (v1) has no normalisation layers and stops after layer3: torchvision's with the same norm_layer takes
+    # every conv weight by name (it runs them post-activation: docs/cpc.md says how to use them)
     net = torchvision.models.resnet18(**({"norm_layer": cpc.norm_layer("none")} if method == "cpc" else {}))
     missing, unexpected = net.load_state_dict(state, strict=False)
-    assert sorted(missing) == ["fc.bias", "fc.weight"] and unexpected == []
+    expected = [k for k in net.state_dict() if k.startswith("fc.") or (method == "cpc" and k.startswith("layer4."))]
+    assert sorted(missing) == sorted(expected) and unexpected == []
     # every tensor of the torchvision model is the trained trunk's (BN statistics included)
     trained, prefix = load_state(out)["model"], trunk_prefix(method, tiny_imagefolder, monkeypatch, tmp_path)
     for key, value in net.state_dict().items():
-        if not key.startswith("fc."):
+        if key not in expected:
             assert torch.equal(value, trained[prefix + key]), key
     if method != "cpc":
         assert not torch.equal(net.layer4[1].bn2.running_mean, torch.zeros(512))  # trained, not the initial buffers
@@ -678,6 +683,67 @@ def naive_info_nce(z, predictions, steps):
     return float(np.mean(per_step))
 
 
+def test_cpc_each_direction_sees_only_its_own_side():
+    """v2's four directions: the prediction made at P for the target T, k steps along direction d, sees only patches
+    on P's side of T: from above (d 0) rows <= P's, from the right (1) columns >= P's, from below (2) rows >= P's,
+    from the left (3) columns <= P's; and T itself lies k rows, or columns, away in that direction."""
+    torch.manual_seed(0)
+    model = cpc.CPC("resnet-tiny", 28, "layer", 3, steps=[2], context_blocks=3, directions=4, target_dim=4)
+    z = torch.randn(1, model.W[0][0].in_channels, 7, 7, requires_grad=True)
+    index = torch.arange(49.0).reshape(1, 1, 7, 7)  # original positions, row-major
+    behind = [lambda s, p: s[0] <= p[0], lambda s, p: s[1] >= p[1], lambda s, p: s[0] >= p[0], lambda s, p: s[1] <= p[1]]
+    toward = [(1, 0), (0, -1), (-1, 0), (0, 1)]  # where the target lies from P, per direction
+    targets, predictions = model.predict(z)
+    for d in range(4):
+        where = cpc.turn(index, d)[0, 0].long()  # direction d's frame -> original position
+        assert torch.equal(cpc.turn(targets[d], -d), model.target(z))  # the targets turn back to the same grid
+        for i in range(7 - 2):
+            for j in range(7):
+                grad, = torch.autograd.grad(predictions[d][0][0, :, i, j].sum(), z, retain_graph=True)
+                seen = {divmod(int(q), 7) for q in (grad[0].abs().sum(0) > 0).flatten().nonzero()[:, 0]}
+                P, T = divmod(int(where[i, j]), 7), divmod(int(where[i + 2, j]), 7)
+                assert P in seen and all(behind[d](s, P) for s in seen), (d, P, seen)
+                assert (T[0] - P[0], T[1] - P[1]) == (2 * toward[d][0], 2 * toward[d][1])
+
+
+def test_cpc_first_step_infonce_at_imagenet_size_is_near_chance():
+    """v1 at its ImageNet defaults (224 px, the pre-activation ResNet-101 cut after its third stack, no normalisation,
+    Fixup's initialisation): on 2 random images the first InfoNCE lies within 2x of ln(candidates) and the gradients
+    are moderate (measured here: 4.77 against ln 98 = 4.58, gradient norm 4.3; torchvision's ResNet-50 with its BN
+    removed, the earlier default, started near 1,160 with gradient norms near 1e5)."""
+    args = cpc.parse_args(["--data", "unused"])
+    assert (args.arch, args.norm, args.stacks, args.image_size, args.skip_rows, args.pred_steps) == ("resnet101", "none", 3, 224, 1, 5)
+    grid = cpc.PatchGrid(args)
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    patches = torch.stack([grid(torchvision.transforms.functional.to_pil_image(torch.rand(3, 300, 300, generator=g)))
+                           for _ in range(2)])
+    model = cpc.CPC(args.arch, args.image_size, args.norm, args.stacks, range(2, 7), args.context_blocks)
+    assert model.steps == [2, 3, 4, 5, 6]  # v1 Fig. 4: from z_{t+2}, five rows
+    assert sum(p.numel() for p in model.trunk.parameters()) == 27_452_608  # ResNet-101's convs up to layer3, no BN
+    targets, predictions = model(patches)
+    loss = cpc.cpc_loss(targets, predictions, model.steps)
+    loss.backward()
+    grad_norm = torch.sqrt(sum(p.grad.pow(2).sum() for p in model.parameters())).item()
+    chance = np.log(2 * 49)
+    print(f"first InfoNCE {loss.item():.2f}, ln(candidates) {chance:.2f}, gradient norm {grad_norm:.3g}")
+    assert chance / 2 <= loss.item() <= 2 * chance
+    assert grad_norm < 100
+
+
+def test_cpc_preact_blocks_start_as_the_identity():
+    """Fixup (no normalisation): the last conv of every residual branch starts at zero, so each block passes its input
+    through (the projection blocks: their shortcut alone); the stages the trunk keeps are layer1-3."""
+    trunk, width = cpc.build_trunk("resnet18", 96, "none", 3)
+    assert width == 256 and common.trunk_stages(trunk) == ["layer1", "layer2", "layer3"]
+    x = torch.randn(2, 64, 12, 12)
+    block = trunk.layer1[0]
+    assert torch.equal(block(x), x) and all(not block.convs[-1].weight.any() for block in trunk.modules()
+                                            if isinstance(block, cpc.PreAct))
+    projection = trunk.layer2[0]
+    assert torch.equal(projection(x), projection.downsample(torch.relu(x)))
+
+
 def test_cpc_info_nce_matches_naive_loop():
     g = torch.Generator().manual_seed(0)
     z = torch.randn(2, 3, 7, 2, generator=g)
@@ -690,12 +756,12 @@ def _cpc_loss_and_grads(rank, world_size, out_file):
     """CPC loss and gradients on this rank's share of a fixed global batch of 4 images (layer norm: no batch
     statistics, so one process on the whole batch must agree with 2 ranks)."""
     torch.manual_seed(0)
-    model = cpc.CPC("resnet-tiny", 28, "layer", steps=[1, 2], context_blocks=1)
+    model = cpc.CPC("resnet-tiny", 28, "layer", 3, steps=[2, 3], context_blocks=1, directions=4, target_dim=8)
     patches = torch.randn(4, 49, 3, 8, 8, generator=torch.Generator().manual_seed(1))
     n = 4 // world_size
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
-    z, predictions = ddp(patches[rank * n:(rank + 1) * n])
-    loss = cpc.info_nce(z, predictions, model.steps)
+    targets, predictions = ddp(patches[rank * n:(rank + 1) * n])
+    loss = cpc.cpc_loss(targets, predictions, model.steps)
     loss.backward()
     mean_loss = common.all_reduce(loss.detach(), "mean").item()
     if rank == 0:
@@ -709,8 +775,8 @@ def test_cpc_two_ranks_equal_one_process(tmp_path):
 def test_cpc_geometry_and_skip_errors(tiny_imagefolder, tmp_path):
     expect_error(TINY + ["--data", tiny_imagefolder, "--image-size", "8", "--out", str(tmp_path)],
                  "--image-size 8", "needs --image-size >= 11", module=cpc)
-    expect_error(TINY + ["--data", tiny_imagefolder, "--skip-rows", "5", "--out", str(tmp_path)],
-                 "--skip-rows 5", module=cpc)
+    expect_error(TINY + ["--data", tiny_imagefolder, "--skip-rows", "2", "--out", str(tmp_path)],
+                 "--skip-rows 2 and --pred-steps 5 reach past the 7-row grid", module=cpc)
 
 
 @real_data
@@ -743,7 +809,7 @@ def test_cpc_patch_jitter_moves_the_content_and_the_probe_sees_grey():
     clean = cpc.cut_patches(grid.image(image)[None], grid.patch, grid.stride)[0]
     assert not all(torch.equal(p[:, ~z], c[:, ~z]) for p, c, z in zip(patches, clean, zero))
     # the v1 probe turns colour into grey as training did: a grey image gives the same feature as its colour copy
-    model = cpc.CPC("resnet-tiny", 32, "none", steps=[1], context_blocks=1).eval()
+    model = cpc.CPC("resnet-tiny", 32, "none", 3, steps=[2], context_blocks=1).eval()
     probe = cpc.GridMean(model, cpc.parse_args(["--dataset", "cifar10"]))
     colour = torch.randn(2, 3, 32, 32)
     mean, std = (torch.tensor(v)[:, None, None] for v in common.MEAN_STD["cifar10"])
@@ -996,11 +1062,29 @@ def test_context_encoder_adv_weight_zero_gives_the_discriminator_no_step(tiny_im
     assert l2["optimizer_d"]["state"] == {} and l2["optimizer_g"]["state"]
     assert not all(torch.equal(joint["model"][k], initial[k]) for k in disc)  # with the joint loss D learns
     assert joint["optimizer_d"]["state"]
-    assert l2["optimizer_g"]["param_groups"][0]["lr"] == pytest.approx(2e-4)  # L2 alone: --lr
+    assert l2["optimizer_g"]["param_groups"][0]["lr"] == pytest.approx(1e-4)  # L2 alone, random region (Sec. 5.2)
     assert joint["optimizer_g"]["param_groups"][0]["lr"] == pytest.approx(2e-3)  # joint: 10x D's
     # the image grid of the last step: 3 rows (masked, inpainted, original) of 8 images, 32 px + 2 px padding
     grid = torchvision.io.read_image(str(tmp_path / "joint" / "inpainting_step2.png"))
     assert grid.shape == (3, 3 * 34 + 2, 8 * 34 + 2)
+
+
+def test_context_encoder_feature_learning_mode_has_the_papers_lr_and_dropout():
+    """--adv-weight 0 (paper Sec. 5.2): lr 1e-3 for the centre mask, 1e-4 for random ones, unless --lr is given;
+    dropout 0.5 on the channel-wise FC, its mask from the step's generator (the same at the same step)."""
+    parse = context_encoder.parse_args
+    assert (parse(["--adv-weight", "0", "--mask", "center"]).lr, parse(["--adv-weight", "0"]).lr) == (1e-3, 1e-4)
+    assert parse(["--adv-weight", "0", "--lr", "3e-4"]).lr == 3e-4 and parse([]).lr == 2e-4  # joint loss: official
+    assert (parse(["--adv-weight", "0"]).dropout, parse([]).dropout) == (0.5, 0.0)
+    mask = context_encoder.dropout_mask(64, (128, 4), 0.5, common.step_generator(0, 7, "cpu"))
+    assert set(mask.unique().tolist()) == {0.0, 2.0} and abs((mask == 0).float().mean().item() - 0.5) < 0.02
+    assert torch.equal(mask, context_encoder.dropout_mask(64, (128, 4), 0.5, common.step_generator(0, 7, "cpu")))
+    assert context_encoder.dropout_mask(64, (128, 4), 0.0, common.step_generator(0, 7, "cpu")) is None
+    fc = context_encoder.ChannelWiseFC(8, 2)
+    f = torch.randn(3, 8, 2, 2)
+    keep = context_encoder.dropout_mask(3, (8, 4), 0.5, common.step_generator(0, 1, "cpu"))
+    hidden = torch.relu(torch.einsum("bcp,cpq->bcq", f.flatten(2), fc.weight) + fc.bias)
+    torch.testing.assert_close(fc(f, keep), fc.mix((hidden * keep).reshape(3, 8, 2, 2)))
 
 
 def test_context_encoder_image_too_small(tiny_imagefolder, tmp_path):
