@@ -82,6 +82,8 @@ def parse_args(argv=None):
     p.add_argument("--data", default="", help="Fashion-MNIST's idx .gz files (default: Debian's copy, else download)")
     p.add_argument("--methods", nargs="*", default=METHODS + ANCHORS, help="rows to run")
     p.add_argument("--no-noise", action="store_true", help="skip the noise band's reruns with other seeds")
+    p.add_argument("--update", action="store_true",
+                   help="replace only the --methods rows of the protocol's table, keeping the others (each row names its commit)")
     p.add_argument("--plot-only", action="store_true", help="redraw curves_<protocol>.png and results.md from results.json")
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks"), help="folder of results.json / results.md")
     p.add_argument("--runs", default=os.path.join(ROOT, "runs", "benchmarks"), help="the methods' output folders")
@@ -239,8 +241,9 @@ def write_tables(everything, out):
     for protocol, table in everything.items():
         rows = [r for r in table["rows"] if not r.get("seed")]
         anchor = {r["method"]: summary(r) for r in rows}.get("random-init")
+        later = sorted({f"{r['method']} at {r['commit']}" for r in rows if r.get("commit", table["commit"]) != table["commit"]})
         lines += [f"## `{protocol}` protocol ({table['hardware']}, commit {table['commit']}, {table['date']}, "
-                  f"torch {table.get('torch', '?')})", "",
+                  f"torch {table.get('torch', '?')}{'; rerun since: ' + ', '.join(later) if later else ''})", "",
                   "| method | best kNN | best linear | final kNN | final linear | against random-init's best stage "
                   "(kNN, linear) and final layer (linear) | epochs | pretraining | recipe |", "|---|---|---|---|---|---|---|---|---|"]
         for row in rows:
@@ -313,14 +316,25 @@ def main(argv=None):
                                                         else run_anchor(name, args))
             rows.append({"method": name, "seed": seed, "results": results, "knn_top1": results["knn_top1"],
                          "linear_top1": results.get("linear_top1"), "epochs": epochs, "seconds": time.time() - start,
-                         "pretrain_seconds": pretrain, "recipe": recipe, "curve": curve})
+                         "pretrain_seconds": pretrain, "recipe": recipe, "curve": curve, "commit": code})
             s = summary(rows[-1])
             print(f"== {name} seed {seed}: best kNN {s['best_knn'][0]} {fmt(s['best_knn'][1])} best linear "
                   f"{s['best_linear'][0]} {fmt(s['best_linear'][1])} final {fmt(s['knn'])} / {fmt(s['linear'])} "
                   f"({pretrain:.0f} s pretraining, {rows[-1]['seconds']:.0f} s in all)", flush=True)
-        everything[args.protocol] = {"hardware": hardware(), "commit": code, "date": datetime.date.today().isoformat(),
-                                     "torch": torch.__version__, "rows": rows,
-                                     "minutes": sum(r["seconds"] for r in rows) / 60}
+        table = {"hardware": hardware(), "commit": code, "date": datetime.date.today().isoformat(),
+                 "torch": torch.__version__}
+        old = everything.get(args.protocol)
+        if args.update and old:  # the other rows stay as they were measured, in the table's order
+            if old["hardware"] != table["hardware"]:
+                common.fail(f"--update: the {args.protocol} table was measured on {old['hardware']}, not here; rerun it whole")
+            for row in old["rows"]:
+                row.setdefault("commit", old["commit"])
+            fresh, rerun = {(r["method"], r["seed"]): r for r in rows}, {r["method"] for r in rows}
+            kept = [fresh.pop((r["method"], r.get("seed", 0)), None) if r["method"] in rerun else r for r in old["rows"]]
+            rows = [r for r in kept if r is not None] + list(fresh.values())
+            table.update(commit=old["commit"], date=old["date"])
+        table.update(rows=rows, minutes=sum(r["seconds"] for r in rows) / 60)
+        everything[args.protocol] = table
         with open(path, "w") as f:
             json.dump(everything, f, indent=1)
     if args.protocol not in everything or "results" not in everything[args.protocol]["rows"][0]:
