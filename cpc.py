@@ -18,7 +18,8 @@
 #
 # Left out of v2, for want of numbers in the paper's text: its larger patches (Fig. 3 "LP"; this file keeps v1's grid)
 # and the exact list and magnitudes of its patch augmentations (Sec. 4.2 "PA" names AutoAugment's primitives, elastic
-# deformations and colour transforms; here: torchvision's RandAugment, two ops per patch, and an elastic warp).
+# deformations and colour transforms; here: torchvision's RandAugment, two ops per patch, and an elastic warp), and
+# its optimiser and schedule (v1's Adam is kept). docs/cpc.md maps every element of v2 to its section.
 import argparse
 
 import torch
@@ -42,7 +43,7 @@ def parse_args(argv=None):
                            lr_help="Adam lr (v1 Sec. 3.2: 2e-4; not scaled with the batch)")
     # ALGO LOGIC: CPC hyper-parameters; None = v1's value, or v2's with --v2
     p.add_argument("--v2", action="store_true", help="CPC v2: the defaults below switch to v2's (each flag names both)")
-    p.add_argument("--stacks", type=common.positive_int, default=3,
+    p.add_argument("--stacks", type=int, default=3, choices=range(1, 5),
                    help="residual stages of the pre-activation trunk kept (v1, v2: 3, 'the third residual block')")
     p.add_argument("--norm", default=None, choices=["none", "batch", "layer"],
                    help="trunk normalisation (v1 Sec. 3.2: 'We did not use Batch-Norm' -> none; v2: layer; batch lets "
@@ -182,6 +183,8 @@ def build_trunk(arch, image_size, norm, stacks):
     if arch == "resnet161":  # v2 Sec. 4.1 'MC': ResNet-101's third stack at 46 blocks, 4096 wide, 512-d bottlenecks
         net.inplanes, net.base_width = 512, 32  # torchvision's bottleneck width: planes x base_width / 64
         net.layer3 = net._make_layer(torchvision.models.resnet.Bottleneck, 1024, 46, stride=2)
+        net.base_width = 64
+        net.layer4 = net._make_layer(torchvision.models.resnet.Bottleneck, 512, 3, stride=2)  # on 4096 channels
     for i in range(1, 5):
         setattr(net, f"layer{i}", nn.Sequential(*[PreAct(b, norm_layer(norm)) for b in getattr(net, f"layer{i}")])
                 if i <= stacks else nn.Identity())

@@ -55,7 +55,7 @@ RECIPES = {
 # The `cpu` protocol gives every method the same wall-clock budget of pretraining on 2 CPU cores, about 4 minutes:
 # methods differ 8x in cost per epoch (CPC encodes 49 patches an image, InstDisc one view), so equal epochs would give
 # one method eight times another's compute. Epochs = 240 s / each method's measured seconds per epoch at this protocol
-# (simclr 18, moco 12, instdisc 9, cpc 77, rotation 31, jigsaw 41, context_encoder 32, supervised 7.5); the table
+# (simclr 18, moco 12, instdisc 9, cpc 72, rotation 31, jigsaw 41, context_encoder 32, supervised 7.5); the table
 # reports the minutes each run took. Every method is probed at every stage and monitored each epoch.
 PROTOCOLS = {
     "cpu": {"flags": ["--arch", "resnet-tiny", "--subset", "10000", "--workers", "2", "--probe-stages",
