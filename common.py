@@ -1,14 +1,21 @@
 """Shared plumbing of the sslref method files: the flags they share, data, distributed start-up and gathers, the
 backbone, checkpoints and progress lines, and probing (kNN + linear probe). Nothing method-specific."""
 import argparse
+import atexit
 import copy
 import functools
 import gzip
 import json
 import math
+import multiprocessing
 import os
 import random
+import signal
+import sys
+import tempfile
+import threading
 import time
+import weakref
 
 import numpy as np
 import torch
@@ -46,8 +53,10 @@ unit_float = _checked(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 
 
 # ---- The flags every method file shares (what this module reads), each file passing its own defaults -----------
-def add_common_args(p, out, arch="resnet50", epochs=100, batch_size=256, lr=0.1, wd=0.0, device_augment=False,
-                    lr_help="base lr per 256 images; peak = lr * batch / 256"):
+def add_common_args(p, method, arch="resnet50", epochs=100, batch_size=256, lr=0.1, wd=0.0, device_augment=False,
+                    lr_help="base lr per 256 images; peak = lr * batch / 256", out=None):
+    """`method`: the file's name (cpc for cpc.py), which its checkpoints record; --out defaults to runs/<method>."""
+    p.set_defaults(method=method)
     a = p.add_argument
     a("--dataset", default="imagefolder", choices=list(DEFAULT_IMAGE_SIZE), help="dataset kind")
     a("--data", default="", help="dataset folder (imagefolder: DATA/train and DATA/val)")
@@ -65,7 +74,7 @@ def add_common_args(p, out, arch="resnet50", epochs=100, batch_size=256, lr=0.1,
     a("--subset", type=nonneg_int, default=0, help="use N evenly spaced training images (0: all)")
     a("--max-steps", type=nonneg_int, default=0, help="stop (and checkpoint) after N steps in total (0: never)")
     a("--save-every", type=nonneg_int, default=0, help="also checkpoint every N steps (0: at each epoch end only)")
-    a("--out", default=out, help="output folder: metrics.jsonl, checkpoint.pth, backbone.pth")
+    a("--out", default=out or os.path.join("runs", method), help="output folder: metrics.jsonl, checkpoint.pth, backbone.pth")
     a("--resume", default="", help="checkpoint.pth to continue from (or backbone.pth with --eval-only)")
     a("--eval-only", action="store_true", help="only evaluate (the --resume weights, else random init)")
     a("--baselines", action="store_true", help="also probe the random-init trunk and raw pixels (<= 64 px)")
@@ -180,8 +189,14 @@ def base_datasets(name, root):
     """(pretrain, probe_train, probe_test) datasets yielding (PIL image, label), untransformed."""
     D = torchvision.datasets
     if name == "imagefolder":
-        train = image_folder(root, "train")
-        return train, train, image_folder(root, "val")
+        train, val = image_folder(root, "train"), image_folder(root, "val")
+        if train.classes != val.classes:  # ImageFolder numbers classes by sorted name: val's labels would be train's others
+            only = [sorted(set(a.classes) - set(b.classes)) for a, b in ((train, val), (val, train))]
+            listed = [", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "") or "none"
+                      for names in only]
+            fail(f"train/ and val/ under {root} have different class folders (only in train/: {listed[0]}; only in "
+                 f"val/: {listed[1]}); the probes need the same classes in both: add or remove folders")
+        return train, train, val
     if name in ("cifar10", "cifar100"):
         cls = D.CIFAR10 if name == "cifar10" else D.CIFAR100
         files = f"{cls.filename} (from {cls.url})"
@@ -428,8 +443,33 @@ def dataset_labels(ds):
     return torch.as_tensor(np.asarray(ds.targets if hasattr(ds, "targets") else ds.labels), dtype=torch.long)
 
 
+def _ignore_stop_signals(worker_id):
+    """Data workers leave SIGTERM, SIGINT and SIGUSR1 to the main process, which finishes its step and checkpoints
+    (a scheduler signals every process of the job; a worker dying first would end the run with a traceback)."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+
+
+@atexit.register  # after multiprocessing's own exit hook was registered (torch imports it), so it runs before it
+def _end_data_workers():
+    """multiprocessing ends the data workers at exit with SIGTERM, which they ignore: shut the loaders' workers down
+    as DataLoader does (a sentinel, then join), and SIGKILL any that still lingers."""
+    for loader in list(Loader.instances):
+        if getattr(loader, "_iterator", None) is not None and hasattr(loader._iterator, "_shutdown_workers"):
+            loader._iterator._shutdown_workers()
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+
+
 class Loader(torch.utils.data.DataLoader):
     """DataLoader whose undecodable image stops the run with one line (a worker re-raises it with its traceback)."""
+
+    instances = weakref.WeakSet()
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, worker_init_fn=_ignore_stop_signals, **kwargs)
+        Loader.instances.add(self)
 
     def __iter__(self):
         try:
@@ -475,8 +515,11 @@ def setup(args):
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    if rank() == 0:
+    try:  # every rank, before any data is read: a run that cannot checkpoint must not start
         os.makedirs(args.out, exist_ok=True)
+        tempfile.TemporaryFile(dir=args.out).close()
+    except OSError as e:
+        fail(f"cannot write to --out {args.out} ({e.strerror or e}); pick a folder this user can write")
     return device
 
 
@@ -573,15 +616,25 @@ def save_atomic(obj, path):
 
 
 def load_weights(module, state_dict, path):
+    """module.load_state_dict(state_dict), or one short line: how many keys are missing and unexpected (the first of
+    each), or the first shape that differs."""
     try:
-        module.load_state_dict(state_dict)
-    except RuntimeError as e:
-        first_problem = (str(e).splitlines()[1:] or [str(e)])[0].strip()
-        fail(f"{path} does not fit this model ({first_problem}); pass the --arch, --image-size and model flags it was "
+        missing, unexpected = module.load_state_dict(state_dict, strict=False)
+        problem = "; ".join(f"{len(keys)} {kind} keys, first {keys[0]}" for kind, keys in
+                            (("missing", missing), ("unexpected", unexpected)) if keys)
+    except (RuntimeError, TypeError, AttributeError) as e:
+        problem = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e))
+    if problem:
+        fail(f"{path} does not fit this model ({problem[:160]}); pass the --arch, --image-size and model flags it was "
              "trained with")
 
 
 NEVER = 2 ** 62  # "no non-finite loss seen" for the divergence check
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)  # schedulers send one some seconds before a kill
+# Every STOP_CHECK_EVERY steps the ranks agree on whether one of them got a stop signal: one all-reduce of one number
+# and its host sync (0.7 ms with gloo on 2 CPU ranks, 0.07 ms a step), so all stop at the same step and none waits on
+# a collective the others left. At ImageNet speeds (0.2-1 s a step) 10 steps stay inside a scheduler's grace period.
+STOP_CHECK_EVERY = 10
 
 
 class Run:
@@ -616,11 +669,19 @@ class Run:
         except Exception as e:
             fail(f"cannot read checkpoint {args.resume} ({type(e).__name__}); it is truncated or corrupt: resume from "
                  "another checkpoint or start afresh without --resume")
+        if not isinstance(ckpt, dict):
+            fail(f"{args.resume} holds no weights; pass OUT/checkpoint.pth or OUT/backbone.pth")
         if "model" not in ckpt:
             if not args.eval_only:
                 fail(f"{args.resume} is not a training checkpoint; pass OUT/checkpoint.pth (backbone.pth needs --eval-only)")
             load_weights(self.trunk, ckpt, args.resume)
             return 0, 0
+        written, ours = ckpt.get("args", {}), vars(args)
+        keys = [k for k in ("method", "arch", "image_size") if k in written]  # the method: since it was recorded
+        if any(written[k] != ours[k] for k in keys):
+            describe = lambda a: f"{a['method']}.py" * ("method" in keys) + f" --arch {a['arch']} --image-size {a['image_size']}"
+            fail(f"{args.resume} was written by {describe(written).strip()}, not {describe(ours).strip()}; resume it "
+                 "with the file and flags that wrote it, or start afresh in another --out")
         for name, obj in self.state.items():
             load_weights(obj, ckpt[name], args.resume) if name == "model" else obj.load_state_dict(ckpt[name])
         if ckpt["step_in_epoch"] and (ckpt["world_size"], ckpt["args"]["batch_size"]) != (world(), args.batch_size):
@@ -631,11 +692,26 @@ class Run:
         return ckpt["epoch"], ckpt["step_in_epoch"]
 
     def start(self, steps_per_epoch, start_epoch, start_step):
-        """Count steps from where --resume left off; the run ends at --epochs or --max-steps, whichever is first."""
+        """Count steps from where --resume left off; the run ends at --epochs or --max-steps, whichever is first.
+        From here to the final evaluation SIGTERM, SIGINT and SIGUSR1 stop the run at a checkpoint (after_step)."""
         total_steps = self.args.epochs * steps_per_epoch
         self.steps_per_epoch, self.last_step = steps_per_epoch, min(total_steps, self.args.max_steps or total_steps)
         self.global_step = start_epoch * steps_per_epoch + start_step
         self.tick = (time.time(), self.global_step)
+        self.stop_signal, self.handlers = 0, {}
+        if threading.current_thread() is threading.main_thread():  # Python runs signal handlers there only
+            self.handlers = {s: signal.signal(s, self.on_stop_signal) for s in STOP_SIGNALS}
+
+    def on_stop_signal(self, signum, frame):
+        if self.stop_signal:  # a second one: stop at once, the last checkpoint as it is
+            self.restore_signals()
+            raise SystemExit(128 + signum)
+        self.stop_signal = signum
+
+    def restore_signals(self):
+        for s, handler in self.handlers.items():
+            signal.signal(s, handler)
+        self.handlers = {}
 
     def done(self):
         return self.global_step >= self.last_step
@@ -656,8 +732,19 @@ class Run:
                    + "".join(f" peak {v:.1f} GiB" for v in memory.values()))
             self.log(epoch=epoch, step=self.global_step, loss=loss_value, lr=lr, img_per_s=img_per_s, **memory)
             self.tick = (time.time(), self.global_step)
-        if end_of_epoch or self.done() or (args.save_every and self.global_step % args.save_every == 0):
+        saved = end_of_epoch or self.done() or (args.save_every and self.global_step % args.save_every == 0)
+        if saved:
             self.save(epoch + 1 if end_of_epoch else epoch, 0 if end_of_epoch else step + 1)
+        if self.global_step % STOP_CHECK_EVERY == 0 or self.done():
+            stop = int(all_reduce(torch.tensor(self.stop_signal, device=self.device), "max").item())
+            if stop:  # every rank, at this same step: checkpoint (rank 0 writes), say how to go on, exit non-zero
+                if not saved:
+                    self.save(epoch, step + 1)
+                self.restore_signals()
+                if rank() == 0:
+                    print(f"stopped by {signal.Signals(stop).name} at step {self.global_step}; continue with --resume "
+                          f"{self.path}", file=sys.stderr, flush=True)
+                raise SystemExit(128 + stop)
         if end_of_epoch and args.eval_every and (epoch + 1) % args.eval_every == 0 and not self.done():
             monitor = evaluate(self.features, *self.monitor_loaders, self.device, args, linear=False, trunk=self.trunk)
             self.log(epoch=epoch + 1, **monitor)
@@ -699,6 +786,8 @@ class Run:
     def final_evaluation(self, extra=None):
         """kNN + linear probe of the trunk, `extra()` (a method's own results), the replicas' weight difference and,
         with --baselines, the same probes on the random-init trunk and (<= 64 px) the raw normalised pixels."""
+        if getattr(self, "handlers", None):
+            self.restore_signals()  # training is over and checkpointed: a signal now just ends the process
         results = evaluate(self.features, *self.probe_loaders, self.device, self.args, trunk=self.trunk)
         results.update(extra() if extra else {})
         if self.initial_trunk is not None:

@@ -30,7 +30,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Context Encoder pretraining + kNN / linear evaluation")
     # ALGO LOGIC: the flags every method file shares (common.add_common_args), with this file's recipe as defaults;
     # official train.lua: niter 25, batch 64, Adam 2e-4, no weight decay
-    common.add_common_args(p, out="runs/context_encoder", arch="resnet50", epochs=25, batch_size=64, lr=None, wd=0.0,
+    common.add_common_args(p, "context_encoder", arch="resnet50", epochs=25, batch_size=64, lr=None, wd=0.0,
                            lr_help="Adam lr, not scaled with the batch: of the discriminator with the adversarial term "
                                    "(official 2e-4); with --adv-weight 0 of the encoder-decoder (paper Sec. 5.2: 1e-3 for "
                                    "the centre mask, 1e-4 for random ones)")

@@ -39,7 +39,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="CPC pretraining + kNN / linear evaluation")
     # ALGO LOGIC: the flags every method file shares (common.add_common_args), with this file's recipe as defaults;
     # v1 Sec. 3.2: Adam at 2e-4, 32 GPUs x 16 images, ResNet-v2-101; no weight decay and no epoch count stated (100 is ours)
-    common.add_common_args(p, out="runs/cpc", arch=None, epochs=100, batch_size=512, lr=2e-4, wd=0.0,
+    common.add_common_args(p, "cpc", arch=None, epochs=100, batch_size=512, lr=2e-4, wd=0.0,
                            lr_help="Adam lr (v1 Sec. 3.2: 2e-4; not scaled with the batch)")
     # ALGO LOGIC: CPC hyper-parameters; None = v1's value, or v2's with --v2
     p.add_argument("--v2", action="store_true", help="CPC v2: the defaults below switch to v2's (each flag names both)")

@@ -26,7 +26,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Jigsaw puzzle pretraining + kNN / linear evaluation")
     # ALGO LOGIC: the flags every method file shares (common.add_common_args), with this file's recipe as defaults;
     # official solver: 350K iterations at batch 256, about 70 ImageNet epochs (as the port's 70); lr 0.01, wd 5e-4
-    common.add_common_args(p, out="runs/jigsaw", arch="resnet50", epochs=70, batch_size=256, lr=0.01, wd=5e-4)
+    common.add_common_args(p, "jigsaw", arch="resnet50", epochs=70, batch_size=256, lr=0.01, wd=5e-4)
     # ALGO LOGIC: jigsaw hyper-parameters
     p.add_argument("--momentum", type=common.unit_float, default=0.9, help="SGD momentum (official solver 0.9)")
     # official solver: x0.1 every 100K of 350K steps = every 20 epochs, as the port's 20 of 70

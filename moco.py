@@ -31,7 +31,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="MoCo v1/v2 pretraining + kNN / linear evaluation")
     # ALGO LOGIC: the flags every method file shares (common.add_common_args), with this file's recipe as defaults;
     # official main_moco.py: 200 epochs, lr 0.03 at batch 256, weight decay 1e-4
-    common.add_common_args(p, out="runs/moco", arch="resnet50", epochs=200, batch_size=256, lr=0.03, wd=1e-4,
+    common.add_common_args(p, "moco", arch="resnet50", epochs=200, batch_size=256, lr=0.03, wd=1e-4,
                            device_augment=True)
     # ALGO LOGIC: MoCo hyper-parameters (official main_moco.py)
     p.add_argument("--momentum", type=common.unit_float, default=0.9, help="SGD momentum")

@@ -29,7 +29,7 @@ def parse_args(argv=None):
     # ALGO LOGIC: the flags every method file shares (common.add_common_args), with this file's recipe as defaults;
     # official ImageNet config: 50 epochs, batch 192 images (x4 rotations), lr 0.01 at batch 192 (its LUT_lr) = 0.01333
     # per 256 images, weight decay 5e-4
-    common.add_common_args(p, out="runs/rotation", arch="resnet50", epochs=50, batch_size=192, lr=0.01 * 256 / 192,
+    common.add_common_args(p, "rotation", arch="resnet50", epochs=50, batch_size=192, lr=0.01 * 256 / 192,
                            wd=5e-4)
     # ALGO LOGIC: RotNet hyper-parameters (official ImageNet config: SGD Nesterov, momentum 0.9)
     p.add_argument("--momentum", type=common.unit_float, default=0.9, help="SGD (Nesterov) momentum")

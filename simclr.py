@@ -22,7 +22,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="SimCLR pretraining + kNN / linear evaluation")
     # ALGO LOGIC: the flags every method file shares (common.add_common_args), with this file's recipe as defaults;
     # the official ImageNet run: 100 to 800 epochs, LARS at 0.3 x batch / 256, weight decay 1e-6 (paper App. B.1)
-    common.add_common_args(p, out="runs/simclr", arch="resnet50", epochs=100, batch_size=4096, lr=0.3, wd=1e-6,
+    common.add_common_args(p, "simclr", arch="resnet50", epochs=100, batch_size=4096, lr=0.3, wd=1e-6,
                            device_augment=True, lr_help="base lr; peak = lr * batch / 256 (see --lr-scaling)")
     # ALGO LOGIC: SimCLR hyper-parameters
     p.add_argument("--temperature", type=common.positive_float, default=0.1, help="NT-Xent temperature tau (ImageNet 0.1, CIFAR 0.5)")

@@ -9,6 +9,8 @@ import itertools
 import json
 import math
 import os
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -296,7 +298,8 @@ def test_truncated_checkpoint(method, tiny_imagefolder, tmp_path):
         f.write(data[: len(data) // 2])
     expect_error(args + ["--resume", path], "truncated or corrupt", module=module)
     module.main(args)  # a good checkpoint again, resumed with another architecture
-    expect_error(args + ["--resume", path, "--arch", "resnet18"], "does not fit", "--arch", module=module)
+    expect_error(args + ["--resume", path, "--arch", "resnet18"], f"was written by {method}.py --arch resnet-tiny "
+                 f"--image-size 32, not {method}.py --arch resnet18 --image-size 32", module=module)
 
 
 @pytest.mark.slow
@@ -1346,7 +1349,7 @@ def test_probe_stages_leave_the_final_layers_numbers_and_fit_the_memory_budget(t
     """--probe-stages adds every stage's kNN and linear probe and names the best; the final layer's numbers are
     today's, and a memory budget of one stage per pass gives the same numbers as one pass for all."""
     parser = argparse.ArgumentParser()
-    common.add_common_args(parser, out="unused")
+    common.add_common_args(parser, "unused")
     args = common.parse(parser, TINY + ["--data", tiny_imagefolder, "--batch-size", "16", "--probe-epochs", "3"])
     args.amp = False
     _, *probe_sets = common.build_datasets(args, T.ToTensor())
@@ -1368,7 +1371,7 @@ def test_probe_stages_leave_the_final_layers_numbers_and_fit_the_memory_budget(t
 
 def _stage_probes(rank, world_size, data, out_file):
     parser = argparse.ArgumentParser()
-    common.add_common_args(parser, out="unused")
+    common.add_common_args(parser, "unused")
     args = common.parse(parser, TINY + ["--data", data, "--batch-size", "16", "--probe-epochs", "3", "--probe-stages"])
     args.amp = False
     _, *probe_sets = common.build_datasets(args, T.ToTensor())
@@ -1610,16 +1613,114 @@ def test_undecodable_jpeg_names_the_file(workers, tmp_path):
         os.makedirs(tmp_path / split / "a")
         for i in range(8):
             TF.to_pil_image(colour_batch(1, side=40, seed=i)[0]).save(tmp_path / split / "a" / f"{i}.jpg", quality=90)
+    args = TINY + ["--data", str(tmp_path), "--batch-size", "4", "--workers", workers, "--out", str(tmp_path / "run"),
+                   "--probe-epochs", "0", "--epochs", "2"]
+    simclr.main(args + ["--epochs", "1"])  # one good epoch: its checkpoint
+    before = (tmp_path / "run" / "checkpoint.pth").read_bytes()
     data = (tmp_path / "train" / "a" / "5.jpg").read_bytes()
     (tmp_path / "train" / "a" / "5.jpg").write_bytes(data[: len(data) // 2])
-    expect_error(TINY + ["--data", str(tmp_path), "--batch-size", "4", "--workers", workers, "--out", str(tmp_path / "run")],
+    expect_error(args + ["--resume", str(tmp_path / "run" / "checkpoint.pth")],
                  "cannot decode " + os.path.join("train", "a", "5.jpg"), "replace or delete it")
-    assert not os.path.exists(tmp_path / "run" / "checkpoint.pth")
+    assert (tmp_path / "run" / "checkpoint.pth").read_bytes() == before  # the last checkpoint as it was
+
+
+def test_probe_sets_need_the_same_class_folders(tmp_path):
+    """train/{a,b,c} and val/{a,c}: ImageFolder would number val's c as train's b; the run stops naming both sides."""
+    for split, classes in (("train", "abc"), ("val", "acd")):
+        for c in classes:
+            os.makedirs(tmp_path / split / c)
+            TF.to_pil_image(colour_batch(1, side=40, seed=0)[0]).save(tmp_path / split / c / "0.png")
+    expect_error(TINY + ["--data", str(tmp_path), "--out", str(tmp_path / "run")], "different class folders",
+                 "only in train/: b; only in val/: d")
+
+
+def test_unwritable_out_stops_before_any_data_is_read(tmp_path):
+    (tmp_path / "file").write_text("")
+    for module in (simclr, cpc):  # --data does not exist: the --out line comes first
+        expect_error(TINY + ["--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "file" / "run")],
+                     f"cannot write to --out {tmp_path / 'file' / 'run'} (Not a directory)", module=module)
+
+
+@pytest.mark.slow
+def test_resume_into_another_method_file_says_which_wrote_it(tiny_imagefolder, tmp_path):
+    args = TINY + ["--data", tiny_imagefolder, "--batch-size", "16", "--epochs", "1", "--max-steps", "1",
+                   "--probe-epochs", "0"]
+    simclr.main(args + ["--out", str(tmp_path / "simclr")])
+    path = str(tmp_path / "simclr" / "checkpoint.pth")
+    with pytest.raises(SystemExit) as e:
+        moco.main(args + ["--resume", path, "--out", str(tmp_path / "moco")])
+    message = str(e.value)
+    assert message == (f"error: {path} was written by simclr.py --arch resnet-tiny --image-size 32, not moco.py "
+                       "--arch resnet-tiny --image-size 32; resume it with the file and flags that wrote it, or start "
+                       "afresh in another --out")
+    assert len(message) - len(path) <= 300
+    expect_error(args + ["--resume", path, "--image-size", "40", "--out", str(tmp_path / "again")],
+                 "--image-size 32, not simclr.py --arch resnet-tiny --image-size 40")
+    # a trunk that does not fit: one short line, not every key
+    with pytest.raises(SystemExit) as e:
+        simclr.main(args + ["--eval-only", "--resume", str(tmp_path / "simclr" / "backbone.pth"), "--arch", "resnet18",
+                            "--out", str(tmp_path / "eval")])
+    assert "does not fit this model (size mismatch for" in str(e.value) and len(str(e.value)) - len(path) <= 300
 
 
 def test_missing_data_folder(tmp_path):
     expect_error(TINY + ["--data", str(tmp_path / "nowhere"), "--out", str(tmp_path)], "does not exist", "--data")
     expect_error(TINY + ["--data", str(tmp_path), "--out", str(tmp_path)], "train")
+
+
+def wait_for_step(out, step, procs, timeout=300):
+    """Until OUT/metrics.jsonl logs `step` (--print-freq 1); fail if a process ends first."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if os.path.exists(os.path.join(out, "metrics.jsonl")) and any(
+                m.get("step", 0) >= step and "loss" in m for m in read_metrics(out)):
+            return
+        for p in procs:
+            if p.poll() is not None:
+                pytest.fail(f"the run ended before step {step}: {p.stderr.read()[-2000:]}")
+        time.sleep(0.02)
+    pytest.fail(f"no step {step} within {timeout} s")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_sigterm_checkpoints_and_resume_is_bit_exact(ranks, tiny_imagefolder, tmp_path):
+    """SIGTERM mid-epoch (to one rank only, with two): every rank stops at the same step, rank 0 checkpoints once,
+    the run says how to go on and exits 128 + 15; resumed, it ends bit for bit where an uninterrupted run does."""
+    args = ["simclr.py", *TINY, "--data", tiny_imagefolder, "--batch-size", "16", "--epochs", "50", "--max-steps", "24",
+            "--probe-epochs", "0", "--print-freq", "1"]
+    straight, stopped = str(tmp_path / "straight"), str(tmp_path / "stopped")
+    with socket.socket() as free:  # a free port for the two ranks' rendezvous, as torchrun --standalone finds one
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    env = lambda r: dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", RANK=str(r), LOCAL_RANK=str(r),
+                         WORLD_SIZE=str(ranks), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    procs = [subprocess.Popen([sys.executable, *args, "--out", stopped], cwd=HERE, env=env(r) if ranks > 1 else None,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for r in range(ranks)]
+    try:
+        wait_for_step(stopped, 2, procs)
+        procs[-1].send_signal(signal.SIGTERM)  # the last rank only
+        errors = [p.communicate(timeout=300)[1] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [128 + signal.SIGTERM] * ranks, errors
+    state = load_state(stopped)
+    step = state["global_step"]
+    assert step % common.STOP_CHECK_EVERY == 0 and step < 24 and state["step_in_epoch"] == step % 4  # 4 steps an epoch
+    assert f"stopped by SIGTERM at step {step}; continue with --resume {os.path.join(stopped, 'checkpoint.pth')}" in errors[0]
+    assert all("Traceback" not in e for e in errors), errors
+    assert max(m["step"] for m in read_metrics(stopped) if "loss" in m) == step  # no rank went on past it
+    resume = ["--resume", os.path.join(stopped, "checkpoint.pth")]
+    if ranks == 1:
+        simclr.main(args[1:] + ["--out", straight])
+        simclr.main(args[1:] + ["--out", stopped] + resume)
+    else:
+        for out, extra in ((straight, []), (stopped, resume)):
+            result = torchrun(*args, "--out", out, *extra)
+            assert result.returncode == 0, result.stderr[-3000:]
+    assert load_state(stopped)["global_step"] == 24
+    assert_same_state(load_state(straight), load_state(stopped))
 
 
 # ---------------------------------------------------------------------------------------

@@ -133,7 +133,7 @@ def run_method(name, args, seed=0):
 def probe_setup(args, train_transform):
     """The shared flags parsed (common.add_common_args), the datasets and the probe loaders, single process."""
     parser = argparse.ArgumentParser()
-    common.add_common_args(parser, out=os.path.join(args.runs, "anchors"))
+    common.add_common_args(parser, "benchmark", out=os.path.join(args.runs, "anchors"))
     margs = common.parse(parser, shared_flags(args))
     device = common.setup(margs)
     pretrain, probe_train, probe_test = common.build_datasets(margs, train_transform)
