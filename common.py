@@ -702,11 +702,8 @@ class Run:
         if threading.current_thread() is threading.main_thread():  # Python runs signal handlers there only
             self.handlers = {s: signal.signal(s, self.on_stop_signal) for s in STOP_SIGNALS}
 
-    def on_stop_signal(self, signum, frame):
-        if self.stop_signal:  # a second one: stop at once, the last checkpoint as it is
-            self.restore_signals()
-            raise SystemExit(128 + signum)
-        self.stop_signal = signum
+    def on_stop_signal(self, signum, frame):  # a repeat changes nothing: torchrun passes on the scheduler's signal,
+        self.stop_signal = self.stop_signal or signum  # so each rank may get it twice
 
     def restore_signals(self):
         for s, handler in self.handlers.items():

@@ -3,7 +3,8 @@
 #   bash benchmarks/gpu_check.sh            # Fashion-MNIST from Debian's package or data/fashion-mnist (4 idx .gz, 30 MB)
 # 1. the input pipeline at 224 px on ImageNet-like JPEGs it writes itself: every method's worker stage, device stage
 #    and loader with 16 workers; MoCo v2 ResNet-50 end to end, loaded against the same steps on data on the device;
-# 2. benchmarks/speed.py at 224 px (ResNet-50, bf16, channels_last): each method's step against its bare trunk;
+# 2. benchmarks/speed.py at 224 px (ResNet-50, bf16, channels_last): each method's step against its bare trunk; then
+#    cpc.py's default trunk at 224 px on those JPEGs, 100 steps, its loss at every step (it must fall, never NaN);
 # 3. every method file, 100 steps on Fashion-MNIST with ResNet-18 under torchrun (NCCL, bf16, channels_last):
 #    img/s, peak GPU memory, kNN; then the same with --compile while time is left;
 # 4. the tests that touch the device (the CUDA device stage, bf16 runs) with the GPU visible.
@@ -15,9 +16,11 @@ mkdir -p "$OUT/runs"
 FM=/usr/share/datasets/fashion-mnist
 [ -f "$FM/train-images-idx3-ubyte.gz" ] || FM=data/fashion-mnist
 # a dry run on a small CPU machine: WORKERS=2 ARCH=resnet-tiny STEPS=2 BATCH=16 PIPELINE="--images 64 --samples 4
-# --batch-size 16 --loader-batches 1" SPEED="--arch resnet-tiny --image-size 32" bash benchmarks/gpu_check.sh
+# --batch-size 16 --loader-batches 1" SPEED="--arch resnet-tiny --image-size 32" CPC224="--arch resnet-tiny
+# --batch-size 4 --max-steps 3" bash benchmarks/gpu_check.sh
 WORKERS=${WORKERS:-16} ARCH=${ARCH:-resnet18} STEPS=${STEPS:-100} BATCH=${BATCH:-256}
 PIPELINE=${PIPELINE:-"--samples 64 --loader-batches 8"} SPEED=${SPEED:-"--arch resnet50 --image-size 224 --batch-size 64"}
+CPC224=${CPC224:-"--batch-size 32 --max-steps 100"}
 START=$(date +%s)
 left() { echo $(( ${BUDGET:-330} - ($(date +%s) - START) )); }
 python -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__,
@@ -32,6 +35,12 @@ timeout 150 python benchmarks/pipeline.py --workers "$WORKERS" $PIPELINE --metho
 
 echo "== 2. speed.py at 224 px"
 timeout 120 python benchmarks/speed.py $SPEED 2>&1 | tee "$OUT/speed.txt" | tail -10
+
+echo "== 2b. cpc.py at ImageNet size: its default trunk (pre-activation ResNet-101 to layer3), loss at every step"
+python -c "import sys; sys.path.insert(0, 'benchmarks'); import pipeline; pipeline.write_jpegs('$OUT/jpegs', 3200, 32)"
+timeout 120 torchrun --standalone --nproc_per_node=1 cpc.py --data "$OUT/jpegs" $CPC224 --epochs 1 --print-freq 1 \
+  --probe-epochs 0 --workers "$WORKERS" --out "$OUT/runs/cpc_224" > "$OUT/cpc_224.log" 2>&1
+echo "exit $?: $(grep -o 'step [0-9]*/[0-9]* loss [0-9.naif]*' "$OUT/cpc_224.log" | cut -d' ' -f2,4 | tr '\n' ' ')"
 
 echo "== 3. every method, $STEPS steps on Fashion-MNIST, $ARCH, torchrun --nproc_per_node=1"
 declare -A EXTRA=([moco]="--mlp --aug-plus --moco-t 0.2 --cos --moco-k 4096" [instdisc]="--nce-k 4096" [jigsaw]="" [cpc]="" \
