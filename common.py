@@ -30,6 +30,7 @@ from torchvision.transforms import functional as TF
 
 def fail(msg):
     """Stop with a one-line error that says what to do (no traceback)."""
+    catch_stop_signals(False)
     raise SystemExit(f"error: {msg}")
 
 
@@ -635,6 +636,21 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)  # schedulers sen
 # and its host sync (0.7 ms with gloo on 2 CPU ranks, 0.07 ms a step), so all stop at the same step and none waits on
 # a collective the others left. At ImageNet speeds (0.2-1 s a step) 10 steps stay inside a scheduler's grace period.
 STOP_CHECK_EVERY = 10
+_stop = {"signal": 0, "handlers": {}}  # the stop signal received since Run.start (0: none), and the handlers it replaced
+
+
+def _on_stop_signal(signum, frame):  # a repeat changes nothing: torchrun passes a scheduler's signal on, so a rank
+    _stop["signal"] = _stop["signal"] or signum  # may get it twice
+
+
+def catch_stop_signals(on):
+    """During training (Run.start to the last step) a stop signal only sets _stop; off: the handlers as they were."""
+    if on and not _stop["handlers"] and threading.current_thread() is threading.main_thread():  # Python's rule
+        _stop["handlers"] = {s: signal.signal(s, _on_stop_signal) for s in STOP_SIGNALS}
+    elif not on:
+        for s, handler in _stop["handlers"].items():
+            signal.signal(s, handler)
+        _stop["handlers"] = {}
 
 
 class Run:
@@ -698,17 +714,8 @@ class Run:
         self.steps_per_epoch, self.last_step = steps_per_epoch, min(total_steps, self.args.max_steps or total_steps)
         self.global_step = start_epoch * steps_per_epoch + start_step
         self.tick = (time.time(), self.global_step)
-        self.stop_signal, self.handlers = 0, {}
-        if threading.current_thread() is threading.main_thread():  # Python runs signal handlers there only
-            self.handlers = {s: signal.signal(s, self.on_stop_signal) for s in STOP_SIGNALS}
-
-    def on_stop_signal(self, signum, frame):  # a repeat changes nothing: torchrun passes on the scheduler's signal,
-        self.stop_signal = self.stop_signal or signum  # so each rank may get it twice
-
-    def restore_signals(self):
-        for s, handler in self.handlers.items():
-            signal.signal(s, handler)
-        self.handlers = {}
+        _stop["signal"] = 0
+        catch_stop_signals(not self.done())
 
     def done(self):
         return self.global_step >= self.last_step
@@ -733,15 +740,19 @@ class Run:
         if saved:
             self.save(epoch + 1 if end_of_epoch else epoch, 0 if end_of_epoch else step + 1)
         if self.global_step % STOP_CHECK_EVERY == 0 or self.done():
-            stop = int(all_reduce(torch.tensor(self.stop_signal, device=self.device), "max").item())
+            stop = int(all_reduce(torch.tensor(_stop["signal"], device=self.device), "max").item())
             if stop:  # every rank, at this same step: checkpoint (rank 0 writes), say how to go on, exit non-zero
                 if not saved:
                     self.save(epoch, step + 1)
-                self.restore_signals()
+                if is_distributed():
+                    dist.barrier()  # no rank exits before the file is written: torchrun would end rank 0 with it
+                catch_stop_signals(False)
                 if rank() == 0:
                     print(f"stopped by {signal.Signals(stop).name} at step {self.global_step}; continue with --resume "
                           f"{self.path}", file=sys.stderr, flush=True)
                 raise SystemExit(128 + stop)
+            if self.done():
+                catch_stop_signals(False)  # trained and checkpointed: a signal from here on just ends the process
         if end_of_epoch and args.eval_every and (epoch + 1) % args.eval_every == 0 and not self.done():
             monitor = evaluate(self.features, *self.monitor_loaders, self.device, args, linear=False, trunk=self.trunk)
             self.log(epoch=epoch + 1, **monitor)
@@ -783,8 +794,6 @@ class Run:
     def final_evaluation(self, extra=None):
         """kNN + linear probe of the trunk, `extra()` (a method's own results), the replicas' weight difference and,
         with --baselines, the same probes on the random-init trunk and (<= 64 px) the raw normalised pixels."""
-        if getattr(self, "handlers", None):
-            self.restore_signals()  # training is over and checkpointed: a signal now just ends the process
         results = evaluate(self.features, *self.probe_loaders, self.device, self.args, trunk=self.trunk)
         results.update(extra() if extra else {})
         if self.initial_trunk is not None:

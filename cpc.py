@@ -158,12 +158,20 @@ class PreAct(nn.Module):
 
     def __init__(self, block, norm):
         super().__init__()
-        self.convs = [block.conv1, block.conv2] + ([block.conv3] if hasattr(block, "conv3") else [])
-        for i, conv in enumerate(self.convs, 1):
+        convs = [block.conv1, block.conv2] + ([block.conv3] if hasattr(block, "conv3") else [])
+        for i, conv in enumerate(convs, 1):
             setattr(self, f"conv{i}", conv)
             setattr(self, f"bn{i}", norm(conv.in_channels))
-        self.norms = [getattr(self, f"bn{i}") for i in range(1, len(self.convs) + 1)]
+        self.depth = len(convs)
         self.downsample = nn.Sequential(block.downsample[0]) if block.downsample is not None else None  # no norm after
+
+    @property  # looked up by name each time: SyncBatchNorm's conversion replaces the bn modules
+    def convs(self):
+        return [getattr(self, f"conv{i}") for i in range(1, self.depth + 1)]
+
+    @property
+    def norms(self):
+        return [getattr(self, f"bn{i}") for i in range(1, self.depth + 1)]
 
     def forward(self, x):
         h = F.relu(self.norms[0](x))
@@ -177,8 +185,9 @@ def build_trunk(arch, image_size, norm, stacks):
     """torchvision's ResNet for --arch (its stem, stage layout and names) with pre-activation blocks, cut after
     `stacks` stages (the rest Identity), mean-pooled -> (trunk, width). No normalisation: Fixup's rules 1-2
     (Zhang, Dauphin, Ma, ICLR 2019, Sec. 3): He (fan-in) init, the convs inside each of the L residual branches of
-    m layers scaled by L^(-1/(2m-2)), the last one zero, so every block starts as the identity and the activations
-    keep the scale of the stem's; Fixup's scalar biases and multipliers (its rule 3) are left out."""
+    m layers scaled by L^(-1/(2m-2)), the last one zero, so every block starts as the identity (a stage's first, its
+    projection shortcut) and the activations keep the scale of the stem's; Fixup's scalar biases and multipliers (its
+    rule 3) are left out."""
     net, _ = common.build_backbone("resnet101" if arch == "resnet161" else arch, image_size, norm_layer=norm_layer(norm))
     if arch == "resnet161":  # v2 Sec. 4.1 'MC': ResNet-101's third stack at 46 blocks, 4096 wide, 512-d bottlenecks
         net.inplanes, net.base_width = 512, 32  # torchvision's bottleneck width: planes x base_width / 64

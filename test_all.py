@@ -1682,6 +1682,20 @@ def wait_for_step(out, step, procs, timeout=300):
     pytest.fail(f"no step {step} within {timeout} s")
 
 
+def test_stop_signals_are_caught_only_while_training(tiny_imagefolder, tmp_path):
+    """The handlers go back as they were once the last step is checkpointed (and after a one-line error), so the final
+    evaluation, and whatever runs in the process later, sees signals as before."""
+    before = {s: signal.getsignal(s) for s in common.STOP_SIGNALS}
+    args = TINY + ["--data", tiny_imagefolder, "--batch-size", "16", "--epochs", "1", "--max-steps", "1",
+                   "--probe-epochs", "0", "--out", str(tmp_path)]
+    simclr.main(args)
+    assert {s: signal.getsignal(s) for s in common.STOP_SIGNALS} == before
+    common.catch_stop_signals(True)
+    assert signal.getsignal(signal.SIGTERM) is not before[signal.SIGTERM]
+    expect_error(args + ["--resume", str(tmp_path / "nowhere.pth")], "does not exist")
+    assert {s: signal.getsignal(s) for s in common.STOP_SIGNALS} == before
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("ranks", [1, 2])
 def test_sigterm_checkpoints_and_resume_is_bit_exact(ranks, tiny_imagefolder, tmp_path):

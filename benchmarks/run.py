@@ -83,7 +83,8 @@ def parse_args(argv=None):
     p.add_argument("--methods", nargs="*", default=METHODS + ANCHORS, help="rows to run")
     p.add_argument("--no-noise", action="store_true", help="skip the noise band's reruns with other seeds")
     p.add_argument("--update", action="store_true",
-                   help="replace only the --methods rows of the protocol's table, keeping the others (each row names its commit)")
+                   help="rerun only the --methods rows (with their noise band unless --no-noise) and keep the other "
+                        "methods' rows of the protocol's table; each row names its commit and torch")
     p.add_argument("--plot-only", action="store_true", help="redraw curves_<protocol>.png and results.md from results.json")
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks"), help="folder of results.json / results.md")
     p.add_argument("--runs", default=os.path.join(ROOT, "runs", "benchmarks"), help="the methods' output folders")
@@ -307,6 +308,9 @@ def main(argv=None):
     everything = json.load(open(path)) if os.path.exists(path) else {}
     if not args.plot_only:
         code, rows = commit(), []  # the code that runs, taken before the runs
+        old = everything.get(args.protocol)
+        if args.update and old and old["hardware"] != hardware():  # before any run, not after hours of them
+            common.fail(f"--update: the {args.protocol} table was measured on {old['hardware']}, not here; rerun it whole")
         noise = [] if args.no_noise else PROTOCOLS[args.protocol].get("noise", {}).get("methods", [])
         jobs = [(name, 0) for name in args.methods] + [(name, seed) for name in noise if name in args.methods
                                                        for seed in PROTOCOLS[args.protocol]["noise"]["seeds"]]
@@ -316,23 +320,22 @@ def main(argv=None):
                                                         else run_anchor(name, args))
             rows.append({"method": name, "seed": seed, "results": results, "knn_top1": results["knn_top1"],
                          "linear_top1": results.get("linear_top1"), "epochs": epochs, "seconds": time.time() - start,
-                         "pretrain_seconds": pretrain, "recipe": recipe, "curve": curve, "commit": code})
+                         "pretrain_seconds": pretrain, "recipe": recipe, "curve": curve, "commit": code,
+                         "torch": torch.__version__})
             s = summary(rows[-1])
             print(f"== {name} seed {seed}: best kNN {s['best_knn'][0]} {fmt(s['best_knn'][1])} best linear "
                   f"{s['best_linear'][0]} {fmt(s['best_linear'][1])} final {fmt(s['knn'])} / {fmt(s['linear'])} "
                   f"({pretrain:.0f} s pretraining, {rows[-1]['seconds']:.0f} s in all)", flush=True)
         table = {"hardware": hardware(), "commit": code, "date": datetime.date.today().isoformat(),
                  "torch": torch.__version__}
-        old = everything.get(args.protocol)
-        if args.update and old:  # the other rows stay as they were measured, in the table's order
-            if old["hardware"] != table["hardware"]:
-                common.fail(f"--update: the {args.protocol} table was measured on {old['hardware']}, not here; rerun it whole")
+        if args.update and old:  # the other methods' rows stay as they were measured, in the table's order
             for row in old["rows"]:
                 row.setdefault("commit", old["commit"])
+                row.setdefault("torch", old.get("torch", "?"))
             fresh, rerun = {(r["method"], r["seed"]): r for r in rows}, {r["method"] for r in rows}
             kept = [fresh.pop((r["method"], r.get("seed", 0)), None) if r["method"] in rerun else r for r in old["rows"]]
             rows = [r for r in kept if r is not None] + list(fresh.values())
-            table.update(commit=old["commit"], date=old["date"])
+            table.update(commit=old["commit"], date=old["date"], torch=old.get("torch", "?"))
         table.update(rows=rows, minutes=sum(r["seconds"] for r in rows) / 60)
         everything[args.protocol] = table
         with open(path, "w") as f:
