@@ -42,7 +42,7 @@ def parse_args(argv=None):
     common.add_common_args(p, "cpc", arch=None, epochs=100, batch_size=512, lr=2e-4, wd=0.0,
                            lr_help="Adam lr (v1 Sec. 3.2: 2e-4; not scaled with the batch)")
     # ALGO LOGIC: CPC hyper-parameters; None = v1's value, or v2's with --v2
-    p.add_argument("--v2", action="store_true", help="CPC v2: the defaults below switch to v2's (each flag names both)")
+    p.add_argument("--v2", action="store_true", help="CPC v2: --arch resnet161 (v1: resnet101) and the defaults below switch to v2's (each flag names both)")
     p.add_argument("--stacks", type=int, default=3, choices=range(1, 5),
                    help="residual stages of the pre-activation trunk kept (v1, v2: 3, 'the third residual block')")
     p.add_argument("--norm", default=None, choices=["none", "batch", "layer"],
