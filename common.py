@@ -709,7 +709,7 @@ class Run:
 
     def start(self, steps_per_epoch, start_epoch, start_step):
         """Count steps from where --resume left off; the run ends at --epochs or --max-steps, whichever is first.
-        From here to the final evaluation SIGTERM, SIGINT and SIGUSR1 stop the run at a checkpoint (after_step)."""
+        From here to the last step SIGTERM, SIGINT and SIGUSR1 stop the run at a checkpoint (after_step)."""
         total_steps = self.args.epochs * steps_per_epoch
         self.steps_per_epoch, self.last_step = steps_per_epoch, min(total_steps, self.args.max_steps or total_steps)
         self.global_step = start_epoch * steps_per_epoch + start_step
@@ -861,7 +861,7 @@ PROBE_MEMORY_BYTES = 4 * 2 ** 30  # per rank: the probe features held at once; s
 
 def trunk_stages(trunk):
     """The residual stages a trunk holds layers in (CPC's v1 trunk stops after layer3: its layer4 is an Identity)."""
-    return [s for s in STAGES[1:-1] if any(True for _ in getattr(trunk, s).parameters())]
+    return [s for s in STAGES[1:-1] if next(getattr(trunk, s).parameters(), None) is not None]
 
 
 class StageFeatures(nn.Module):

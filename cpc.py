@@ -114,6 +114,7 @@ class PatchGrid:
         ])
         self.per_patch = T.Compose([
             T.RandAugment(num_ops=2),  # two of AutoAugment's primitives per patch, torchvision's magnitude 9 of 31
+            # torchvision's default warp (alpha 50, sigma 5) at 64 px, scaled with the patch; p 0.2 is CPCV2-PyTorch's
             T.RandomApply([T.ElasticTransform(alpha=50.0 * self.patch / 64, sigma=5.0 * self.patch / 64)], p=0.2),
         ]) if args.patch_aug else None
         self.normalize = common.normalize(args.dataset)
@@ -240,8 +241,9 @@ class CPC(nn.Module):
         self.target = nn.Conv2d(dim, target_dim, 1) if target_dim else nn.Identity()
         self.context = nn.ModuleList(nn.Sequential(*[CausalBlock(dim) for _ in range(context_blocks)], nn.ReLU())
                                      for _ in range(directions))  # one context network per direction
-        self.W = nn.ModuleList(nn.ModuleList(nn.Conv2d(dim, target_dim or dim, 1, bias=False) for _ in self.steps)
-                               for _ in range(directions))  # W_k: linear, per direction and step
+        self.W = nn.ModuleList(nn.ModuleList(nn.Conv2d(dim, target_dim or dim, 1, bias=bool(target_dim))
+                                             for _ in self.steps) for _ in range(directions))
+        # W_k per direction and step: linear (v1 Eq. 3, z'^T W_k c); v2's pseudo-code Conv2D, with its bias
 
     def encode(self, patches):
         """(b, 49, C, p, p) -> z (b, D, 7, 7): every patch on its own through the trunk, as one batch of 49b."""
