@@ -1,0 +1,234 @@
+# Denoising autoencoders: Vincent, Larochelle, Bengio, Manzagol, "Extracting and Composing Robust Features with
+# Denoising Autoencoders", ICML 2008; Vincent, Larochelle, Lajoie, Bengio, Manzagol, "Stacked Denoising Autoencoders:
+# Learning Useful Representations in a Deep Network with a Local Denoising Criterion", JMLR 11 (2010).
+# Corruptions as the JMLR paper's three (masking, additive Gaussian, salt-and-pepper) with its emphasis weights; the
+# Theano tutorial (lisa-lab/DeepLearningTutorials, dA.py, SdA.py) for what the papers leave open.
+#
+#   python denoising_autoencoder.py --data /imagenet                                   # one GPU (or CPU)
+#   torchrun --nproc_per_node=8 denoising_autoencoder.py --data /imagenet              # 8 GPUs
+#   python denoising_autoencoder.py --data /imagenet --stacked                         # greedy, stage by stage
+#
+# The papers' encoder is one sigmoid layer of an MLP on raw pixels; here it is the ResNet trunk (its last feature map)
+# and the decoder a light stack of up-convolutions back to the image, linear at the end (the JMLR affine decoder for
+# real-valued inputs, squared error). Corruption is applied to pixels in [0, 1], where "set to 0" and "set to the
+# minimum or maximum" mean what they mean in the papers; the encoder then sees the corrupted image normalised as every
+# method's input. The probe reads the trunk, pooled, on clean images.
+# Deliberate deviations, for a conv trunk: Adam (lr 1e-3) instead of the papers' plain SGD tuned per MLP layer, and
+# for ImageFolder a random crop and flip to a fixed size (the papers use no augmentation; small datasets get none).
+# Short runs (benchmarks/run.py): these defaults at --batch-size 128.
+import argparse
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torchvision import transforms as T
+
+import common
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Denoising autoencoder pretraining + kNN / linear evaluation")
+    # ALGO LOGIC: the flags every method file shares (common.add_common_args), with this file's recipe as defaults;
+    # a choice for the conv trunk (the papers tune SGD per layer): Adam 1e-3, not scaled with the batch, no decay
+    common.add_common_args(p, "denoising_autoencoder", arch="resnet50", epochs=30, batch_size=256, lr=1e-3, wd=0.0,
+                           lr_help="Adam lr, not scaled with the batch")
+    # ALGO LOGIC: denoising hyper-parameters (JMLR Sec. 3.3-3.4)
+    p.add_argument("--noise", default="masking", choices=["masking", "gaussian", "salt-pepper"],
+                   help="corruption q_D (ICML 2008: masking)")
+    p.add_argument("--nu", type=common.unit_float, default=0.25,
+                   help="fraction of the components masked or salted (papers: 0.1 / 0.25 / 0.4 searched; 0.25)")
+    p.add_argument("--sigma", type=common.nonneg_float, default=0.15,
+                   help="std of the additive Gaussian, in [0, 1] pixel units (JMLR searched 0.05 to 0.5)")
+    p.add_argument("--alpha", type=common.nonneg_float, default=1.0, help="emphasis: weight on corrupted components")
+    p.add_argument("--beta", type=common.nonneg_float, default=1.0,
+                   help="emphasis: weight on the others (1: plain DAE; JMLR double emphasis 0.5, full emphasis 0)")
+    p.add_argument("--stacked", action="store_true",
+                   help="greedy layer-wise (JMLR Sec. 3.5): the epochs split over the trunk's stages, each a DAE on "
+                        "the frozen, clean output of those below")
+    args = common.parse(p, argv)
+    if args.alpha == 0 and args.beta == 0:
+        common.fail("--alpha 0 --beta 0 weighs every component by 0, so nothing is learnt; keep one of them above 0")
+    return args
+
+
+# ALGO LOGIC: augmentation. None for small datasets (as the papers); a fixed-size crop and flip for ImageFolder
+def dae_augmentation(args):
+    size = args.image_size
+    if args.dataset in ("cifar10", "cifar100", "fashion-mnist"):
+        crop = [T.Resize(size), T.CenterCrop(size)]
+    else:
+        crop = [T.Resize(round(size * 256 / 224)), T.RandomCrop(size), T.RandomHorizontalFlip()]
+    return T.Compose([*crop, T.PILToTensor()])  # uint8: a quarter of the floats' bytes from the workers
+
+
+# ALGO LOGIC: the corruption process q_D(x~ | x) (JMLR Sec. 3.3), drawn from the step generator for the global batch
+def corrupt(x, noise, nu, sigma, generator):
+    """x (b, ...) clean values -> (x~, corrupted: bool mask of the components q_D changed, None for Gaussian noise).
+    Masking: exactly round(nu d) of the d components of each sample, chosen at random, set to 0 (ICML 2008's fixed
+    number; the Theano tutorial draws each one alone). Salt-and-pepper: the same number set to the minimum (0) or the
+    maximum (1) by a fair coin. Gaussian: x + N(0, sigma^2) on every component. Drawn for all ranks' samples and this
+    rank's rows kept, so two ranks corrupt as one process and --resume repeats it."""
+    rank, world_size, b = common.rank(), common.world(), len(x)
+    rows = slice(rank * b, (rank + 1) * b)
+    shape = (world_size * b, *x.shape[1:])
+    if noise == "gaussian":
+        return x + sigma * torch.randn(shape, generator=generator, device=x.device)[rows], None
+    u = torch.rand(shape, generator=generator, device=x.device)[rows].flatten(1)
+    salt = torch.rand(shape, generator=generator, device=x.device)[rows].reshape(x.shape) < 0.5
+    k = round(nu * u.shape[1])
+    if k == 0:
+        return x, torch.zeros_like(x, dtype=torch.bool)
+    corrupted = (u <= u.kthvalue(k, dim=1, keepdim=True).values).reshape(x.shape)  # the k smallest draws of each row
+    value = torch.zeros_like(x) if noise == "masking" else salt.to(x.dtype)
+    return torch.where(corrupted, value, x), corrupted
+
+
+def emphasised_squared_error(z, x, corrupted, alpha, beta):
+    """JMLR Sec. 3.4: alpha on the corrupted components, beta on the rest; plain squared error when alpha = beta = 1
+    (and for Gaussian noise, which corrupts every component). Averaged over the components and the batch."""
+    error = (z.float() - x.float()) ** 2
+    if corrupted is None or (alpha == 1 and beta == 1):
+        return error.mean()
+    return (torch.where(corrupted, alpha, beta) * error).mean()
+
+
+# ALGO LOGIC: model. Encoder f_theta = the trunk's last feature map; decoder g_theta' = up-convolutions, linear output
+def stage_modules(trunk):
+    """The trunk as its layers for the stacked scheme: the stem (conv1, bn1, relu, maxpool), then layer1..layer4."""
+    return [nn.Sequential(trunk.conv1, trunk.bn1, trunk.relu, trunk.maxpool),
+            trunk.layer1, trunk.layer2, trunk.layer3, trunk.layer4]
+
+
+def up_block(cin, cout):  # 4x4 stride-2 up-convolution, BN, ReLU (the DCGAN-style decoder of context_encoder.py)
+    return nn.Sequential(nn.ConvTranspose2d(cin, cout, 4, 2, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(True))
+
+
+def decoder(cin, cout, side, out_side):
+    """(b, cin, side, side) -> (b, cout, out_side, out_side): double the side until it is reached (halving the width
+    down to 32), then a 3x3 convolution with no activation (affine output, for squared error)."""
+    layers, width = [], min(512, cin)
+    for _ in range(max(0, math.ceil(math.log2(out_side / side)))):
+        layers.append(up_block(cin, width))
+        cin, width = width, max(32, width // 2)
+    return nn.Sequential(*layers, nn.Conv2d(cin, cout, 3, padding=1))
+
+
+class DenoisingAutoencoder(nn.Module):
+    """The trunk and its decoders. decoders[0] maps the whole trunk's feature map back to the image; with stacked,
+    decoders[1 + l] maps stage l's output back to that stage's input (the image for the stem)."""
+
+    def __init__(self, arch, image_size, stacked=False):
+        super().__init__()
+        self.trunk, _ = common.build_backbone(arch, image_size)
+        self.trunk.eval()  # measure the stages' shapes without touching the BN statistics
+        with torch.no_grad():
+            shapes, h = [(3, image_size)], torch.zeros(1, 3, image_size, image_size)
+            for stage in stage_modules(self.trunk):
+                h = stage(h)
+                shapes.append((h.shape[1], h.shape[-1]))
+        self.trunk.train()
+        pairs = [(shapes[-1], shapes[0])] + (list(zip(shapes[1:], shapes)) if stacked else [])
+        self.decoders = nn.ModuleList(decoder(c_out, c_in, s_out, s_in) for (c_out, s_out), (c_in, s_in) in pairs)
+        self.sides = [s_in for _, (_, s_in) in pairs]
+
+    def autoencoder(self, layer=None):
+        """The DAE trained: the whole trunk and decoders[0] (layer None), or stage `layer` and its decoder. Built on
+        call, not registered, so the checkpoint holds each weight once."""
+        stages = stage_modules(self.trunk)
+        if layer is None:
+            return Autoencoder(nn.Sequential(*stages), self.decoders[0], self.sides[0])
+        return Autoencoder(stages[layer], self.decoders[1 + layer], self.sides[1 + layer])
+
+
+class Autoencoder(nn.Module):
+    """x~ -> g(f(x~)), resized to the input's side when the strides do not halve it evenly (28 -> 4 -> 32 -> 28)."""
+
+    def __init__(self, encoder, decoder, side):
+        super().__init__()
+        self.encoder, self.decoder, self.side = encoder, decoder, side
+
+    def forward(self, x_tilde):
+        z = self.decoder(self.encoder(x_tilde))
+        return z if z.shape[-1] == self.side else F.interpolate(z, size=self.side, mode="bilinear", align_corners=False)
+
+
+def stacked_layer(epoch, epochs, layers=5):
+    """JMLR Sec. 3.5's greedy order: the epochs split evenly over the layers, the lowest first."""
+    return min(layers - 1, epoch * layers // epochs)
+
+
+def main(argv=None):
+    # TRY NOT TO MODIFY: distributed start-up, seeds, --out, data
+    args = parse_args(argv)
+    device = common.setup(args)
+    pretrain_set, *probe_sets = common.build_datasets(args, dae_augmentation(args))
+    mean, std = (torch.tensor(v, device=device)[:, None, None] for v in common.MEAN_STD[args.dataset])
+
+    # ALGO LOGIC: model and optimizer
+    model = DenoisingAutoencoder(args.arch, args.image_size, args.stacked).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.wd)
+
+    # TRY NOT TO MODIFY: checkpoints, resume, evaluation-only
+    run = common.Run(args, device, probe_sets, model.trunk, model=model, optimizer=optimizer)
+    start_epoch, start_step = run.resume()
+    if args.eval_only:
+        return run.final_evaluation()
+    loader, sampler = common.train_loader(pretrain_set, args)
+    steps_per_epoch = len(sampler) // sampler.batch_size
+    run.start(steps_per_epoch, start_epoch, start_step)
+    wrapped, phase = None, None
+
+    # ALGO LOGIC: training loop
+    for epoch in range(start_epoch, args.epochs):
+        if run.done():  # also when resuming a run that already reached --max-steps
+            break
+        sampler.set_epoch(epoch)
+        sampler.start_step = start_step if epoch == start_epoch else 0  # skip what a resumed run already did
+        layer = stacked_layer(epoch, args.epochs) if args.stacked else None
+        if wrapped is None or layer != phase:  # the DDP wrapper: what the ranks average (stacked: this layer only)
+            phase, stages = layer, stage_modules(model.trunk)
+            model.requires_grad_(layer is None)  # stacked: every layer but this one frozen, its weights untouched
+            wrapped = model.autoencoder(layer).requires_grad_(True)
+            if common.world() > 1:  # per-GPU BN, as every method here
+                wrapped = nn.parallel.DistributedDataParallel(wrapped, device_ids=[device] if device.type == "cuda" else None)
+            if args.compile:
+                wrapped = torch.compile(wrapped)
+        for group in optimizer.param_groups:  # constant (a choice: the papers keep SGD's lr fixed per layer)
+            group["lr"] = args.lr
+        model.train()
+        for step, (x, _, _) in enumerate(loader, start=sampler.start_step):
+            x = x.to(device, non_blocking=True).float().div_(255)  # clean pixels in [0, 1]
+            generator = common.step_generator(args.seed, run.global_step, device)
+            if layer:  # stacked, above the stem: the clean output of the frozen stages below is this layer's x
+                with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
+                    for below in stages[:layer]:
+                        below.eval()  # frozen, statistics included (JMLR: the lower layers are fixed)
+                    x = nn.Sequential(*stages[:layer])((x - mean) / std).float()
+            x_tilde, corrupted = corrupt(x, args.noise, args.nu, args.sigma, generator)
+            if not layer:  # the image: the encoder sees it normalised as every method's input
+                x_tilde = (x_tilde - mean) / std
+            if device.type == "cuda":
+                x_tilde = x_tilde.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
+                z = wrapped(x_tilde)
+            loss = emphasised_squared_error(z, x, corrupted, args.alpha, args.beta)  # L(x, g(f(x~))): the CLEAN x
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if run.after_step(epoch, step, loss, args.lr):  # progress, checkpoints, monitor, divergence stop
+                break
+
+    # TRY NOT TO MODIFY: final evaluation and consistency check across ranks
+    return run.final_evaluation()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
