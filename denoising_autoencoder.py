@@ -34,7 +34,8 @@ def parse_args(argv=None):
     # a choice for the conv trunk (the papers tune SGD per layer): Adam 1e-3, not scaled with the batch, no decay
     common.add_common_args(p, "denoising_autoencoder", arch="resnet50", epochs=30, batch_size=256, lr=1e-3, wd=0.0,
                            lr_help="Adam lr, not scaled with the batch")
-    # ALGO LOGIC: denoising hyper-parameters (JMLR Sec. 3.3-3.4)
+    # ALGO LOGIC: denoising hyper-parameters (JMLR: "Types of Corruption Considered", "Putting an Emphasis on
+    # Corrupted Dimensions")
     p.add_argument("--noise", default="masking", choices=["masking", "gaussian", "salt-pepper"],
                    help="corruption q_D (ICML 2008: masking)")
     p.add_argument("--nu", type=common.unit_float, default=0.25,
@@ -45,7 +46,7 @@ def parse_args(argv=None):
     p.add_argument("--beta", type=common.nonneg_float, default=1.0,
                    help="emphasis: weight on the others (1: plain DAE; JMLR double emphasis 0.5, full emphasis 0)")
     p.add_argument("--stacked", action="store_true",
-                   help="greedy layer-wise (JMLR Sec. 3.5): the epochs split over the trunk's stages, each a DAE on "
+                   help="greedy layer-wise (JMLR's stacking): the epochs split over the trunk's stages, each a DAE on "
                         "the frozen, clean output of those below")
     args = common.parse(p, argv)
     if args.alpha == 0 and args.beta == 0:
@@ -63,7 +64,7 @@ def dae_augmentation(args):
     return T.Compose([*crop, T.PILToTensor()])  # uint8: a quarter of the floats' bytes from the workers
 
 
-# ALGO LOGIC: the corruption process q_D(x~ | x) (JMLR Sec. 3.3), drawn from the step generator for the global batch
+# ALGO LOGIC: the corruption process q_D(x~ | x) (JMLR's three types), drawn from the step generator for the global batch
 def corrupt(x, noise, nu, sigma, generator):
     """x (b, ...) clean values -> (x~, corrupted: bool mask of the components q_D changed, None for Gaussian noise).
     Masking: exactly round(nu d) of the d components of each sample, chosen at random, set to 0 (ICML 2008's fixed
@@ -86,7 +87,7 @@ def corrupt(x, noise, nu, sigma, generator):
 
 
 def emphasised_squared_error(z, x, corrupted, alpha, beta):
-    """JMLR Sec. 3.4: alpha on the corrupted components, beta on the rest; plain squared error when alpha = beta = 1
+    """JMLR's emphasis: alpha on the corrupted components, beta on the rest; plain squared error when alpha = beta = 1
     (and for Gaussian noise, which corrupts every component). Averaged over the components and the batch."""
     error = (z.float() - x.float()) ** 2
     if corrupted is None or (alpha == 1 and beta == 1):
@@ -155,7 +156,7 @@ class Autoencoder(nn.Module):
 
 
 def stacked_layer(epoch, epochs, layers=5):
-    """JMLR Sec. 3.5's greedy order: the epochs split evenly over the layers, the lowest first."""
+    """JMLR's greedy order: the epochs split evenly over the layers, the lowest first."""
     return min(layers - 1, epoch * layers // epochs)
 
 
@@ -191,8 +192,7 @@ def main(argv=None):
         layer = stacked_layer(epoch, args.epochs) if args.stacked else None
         if wrapped is None or layer != phase:  # the DDP wrapper: what the ranks average (stacked: this layer only)
             phase, stages = layer, stage_modules(model.trunk)
-            model.requires_grad_(layer is None)  # stacked: every layer but this one frozen, its weights untouched
-            wrapped = model.autoencoder(layer).requires_grad_(True)
+            wrapped = model.autoencoder(layer)  # stacked: the layers below run without gradients, those above not at all
             if common.world() > 1:  # per-GPU BN, as every method here
                 wrapped = nn.parallel.DistributedDataParallel(wrapped, device_ids=[device] if device.type == "cuda" else None)
             if args.compile:

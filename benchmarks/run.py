@@ -30,7 +30,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import common  # noqa: E402
 
-METHODS = ["simclr", "moco", "instdisc", "cpc", "rotation", "jigsaw", "context_encoder"]
+METHODS = ["simclr", "moco", "instdisc", "cpc", "rotation", "jigsaw", "context_encoder", "denoising_autoencoder",
+           "relative_position"]
 
 # Each method's short-run recipe; the method file's header gives its source.
 RECIPES = {
@@ -50,6 +51,10 @@ RECIPES = {
     "jigsaw": ["--batch-size", "128", "--lr", "0.05", "--schedule"],
     # the official train.lua (Adam 2e-4 / 2e-3, joint loss), random-region masks, batch 64
     "context_encoder": ["--batch-size", "64"],
+    # the file's defaults (masking noise at nu 0.25, Adam 1e-3) at batch 128
+    "denoising_autoencoder": ["--batch-size", "128"],
+    # mmselfsup's lr per 256 at batch 128 with no warm-up or drops; fc6-fc8 at 1024 wide (4096 is 8x the cost here)
+    "relative_position": ["--batch-size", "128", "--lr", "0.1", "--fc-dim", "1024", "--warmup-epochs", "0", "--schedule"],
 }
 
 # The `cpu` protocol gives every method the same wall-clock budget of pretraining on 2 CPU cores, about 4 minutes:
@@ -334,7 +339,9 @@ def main(argv=None):
                 row.setdefault("torch", old.get("torch", "?"))
             fresh, rerun = {(r["method"], r["seed"]): r for r in rows}, {r["method"] for r in rows}
             kept = [fresh.pop((r["method"], r.get("seed", 0)), None) if r["method"] in rerun else r for r in old["rows"]]
-            rows = [r for r in kept if r is not None] + list(fresh.values())
+            rows = [r for r in kept if r is not None]
+            at = next((i for i, r in enumerate(rows) if r["method"] in ANCHORS), len(rows))  # new methods: before the anchors
+            rows = rows[:at] + list(fresh.values()) + rows[at:]
             table.update(commit=old["commit"], date=old["date"], torch=old.get("torch", "?"))
         table.update(rows=rows, minutes=sum(r["seconds"] for r in rows) / 60)
         everything[args.protocol] = table
