@@ -107,13 +107,16 @@ def up_block(cin, cout):  # 4x4 stride-2 up-convolution, BN, ReLU (the DCGAN-sty
 
 
 def decoder(cin, cout, side, out_side):
-    """(b, cin, side, side) -> (b, cout, out_side, out_side): double the side until it is reached (halving the width
-    down to 32), then a 3x3 convolution with no activation (affine output, for squared error)."""
-    layers, width = [], min(512, cin)
+    """(b, cin, side, side) -> (b, cout, out_side, out_side), light: a 1x1 convolution down to at most 256 maps, then
+    up-convolutions doubling the side and halving the width (down to 16) until out_side is reached, then a 3x3
+    convolution with no activation (the JMLR affine decoder for real values). ResNet-50 at 224 px: 0.20 GMACs an
+    image, 5% of its trunk's 4.09."""
+    width = min(256, cin)
+    layers = [nn.Conv2d(cin, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(True)]
     for _ in range(max(0, math.ceil(math.log2(out_side / side)))):
-        layers.append(up_block(cin, width))
-        cin, width = width, max(32, width // 2)
-    return nn.Sequential(*layers, nn.Conv2d(cin, cout, 3, padding=1))
+        layers.append(up_block(width, max(16, width // 2)))
+        width = max(16, width // 2)
+    return nn.Sequential(*layers, nn.Conv2d(width, cout, 3, padding=1))
 
 
 class DenoisingAutoencoder(nn.Module):

@@ -72,21 +72,20 @@ def cut_grid(image, patch, gap, jitter):
     origin = torch.stack([torch.randint(jitter, H - span + jitter + 1, ()), torch.randint(jitter, W - span + jitter + 1, ())])
     cells = torch.tensor([(r, c) for r in range(3) for c in range(3)]) * pitch
     corners = origin + cells + torch.randint(-jitter, jitter + 1, (9, 2))
-    offsets = torch.arange(patch)
-    rows, cols = corners[:, 0, None] + offsets, corners[:, 1, None] + offsets  # (9, patch) each
-    return image[:, rows[:, :, None], cols[:, None, :]].transpose(0, 1), corners
+    return torch.stack([image[:, y:y + patch, x:x + patch] for y, x in corners.tolist()]), corners
 
 
 def downsample(patches, p, smallest):
     """Each patch with probability p: resized (bilinear) to a side s whose pixel count s^2 is uniform between
     smallest^2 and (patch-1)^2, then back (official prep_image: 10^2 to 95^2 at 96 px), so that fine detail, which a
-    blurry target patch lacks, cannot be relied on."""
+    blurry target patch lacks, cannot be relied on. uint8 patches come back rounded to uint8."""
     out, size = patches.clone(), patches.shape[-1]
     for i in range(len(patches)):
         if torch.rand(()) < p:
             side = int(math.sqrt(torch.rand(()).item() * ((size - 1) ** 2 - smallest ** 2) + smallest ** 2))
-            small = F.interpolate(patches[i:i + 1], size=side, mode="bilinear", align_corners=False)
-            out[i] = F.interpolate(small, size=size, mode="bilinear", align_corners=False)[0]
+            small = F.interpolate(patches[i:i + 1].float(), size=side, mode="bilinear", align_corners=False)
+            back = F.interpolate(small, size=size, mode="bilinear", align_corners=False)[0]
+            out[i] = back.round().clamp(0, 255) if patches.dtype == torch.uint8 else back
     return out
 
 
@@ -99,16 +98,23 @@ class ContextPatches:
         self.budget = [round(n * (args.image_size / 224) ** 2) for n in (150_000, 450_000)]
         self.span, self.p = 3 * self.patch + 2 * self.gap + 2 * self.jitter, args.downsample
 
-    def __call__(self, image):
-        w, h = image.size
+    def rescaled_size(self, w, h):
+        """(W, H) at a pixel count drawn from the budget; an image too small for the grid is scaled up to fit it
+        (deviation: the official code cuts grids of fewer patches there)."""
         pixels = torch.randint(self.budget[0], self.budget[1] + 1, ()).item()
-        scale = max(math.sqrt(pixels / (w * h)), self.span / min(w, h))  # deviation: scaled up to fit the grid
-        image = image.convert("RGB").resize((max(self.span, round(w * scale)), max(self.span, round(h * scale))),
-                                            resample=2)  # PIL bilinear
-        patches, _ = cut_grid(T.functional.to_tensor(image), self.patch, self.gap, self.jitter)
-        patches = downsample(patches, self.p, self.smallest)
+        scale = max(math.sqrt(pixels / (w * h)), self.span / min(w, h))
+        return max(self.span, round(w * scale)), max(self.span, round(h * scale))
+
+    def __call__(self, image):
+        (w, h), (W, H) = image.size, self.rescaled_size(*image.size)
+        # only the grid's square of the rescaled image is made (PIL resizes that box of the original alone): the
+        # square lies at a random place, the grid fills it
+        x0, y0 = torch.randint(W - self.span + 1, ()).item(), torch.randint(H - self.span + 1, ()).item()
+        box = (x0 * w / W, y0 * h / H, (x0 + self.span) * w / W, (y0 + self.span) * h / H)
+        square = image.convert("RGB").resize((self.span, self.span), resample=2, box=box)  # 2: PIL's bilinear
+        patches, _ = cut_grid(T.functional.pil_to_tensor(square), self.patch, self.gap, self.jitter)  # uint8
         kept = torch.randint(3, (9,))  # colour dropping's channel, drawn here whatever --aberration is
-        return (patches * 255).round().to(torch.uint8), kept
+        return downsample(patches, self.p, self.smallest), kept
 
 
 # ALGO LOGIC: the chromatic-aberration defences and the per-patch normalisation, batched on the device
