@@ -39,7 +39,7 @@ def parse_args(argv=None):
     p.add_argument("--noise", default="masking", choices=["masking", "gaussian", "salt-pepper"],
                    help="corruption q_D (ICML 2008: masking)")
     p.add_argument("--nu", type=common.unit_float, default=0.25,
-                   help="fraction of the components masked or salted (papers: 0.1 / 0.25 / 0.4 searched; 0.25)")
+                   help="fraction of the components masked or salted (the middle of the papers' 0.1 / 0.25 / 0.4)")
     p.add_argument("--sigma", type=common.nonneg_float, default=0.15,
                    help="std of the additive Gaussian, in [0, 1] pixel units (JMLR searched 0.05 to 0.5)")
     p.add_argument("--alpha", type=common.nonneg_float, default=1.0, help="emphasis: weight on corrupted components")
@@ -51,15 +51,23 @@ def parse_args(argv=None):
     args = common.parse(p, argv)
     if args.alpha == 0 and args.beta == 0:
         common.fail("--alpha 0 --beta 0 weighs every component by 0, so nothing is learnt; keep one of them above 0")
+    if args.noise == "gaussian" and (args.alpha, args.beta) != (1, 1):
+        common.fail("--noise gaussian changes every component, so --alpha / --beta have nothing to tell apart; "
+                    "use them with masking or salt-pepper")
+    if args.stacked and args.noise == "salt-pepper":
+        common.fail("--stacked corrupts feature maps above the stem, which have no 0 / 1 ends for salt-and-pepper; "
+                    "use --noise masking or gaussian")
+    if args.stacked and args.epochs < len(STAGES):
+        common.fail(f"--stacked splits --epochs over the trunk's {len(STAGES)} stages; use --epochs {len(STAGES)} or more")
     return args
 
 
-# ALGO LOGIC: augmentation. None for small datasets (as the papers); a fixed-size crop and flip for ImageFolder
+# ALGO LOGIC: augmentation. None for the fixed-size datasets (as the papers); a crop and flip for ImageFolder
 def dae_augmentation(args):
     size = args.image_size
-    if args.dataset in ("cifar10", "cifar100", "fashion-mnist"):
+    if args.dataset != "imagefolder":  # CIFAR, STL-10, Fashion-MNIST: the whole image
         crop = [T.Resize(size), T.CenterCrop(size)]
-    else:
+    else:  # photos of any size: a fixed-size crop (deviation: the papers' inputs have one size)
         crop = [T.Resize(round(size * 256 / 224)), T.RandomCrop(size), T.RandomHorizontalFlip()]
     return T.Compose([*crop, T.PILToTensor()])  # uint8: a quarter of the floats' bytes from the workers
 
@@ -77,25 +85,20 @@ def corrupt(x, noise, nu, sigma, generator):
     if noise == "gaussian":
         return x + sigma * torch.randn(shape, generator=generator, device=x.device)[rows], None
     u = torch.rand(shape, generator=generator, device=x.device)[rows].flatten(1)
-    salt = torch.rand(shape, generator=generator, device=x.device)[rows].reshape(x.shape) < 0.5
     k = round(nu * u.shape[1])
     if k == 0:
         return x, torch.zeros_like(x, dtype=torch.bool)
     corrupted = (u <= u.kthvalue(k, dim=1, keepdim=True).values).reshape(x.shape)  # the k smallest draws of each row
-    value = torch.zeros_like(x) if noise == "masking" else salt.to(x.dtype)
-    return torch.where(corrupted, value, x), corrupted
-
-
-def emphasised_squared_error(z, x, corrupted, alpha, beta):
-    """JMLR's emphasis: alpha on the corrupted components, beta on the rest; plain squared error when alpha = beta = 1
-    (and for Gaussian noise, which corrupts every component). Averaged over the components and the batch."""
-    error = (z.float() - x.float()) ** 2
-    if corrupted is None or (alpha == 1 and beta == 1):
-        return error.mean()
-    return (torch.where(corrupted, alpha, beta) * error).mean()
+    if noise == "masking":
+        return x.masked_fill(corrupted, 0.0), corrupted
+    salt = torch.rand(shape, generator=generator, device=x.device)[rows] < 0.5  # 1 (salt) or 0 (pepper)
+    return torch.where(corrupted, salt.to(x.dtype), x), corrupted
 
 
 # ALGO LOGIC: model. Encoder f_theta = the trunk's last feature map; decoder g_theta' = up-convolutions, linear output
+STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")  # the stacked scheme's layers, lowest first
+
+
 def stage_modules(trunk):
     """The trunk as its layers for the stacked scheme: the stem (conv1, bn1, relu, maxpool), then layer1..layer4."""
     return [nn.Sequential(trunk.conv1, trunk.bn1, trunk.relu, trunk.maxpool),
@@ -120,33 +123,33 @@ def decoder(cin, cout, side, out_side):
 
 
 class DenoisingAutoencoder(nn.Module):
-    """The trunk and its decoders. decoders[0] maps the whole trunk's feature map back to the image; with stacked,
-    decoders[1 + l] maps stage l's output back to that stage's input (the image for the stem)."""
+    """The trunk and its decoders: one from the whole trunk's feature map back to the image; with stacked, one per
+    stage instead, from its output back to its input (the image for the stem)."""
 
     def __init__(self, arch, image_size, stacked=False):
         super().__init__()
         self.trunk, _ = common.build_backbone(arch, image_size)
         self.trunk.eval()  # measure the stages' shapes without touching the BN statistics
         with torch.no_grad():
-            shapes, h = [(3, image_size)], torch.zeros(1, 3, image_size, image_size)
+            shapes, h = [(3, image_size)], torch.zeros(1, 3, image_size, image_size)  # (channels, side) of each input
             for stage in stage_modules(self.trunk):
                 h = stage(h)
                 shapes.append((h.shape[1], h.shape[-1]))
         self.trunk.train()
-        pairs = [(shapes[-1], shapes[0])] + (list(zip(shapes[1:], shapes)) if stacked else [])
-        self.decoders = nn.ModuleList(decoder(c_out, c_in, s_out, s_in) for (c_out, s_out), (c_in, s_in) in pairs)
-        self.sides = [s_in for _, (_, s_in) in pairs]
+        ends = list(zip(shapes, shapes[1:])) if stacked else [(shapes[0], shapes[-1])]  # (input, output) of each DAE
+        self.decoders = nn.ModuleList(decoder(c_out, c_in, s_out, s_in) for (c_in, s_in), (c_out, s_out) in ends)
+        self.sides = [s_in for (_, s_in), _ in ends]
 
-    def autoencoder(self, layer=None):
-        """The DAE trained: the whole trunk and decoders[0] (layer None), or stage `layer` and its decoder. Built on
-        call, not registered, so the checkpoint holds each weight once."""
+    def encoder_decoder(self, layer=None):
+        """The DAE a phase trains: the whole trunk and its decoder (layer None), or stage `layer` and its own.
+        Built on call, not registered, so the checkpoint holds each weight once."""
         stages = stage_modules(self.trunk)
         if layer is None:
-            return Autoencoder(nn.Sequential(*stages), self.decoders[0], self.sides[0])
-        return Autoencoder(stages[layer], self.decoders[1 + layer], self.sides[1 + layer])
+            return EncoderDecoder(nn.Sequential(*stages), self.decoders[0], self.sides[0])
+        return EncoderDecoder(stages[layer], self.decoders[layer], self.sides[layer])
 
 
-class Autoencoder(nn.Module):
+class EncoderDecoder(nn.Module):
     """x~ -> g(f(x~)), resized to the input's side when the strides do not halve it evenly (28 -> 4 -> 32 -> 28)."""
 
     def __init__(self, encoder, decoder, side):
@@ -158,9 +161,20 @@ class Autoencoder(nn.Module):
         return z if z.shape[-1] == self.side else F.interpolate(z, size=self.side, mode="bilinear", align_corners=False)
 
 
-def stacked_layer(epoch, epochs, layers=5):
-    """JMLR's greedy order: the epochs split evenly over the layers, the lowest first."""
-    return min(layers - 1, epoch * layers // epochs)
+# ALGO LOGIC: loss. Squared error against the CLEAN input, with the JMLR emphasis
+def emphasised_squared_error(z, x, corrupted, alpha, beta):
+    """JMLR's emphasis: alpha on the corrupted components, beta on the rest; plain squared error when alpha = beta = 1
+    (and for Gaussian noise, which corrupts every component). Averaged over the components and the batch."""
+    error = (z.float() - x.float()) ** 2
+    if corrupted is None or (alpha == 1 and beta == 1):
+        return error.mean()
+    return (torch.where(corrupted, alpha, beta) * error).mean()
+
+
+def stacked_layer(epoch, epochs):
+    """JMLR's greedy order: the epochs split evenly over the layers, the lowest first (--max-steps may end a run
+    before its upper layers are reached)."""
+    return min(len(STAGES) - 1, epoch * len(STAGES) // epochs)
 
 
 def main(argv=None):
@@ -194,25 +208,27 @@ def main(argv=None):
         sampler.start_step = start_step if epoch == start_epoch else 0  # skip what a resumed run already did
         layer = stacked_layer(epoch, args.epochs) if args.stacked else None
         if wrapped is None or layer != phase:  # the DDP wrapper: what the ranks average (stacked: this layer only)
-            phase, stages = layer, stage_modules(model.trunk)
-            wrapped = model.autoencoder(layer)  # stacked: the layers below run without gradients, those above not at all
+            phase, above_stem = layer, layer is not None and layer > 0
+            frozen = nn.Sequential(*stage_modules(model.trunk)[:layer or 0])  # stacked: run without gradients
+            wrapped = model.encoder_decoder(layer)  # the layers above this one are not run at all
             if common.world() > 1:  # per-GPU BN, as every method here
+                for buffer in model.buffers():  # each rank's last BN update of the phase before: rank 0's, as on resume
+                    dist.broadcast(buffer, 0)
                 wrapped = nn.parallel.DistributedDataParallel(wrapped, device_ids=[device] if device.type == "cuda" else None)
             if args.compile:
                 wrapped = torch.compile(wrapped)
         for group in optimizer.param_groups:  # constant (a choice: the papers keep SGD's lr fixed per layer)
             group["lr"] = args.lr
         model.train()
+        frozen.eval()  # JMLR: the lower layers are fixed, their BN statistics included
         for step, (x, _, _) in enumerate(loader, start=sampler.start_step):
             x = x.to(device, non_blocking=True).float().div_(255)  # clean pixels in [0, 1]
             generator = common.step_generator(args.seed, run.global_step, device)
-            if layer:  # stacked, above the stem: the clean output of the frozen stages below is this layer's x
+            if above_stem:  # the clean output of the frozen stages below is this layer's x
                 with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
-                    for below in stages[:layer]:
-                        below.eval()  # frozen, statistics included (JMLR: the lower layers are fixed)
-                    x = nn.Sequential(*stages[:layer])((x - mean) / std).float()
+                    x = frozen((x - mean) / std).float()
             x_tilde, corrupted = corrupt(x, args.noise, args.nu, args.sigma, generator)
-            if not layer:  # the image: the encoder sees it normalised as every method's input
+            if not above_stem:  # the image: the encoder sees it normalised as every method's input
                 x_tilde = (x_tilde - mean) / std
             if device.type == "cuda":
                 x_tilde = x_tilde.contiguous(memory_format=torch.channels_last)

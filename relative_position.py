@@ -20,13 +20,10 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image  # Pillow comes with torchvision
 from torchvision import transforms as T
 
 import common
-
-# label l: where neighbour l lies relative to the centre, rows pointing down (official pos2lbl, row-major)
-OFFSETS = [(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)]
-NEIGHBOURS = [3 * (1 + dy) + (1 + dx) for dy, dx in OFFSETS]  # their cells in the row-major 3x3 grid (centre: 4)
 
 
 def parse_args(argv=None):
@@ -56,11 +53,11 @@ def pair_geometry(image_size):
     def geometry(size):
         s = size / 224
         return round(96 * s), round(48 * s), round(7 * s), max(1, round(10 * s))
-    patch, gap, jitter, smallest = geometry(image_size)
-    if patch < 2 or gap <= 2 * jitter:  # jittered neighbours must never touch: the gap is what removes edge matching
-        size = next(s for s in range(1, 1000) if geometry(s)[0] >= 2 and geometry(s)[1] > 2 * geometry(s)[2])
-        common.fail(f"--image-size {image_size} gives {patch} px patches with a {gap} px gap and {jitter} px jitter, "
-                    f"so neighbours could touch; relative_position needs --image-size >= {size}")
+    patch, gap, jitter, smallest = geometry(image_size)  # gap > 2 jitter at every size: neighbours never touch
+    if patch < 2:
+        size = next(s for s in range(1, 1000) if geometry(s)[0] >= 2)
+        common.fail(f"--image-size {image_size} gives {patch} px patches, too small to downsample or to tell apart; "
+                    f"relative_position needs --image-size >= {size}")
     return patch, gap, jitter, smallest
 
 
@@ -96,11 +93,12 @@ class ContextPatches:
     def __init__(self, args):
         self.patch, self.gap, self.jitter, self.smallest = pair_geometry(args.image_size)
         self.budget = [round(n * (args.image_size / 224) ** 2) for n in (150_000, 450_000)]
-        self.span, self.p = 3 * self.patch + 2 * self.gap + 2 * self.jitter, args.downsample
+        self.span, self.downsample_p = 3 * self.patch + 2 * self.gap + 2 * self.jitter, args.downsample
 
     def rescaled_size(self, w, h):
         """(W, H) at a pixel count drawn from the budget; an image too small for the grid is scaled up to fit it
-        (deviation: the official code cuts grids of fewer patches there)."""
+        (deviation: the official grids may hold fewer patches). The grid needs 398 px a side at 224 px, so a 4:3
+        photo is scaled up for 20% of the draws, a 16:9 one for 44%."""
         pixels = torch.randint(self.budget[0], self.budget[1] + 1, ()).item()
         scale = max(math.sqrt(pixels / (w * h)), self.span / min(w, h))
         return max(self.span, round(w * scale)), max(self.span, round(h * scale))
@@ -108,44 +106,50 @@ class ContextPatches:
     def __call__(self, image):
         (w, h), (W, H) = image.size, self.rescaled_size(*image.size)
         # only the grid's square of the rescaled image is made (PIL resizes that box of the original alone): the
-        # square lies at a random place, the grid fills it
+        # square lies at a random place, and the grid, jitter included, fills it
         x0, y0 = torch.randint(W - self.span + 1, ()).item(), torch.randint(H - self.span + 1, ()).item()
         box = (x0 * w / W, y0 * h / H, (x0 + self.span) * w / W, (y0 + self.span) * h / H)
-        square = image.convert("RGB").resize((self.span, self.span), resample=2, box=box)  # 2: PIL's bilinear
+        square = image.convert("RGB").resize((self.span, self.span), resample=Image.BILINEAR, box=box)
         patches, _ = cut_grid(T.functional.pil_to_tensor(square), self.patch, self.gap, self.jitter)  # uint8
-        kept = torch.randint(3, (9,))  # colour dropping's channel, drawn here whatever --aberration is
-        return downsample(patches, self.p, self.smallest), kept
+        kept_channel = torch.randint(3, (9,))  # colour dropping's choice, drawn here whatever --aberration is
+        return downsample(patches, self.downsample_p, self.smallest), kept_channel
 
 
 # ALGO LOGIC: the chromatic-aberration defences and the per-patch normalisation, batched on the device
-GREEN_MAGENTA = torch.tensor([-1.0, 2.0, -1.0])  # Sec. 3.1: the axis along which aberration shifts colour
-
-
-def defend_and_normalise(patches, kept, aberration, generator):
+def defend_and_normalise(patches, kept_channel, aberration, generator):
     """uint8 (b, 9, 3, P, P) -> floats. drop: the kept channel stays, the other two become uniform noise of one grey
-    level (+-0.5 / 255, official); project: every pixel's colour loses its green-magenta component (x - a a^T x / a^T a);
-    then each patch minus its mean (per channel) and divided by its RMS (official x 50 / RMS: unit scale here; a flat
-    patch, RMS under one grey level, is not amplified). Noise from the step generator for the global batch."""
+    level (+-0.5 / 255, official); project: every pixel's colour loses its component along the green-magenta axis
+    a = (-1, 2, -1), along which aberration shifts colour (Sec. 3.1): x - (a.x / a.a) a. Then each patch minus its
+    mean (per channel) and divided by its RMS (official x 50 / RMS: unit scale here; a flat patch, RMS under one grey
+    level, is not amplified). The noise comes from the step generator, drawn for the global batch."""
     x = patches.float() / 255
     if aberration == "project":
-        a = GREEN_MAGENTA.to(x.device)
-        x = x - torch.einsum("c,bnchw->bnhw", a, x)[:, :, None] * a[:, None, None] / a.dot(a)
+        r, g, b = x.unbind(2)
+        along = (2 * g - r - b) / 6  # a.x / a.a
+        x = x - torch.stack([-along, 2 * along, -along], 2)
     x = x - x.mean((3, 4), keepdim=True)
     if aberration == "drop":
         rank, world_size, b = common.rank(), common.world(), len(x)
         noise = torch.rand((world_size * b, *x.shape[1:]), generator=generator, device=x.device)[rank * b:(rank + 1) * b]
-        keep = F.one_hot(kept, 3).bool()[..., None, None]  # (b, 9, 3, 1, 1)
+        keep = F.one_hot(kept_channel, 3).bool()[..., None, None]  # (b, 9, 3, 1, 1)
         x = torch.where(keep, x, (noise - 0.5) / 255)
     rms = x.pow(2).mean((2, 3, 4), keepdim=True).sqrt()
     return x / rms.clamp(min=1 / 255)
 
 
 # ALGO LOGIC: late fusion (Fig. 3): the shared trunk per patch, fc6 per patch, concatenated pair, fc7, fc8, fc9 8-way
+# label l: where neighbour l lies relative to the centre, rows pointing down (official pos2lbl, row-major)
+OFFSETS = [(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)]
+NEIGHBOURS = [3 * (1 + dy) + (1 + dx) for dy, dx in OFFSETS]  # their cells in the row-major 3x3 grid: 0-3, 5-8
+
+
 class RelativePositionNet(nn.Module):
     def __init__(self, arch, image_size, fc_dim=4096):
         super().__init__()
         self.trunk, width = common.build_backbone(arch, image_size)  # stem chosen for the probe's image size
-        # official: batch norm without scale or shift after fc6 and fc7 (the fix for its collapse to uniform outputs)
+        # official: batch norm without scale or shift on conv3-conv5, fc6 and fc7 (its fix for a collapse to uniform
+        # outputs); the ResNet's own batch norm stands in for the conv layers'
+
         self.fc6 = nn.Sequential(nn.Linear(width, fc_dim), nn.BatchNorm1d(fc_dim, affine=False), nn.ReLU(True))
         self.fc7 = nn.Sequential(nn.Linear(2 * fc_dim, fc_dim), nn.BatchNorm1d(fc_dim, affine=False), nn.ReLU(True))
         self.fc8 = nn.Sequential(nn.Linear(fc_dim, fc_dim), nn.ReLU(True))
@@ -155,8 +159,9 @@ class RelativePositionNet(nn.Module):
         """patches (b, 9, C, P, P) -> logits (b, 8, 8): row l, the pair (centre, neighbour l); the target of row l is l."""
         b = patches.shape[0]
         f = self.fc6(self.trunk(patches.flatten(0, 1))).unflatten(0, (b, 9))  # one batch of 9b patches
-        centre, neighbours = f[:, 4:5].expand(-1, 8, -1), f[:, NEIGHBOURS]
-        return self.fc9(self.fc8(self.fc7(torch.cat([centre, neighbours], 2).flatten(0, 1)))).unflatten(0, (b, 8))
+        centre, neighbours = f[:, 4:5].expand(-1, 8, -1), torch.cat([f[:, :4], f[:, 5:]], 1)  # NEIGHBOURS, by slices
+        pairs = torch.cat([centre, neighbours], 2).flatten(0, 1)  # (8b, 2 fc_dim): (centre, neighbour l) in row l
+        return self.fc9(self.fc8(self.fc7(pairs))).unflatten(0, (b, 8))
 
 
 def learning_rate(epoch, step, steps_per_epoch, args):
@@ -201,12 +206,13 @@ def main(argv=None):
         sampler.set_epoch(epoch)
         sampler.start_step = start_step if epoch == start_epoch else 0  # skip what a resumed run already did
         model.train()
-        for step, ((patches, kept), _, _) in enumerate(loader, start=sampler.start_step):
+        for step, ((patches, kept_channel), _, _) in enumerate(loader, start=sampler.start_step):
             lr = learning_rate(epoch, step, steps_per_epoch, args)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            patches, kept = patches.to(device, non_blocking=True), kept.to(device, non_blocking=True)
-            x = defend_and_normalise(patches, kept, args.aberration, common.step_generator(args.seed, run.global_step, device))
+            patches, kept_channel = patches.to(device, non_blocking=True), kept_channel.to(device, non_blocking=True)
+            generator = common.step_generator(args.seed, run.global_step, device)
+            x = defend_and_normalise(patches, kept_channel, args.aberration, generator)
             if device.type == "cuda":  # channels_last per patch: the trunk's (9b, C, P, P) view keeps it
                 x = x.flatten(0, 1).contiguous(memory_format=torch.channels_last).unflatten(0, (len(x), 9))
             with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):

@@ -1173,15 +1173,17 @@ def test_dae_emphasis_weighs_corrupted_components_by_alpha_and_the_rest_by_beta(
 @pytest.mark.parametrize("size", [28, 32, 96])
 def test_dae_decoders_map_each_encoder_back_to_its_input(size):
     torch.manual_seed(0)
-    model = denoising_autoencoder.DenoisingAutoencoder("resnet-tiny", size, stacked=True).eval()
+    whole = denoising_autoencoder.DenoisingAutoencoder("resnet-tiny", size).eval()
     x = torch.randn(2, 3, size, size)
-    assert model.autoencoder()(x).shape == x.shape  # the whole trunk -> the image
+    assert whole.encoder_decoder()(x).shape == x.shape and len(whole.decoders) == 1  # the whole trunk -> the image
+    stacked = denoising_autoencoder.DenoisingAutoencoder("resnet-tiny", size, stacked=True).eval()
     h = x
-    for layer, stage in enumerate(denoising_autoencoder.stage_modules(model.trunk)):  # each stage -> its own input
-        assert model.autoencoder(layer)(h).shape == h.shape, layer
+    for layer, stage in enumerate(denoising_autoencoder.stage_modules(stacked.trunk)):  # each stage -> its own input
+        assert stacked.encoder_decoder(layer)(h).shape == h.shape, layer
         h = stage(h)
-    names = {name.split(".")[0] for name in model.state_dict()}
-    assert names == {"trunk", "decoders"}  # the stages are held once, by the trunk
+    assert len(stacked.decoders) == 5
+    for model in (whole, stacked):  # the stages are held once, by the trunk
+        assert {name.split(".")[0] for name in model.state_dict()} == {"trunk", "decoders"}
 
 
 def test_dae_stacked_trains_one_stage_at_a_time_on_the_frozen_clean_output_below(tiny_imagefolder, tmp_path, monkeypatch):
@@ -1198,8 +1200,8 @@ def test_dae_stacked_trains_one_stage_at_a_time_on_the_frozen_clean_output_below
         denoising_autoencoder.main(args + ["--max-steps", str(steps)] +
                                    (["--resume", os.path.join(out, "checkpoint.pth")] if steps > 4 else []))
         states.append(load_state(out)["model"])
-    for before, after, trained in ((initial, states[0], ("trunk.conv1.", "trunk.bn1.", "decoders.1.")),
-                                   (states[0], states[1], ("trunk.layer1.", "decoders.2."))):
+    for before, after, trained in ((initial, states[0], ("trunk.conv1.", "trunk.bn1.", "decoders.0.")),
+                                   (states[0], states[1], ("trunk.layer1.", "decoders.1."))):
         changed = {k for k in after if k in before and not torch.equal(before[k], after[k])
                    and not k.endswith("num_batches_tracked")}
         assert changed and all(k.startswith(trained) for k in changed), sorted(changed)[:5]
@@ -1209,8 +1211,26 @@ def test_dae_stacked_trains_one_stage_at_a_time_on_the_frozen_clean_output_below
     assert all(0 <= x.min() and x.max() <= 1 for x in inputs[:4]) and all(x.min() >= 0 for x in inputs[4:])
 
 
-def test_dae_bad_emphasis_stops_at_parse_time():
-    expect_error(TINY + ["--alpha", "0", "--beta", "0"], "--alpha 0 --beta 0", module=denoising_autoencoder)
+@pytest.mark.slow
+def test_dae_stacked_on_two_ranks_resumes_into_the_next_layer_exactly(tiny_imagefolder, tmp_path):
+    """Two ranks, 8 steps straight against 4 + resume: the second layer's phase starts from rank 0's statistics of the
+    frozen stem in both (each rank's own last BN update would otherwise feed rank 1 other inputs)."""
+    args = ["denoising_autoencoder.py", *TINY, "--data", tiny_imagefolder, "--batch-size", "16", "--epochs", "5",
+            "--stacked", "--probe-epochs", "0"]
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    for out, extra in ((straight, ["--max-steps", "8"]), (resumed, ["--max-steps", "4"]),
+                       (resumed, ["--max-steps", "8", "--resume", os.path.join(resumed, "checkpoint.pth")])):
+        r = torchrun(*args, "--out", out, *extra)
+        assert r.returncode == 0, r.stderr[-3000:]
+    assert_same_state(load_state(straight), load_state(resumed))
+
+
+@pytest.mark.parametrize("flags, words", [(["--alpha", "0", "--beta", "0"], "weighs every component by 0"),
+                                          (["--noise", "gaussian", "--beta", "0.5"], "--alpha / --beta have nothing"),
+                                          (["--stacked", "--noise", "salt-pepper"], "no 0 / 1 ends"),
+                                          (["--stacked", "--epochs", "4"], "use --epochs 5 or more")])
+def test_dae_flags_that_would_train_nothing_stop_at_parse_time(flags, words):
+    expect_error(TINY + flags, words, module=denoising_autoencoder)
 
 
 def reconstruction_errors(out, n=1000):
@@ -1226,7 +1246,7 @@ def reconstruction_errors(out, n=1000):
     x_tilde, _ = denoising_autoencoder.corrupt(x, "masking", 0.25, 0.0, torch.Generator().manual_seed(1))
     mean, std = (torch.tensor(v)[:, None, None] for v in common.MEAN_STD["fashion-mnist"])
     with torch.no_grad():
-        z = model.eval().autoencoder()((x_tilde - mean) / std)
+        z = model.eval().encoder_decoder()((x_tilde - mean) / std)
     return ((z - x) ** 2).mean().item(), ((x_tilde - x) ** 2).mean().item()
 
 
@@ -1251,8 +1271,9 @@ def test_dae_denoises_held_out_fashion_mnist(tmp_path):
 def test_relative_position_geometry_follows_the_paper_and_names_the_smallest_size(tiny_imagefolder, tmp_path):
     assert relative_position.pair_geometry(224) == (96, 48, 7, 10)  # 96 px patches, 48 gap, 7 jitter, 10 px at least
     assert relative_position.pair_geometry(28) == (12, 6, 1, 1)
+    assert all(g[1] > 2 * g[2] for g in map(relative_position.pair_geometry, range(4, 2000)))  # neighbours never touch
     expect_error(TINY + ["--data", tiny_imagefolder, "--image-size", "3", "--out", str(tmp_path)],
-                 "--image-size 3", "relative_position needs --image-size >= 4", module=relative_position)
+                 "--image-size 3 gives 1 px patches", "relative_position needs --image-size >= 4", module=relative_position)
 
 
 def test_relative_position_labels_name_where_the_neighbour_lies():
@@ -1346,7 +1367,7 @@ def test_relative_position_projection_removes_the_green_magenta_axis():
     """Chromatic aberration adds a green-magenta fringe that grows with the distance from the lens centre. Patches of
     one grey texture, each with a fringe of its own strength: projected, all nine are the same, so the fringe cannot
     tell where a patch lies; unprojected they differ. The grey texture itself is kept."""
-    a = relative_position.GREEN_MAGENTA[:, None, None]
+    a = torch.tensor([-1.0, 2.0, -1.0])[:, None, None]  # the green-magenta axis
     texture, fringe = torch.rand(2, 1, 1, 1, 5, 5, generator=torch.Generator().manual_seed(0)) - 0.5
     strength = torch.linspace(-0.3, 0.3, 9)[None, :, None, None, None]  # by the patch's position
     grey = (0.5 + 0.3 * texture).expand(1, 9, 3, 5, 5)
@@ -1463,7 +1484,7 @@ def test_relative_position_solves_held_out_pairs_on_fashion_mnist(tmp_path):
     print(f"held-out relative position top-1 {accuracy:.1f}% (chance 12.5%); kNN / linear top-1: random init "
           f"{random_init['knn_top1']:.2f} / {random_init['linear_top1']:.2f}, relative position "
           f"{trained['knn_top1']:.2f} / {trained['linear_top1']:.2f}")
-    assert accuracy >= 30  # measured 47.4
+    assert accuracy >= 30  # measured 48.5
     assert trained["knn_top1"] >= random_init["knn_top1"] - 3  # the trunk was not wrecked on the way
 
 

@@ -53,7 +53,7 @@ RECIPES = {
     "context_encoder": ["--batch-size", "64"],
     # the file's defaults (masking noise at nu 0.25, Adam 1e-3) at batch 128
     "denoising_autoencoder": ["--batch-size", "128"],
-    # mmselfsup's lr per 256 at batch 128 with no warm-up or drops; fc6-fc8 at 1024 wide (4096 is 8x the cost here)
+    # mmselfsup's lr per 256 at batch 128, no warm-up or drops; fc6-fc8 1024 wide (4096: 17x the trunk's MACs here)
     "relative_position": ["--batch-size", "128", "--lr", "0.1", "--fc-dim", "1024", "--warmup-epochs", "0", "--schedule"],
 }
 
