@@ -44,9 +44,9 @@ echo "exit $?: $(grep -o 'step [0-9]*/[0-9]* loss [0-9.naif]*' "$OUT/cpc_224.log
 
 echo "== 3. every method, $STEPS steps on Fashion-MNIST, $ARCH, torchrun --nproc_per_node=1"
 declare -A EXTRA=([moco]="--mlp --aug-plus --moco-t 0.2 --cos --moco-k 4096" [instdisc]="--nce-k 4096" [jigsaw]="" [cpc]="" \
-                  [simclr]="" [rotation]="" [context_encoder]="")
+                  [simclr]="" [rotation]="" [context_encoder]="" [denoising_autoencoder]="" [relative_position]="")
 for compiled in "" "--compile"; do
-  for m in simclr moco instdisc rotation jigsaw context_encoder cpc; do
+  for m in simclr moco instdisc rotation jigsaw context_encoder cpc denoising_autoencoder relative_position; do
     [ "$(left)" -gt 40 ] || { echo "skip $m $compiled: time"; continue; }
     run="$OUT/runs/$m${compiled:+_compiled}"
     timeout $(( $(left) - 20 )) torchrun --standalone --nproc_per_node=1 "$m.py" --dataset fashion-mnist --data "$FM" \
