@@ -24,6 +24,7 @@ import torchvision
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
+import colorization
 import common
 import context_encoder
 import cpc
@@ -44,7 +45,8 @@ TINY = ["--dataset", "imagefolder", "--arch", "resnet-tiny", "--image-size", "32
 METHODS = {"simclr": (simclr, []), "moco": (moco, ["--moco-k", "64", "--bn-splits", "2", "--mlp", "--aug-plus"]),
            "instdisc": (instdisc, ["--nce-k", "16"]), "rotation": (rotation, []),
            "jigsaw": (jigsaw, ["--num-permutations", "24"]), "context_encoder": (context_encoder, []), "cpc": (cpc, ["--context-blocks", "1"]),
-           "denoising_autoencoder": (denoising_autoencoder, []), "relative_position": (relative_position, ["--fc-dim", "64"])}
+           "denoising_autoencoder": (denoising_autoencoder, []), "relative_position": (relative_position, ["--fc-dim", "64"]),
+           "colorization": (colorization, [])}
 
 
 class _Built(Exception):
@@ -308,7 +310,8 @@ def test_truncated_checkpoint(method, tiny_imagefolder, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("method, print_freq", [("simclr", "1"), ("moco", "100"), ("instdisc", "1"), ("rotation", "100"),
                                                 ("jigsaw", "1"), ("context_encoder", "1"), ("cpc", "100"),
-                                                ("denoising_autoencoder", "100"), ("relative_position", "1")])
+                                                ("denoising_autoencoder", "100"), ("relative_position", "1"),
+                                                ("colorization", "1")])
 def test_divergence_stops_and_keeps_the_good_checkpoint(method, print_freq, tiny_imagefolder, tmp_path):
     """A good epoch, then a huge lr: the run stops with one line naming the step and the last good checkpoint,
     whose file is untouched. print-freq 1 catches it at the progress line, 100 at the next --save-every save."""
@@ -1489,6 +1492,175 @@ def test_relative_position_solves_held_out_pairs_on_fashion_mnist(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------
+# Colorization: Lab, the ab bins, soft targets, rebalancing, the loss, real colour
+# ---------------------------------------------------------------------------------------
+def test_colorization_lab_matches_the_standard_formulas_on_known_colours():
+    rgb = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [0.0, 0.0, 0.0],
+                        [0.5, 0.5, 0.5], [1.0, 1.0, 0.0]]).T[:, :, None]  # (3, 7, 1)
+    lab = colorization.rgb_to_lab(rgb)[:, :, 0].T
+    expected = torch.tensor([[100.0, 0.0, 0.0], [53.24, 80.09, 67.20], [87.73, -86.18, 83.18], [32.30, 79.19, -107.86],
+                             [0.0, 0.0, 0.0], [53.39, 0.0, 0.0], [97.14, -21.55, 94.48]])  # D65, sRGB (CIE 15)
+    torch.testing.assert_close(lab, expected, atol=0.02, rtol=0)
+    x = torch.rand(4, 3, 9, 9, generator=torch.Generator().manual_seed(0))
+    assert (colorization.lab_to_rgb(colorization.rgb_to_lab(x)) - x).abs().max() < 1e-5  # round trip
+
+
+def test_colorization_bins_are_the_grid_cells_soft_targets_of_srgb_colours_reach():
+    bins = colorization.ab_bins()
+    assert bins.shape == (322, 2) and torch.equal(bins, bins.round()) and (bins % 10 == 0).all()
+    assert torch.equal(bins, colorization.ab_bins(levels=256))  # the cube's faces at 128 steps already give all
+    cells = {tuple(map(int, b)) for b in bins.tolist()}
+    # the official pts_in_hull.npy's extreme rows: a = -90 holds b 50..90, a = 100 holds b -90..0 (all present here)
+    assert {(-90, b) for b in range(50, 100, 10)} <= cells and {(100, b) for b in range(-90, 10, 10)} <= cells
+    rgb = torch.rand(3, 4000, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ab = colorization.rgb_to_lab(rgb)[1:, :, 0].T
+    d2 = torch.cdist(ab, torch.tensor([(a, b) for a in range(-130, 140, 10) for b in range(-130, 140, 10)],
+                                      dtype=torch.float64))
+    grid = torch.tensor([(a, b) for a in range(-130, 140, 10) for b in range(-130, 140, 10)])
+    for nearest in d2.topk(5, 1, largest=False).indices.flatten().unique():  # every colour's 5 nearest centres
+        assert tuple(grid[nearest].tolist()) in cells
+    assert (0, 0) in cells and (-120, 0) not in cells and (0, -130) not in cells
+
+
+def test_colorization_soft_encoding_matches_a_search_over_all_bins():
+    bins = colorization.ab_bins()
+    lookup = colorization.BinLookup(bins)
+    ab = colorization.rgb_to_lab(torch.rand(3, 500, 1, generator=torch.Generator().manual_seed(1)))[1:, :, 0].T
+    index, weight = colorization.soft_encode(ab, bins, lookup, 10, 5, 5.0)
+    d2 = torch.cdist(ab, bins).pow(2)
+    nearest = d2.topk(5, 1, largest=False)
+    assert torch.equal(index.sort(1).values, nearest.indices.sort(1).values)  # the 5 nearest bins (Sec. 2.1)
+    expected = torch.softmax(-nearest.values / (2 * 5.0 ** 2), 1)  # a Gaussian of sigma 5, normalised
+    torch.testing.assert_close(weight, expected)
+    assert torch.allclose(weight.sum(1), torch.ones(500))
+
+
+def test_colorization_rebalancing_weights_follow_eq_4():
+    bins = colorization.ab_bins().double()
+    counts = torch.zeros(len(bins), dtype=torch.float64)
+    counts[[0, 5, 100, 200]] = torch.tensor([1.0, 10.0, 1000.0, 50.0], dtype=torch.float64)
+    prior, w = colorization.rebalancing_weights(counts, bins, 5.0, 0.5)
+    assert prior.sum().item() == pytest.approx(1.0) and (prior * w).sum().item() == pytest.approx(1.0)  # E_p~[w] = 1
+    mix = 0.5 * prior + 0.5 / len(bins)
+    torch.testing.assert_close(w, (1 / mix) / (prior / mix).sum())  # w proportional to ((1 - l) p~ + l / Q)^-1
+    assert w[100] < w[5] < w[0]  # the commonest colour is weighed least
+    kernel = torch.exp(-torch.cdist(bins, bins).pow(2) / 50)  # smoothed by a Gaussian of sigma 5 over ab
+    torch.testing.assert_close(prior, kernel @ counts / (kernel @ counts).sum())
+    _, flat = colorization.rebalancing_weights(counts, bins, 5.0, 1.0)
+    torch.testing.assert_close(flat, torch.ones_like(flat))  # lambda 1: no rebalancing
+
+
+def test_colorization_loss_is_the_rebalanced_cross_entropy_and_grey_images_weigh_nothing():
+    torch.manual_seed(0)
+    model = colorization.Colorizer("resnet-tiny", 32, colorization.ab_bins())
+    model.weights = torch.rand(len(model.weights)) + 0.5
+    args = colorization.parse_args([])
+    rgb = torch.rand(3, 3, 32, 32)
+    rgb[2] = rgb[2].mean(0, keepdim=True)  # a grey image
+    index, weight, pixel_weight = colorization.targets_and_weights(rgb, model, args)
+    assert index.shape == weight.shape == (3 * 8 * 8, 5) and (pixel_weight[128:] == 0).all()
+    logits = torch.randn(3, len(model.weights), 8, 8)
+    loss = colorization.rebalanced_cross_entropy(logits, index, weight, pixel_weight)
+    total = 0.0
+    for n in range(3):  # pixel by pixel
+        for y, x in itertools.product(range(8), range(8)):
+            row = n * 64 + y * 8 + x
+            target = torch.zeros(len(model.weights)).index_add_(0, index[row], weight[row])
+            total += -pixel_weight[row] * (target * logits[n, :, y, x].log_softmax(0)).sum()
+    assert loss.item() == pytest.approx(total.item() / (3 * 64), rel=1e-5)
+    ab = colorization.rgb_to_lab(F.interpolate(rgb[:1], size=8, mode="nearest"))[0, 1:]
+    nearest = torch.cdist(ab.permute(1, 2, 0).reshape(-1, 2), model.lookup.bins).argmin(1)
+    torch.testing.assert_close(pixel_weight[:64], model.weights[nearest])  # w of the nearest bin
+
+
+def test_colorization_annealed_mean_runs_from_the_mode_to_the_mean():
+    bins = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    logits = torch.tensor([1.0, 0.5, 0.0])[None, :, None, None]
+    mean = colorization.annealed_mean(logits, bins, 1.0)[0, :, 0, 0]
+    torch.testing.assert_close(mean, torch.softmax(logits[0, :, 0, 0], 0) @ bins)
+    mode = colorization.annealed_mean(logits, bins, 1e-3)[0, :, 0, 0]
+    torch.testing.assert_close(mode, bins[0])
+    between = colorization.annealed_mean(logits, bins, 0.38)[0, :, 0, 0]
+    assert mode.norm() < between.norm() < mean.norm()
+
+
+def test_colorization_prior_is_estimated_from_the_training_images_into_the_checkpoint(tiny_imagefolder, tmp_path):
+    out = str(tmp_path / "run")
+    args = TINY + ["--data", tiny_imagefolder, "--batch-size", "16", "--max-steps", "1", "--probe-epochs", "0",
+                   "--out", out]
+    colorization.main(args)
+    state = load_state(out)["model"]
+    bins = state["lookup.bins"]
+    images = common.image_folder(tiny_imagefolder, "train")
+    tf = T.Compose([T.Resize(32), T.CenterCrop(32), T.PILToTensor()])
+    x = torch.stack([tf(images[i][0]) for i in range(len(images))]).float() / 255
+    ab = colorization.rgb_to_lab(F.interpolate(x, size=8, mode="nearest"))[:, 1:].permute(0, 2, 3, 1).reshape(-1, 2)
+    counts = torch.bincount(torch.cdist(ab, bins).argmin(1), minlength=len(bins)).double()
+    prior, weights = colorization.rebalancing_weights(counts, bins.double(), 5.0, 0.5)
+    torch.testing.assert_close(state["prior"], prior.float())
+    torch.testing.assert_close(state["weights"], weights.float())
+
+
+def test_colorization_grey_data_stops_with_one_line(tmp_path):
+    expect_error(["--dataset", "fashion-mnist", "--out", str(tmp_path)], "is grey", module=colorization)
+    for split in ("train", "val"):
+        os.makedirs(tmp_path / "grey" / split / "a")
+        for i in range(4):
+            TF.to_pil_image(torch.rand(1, 20, 20).expand(3, -1, -1)).save(tmp_path / "grey" / split / "a" / f"{i}.png")
+    expect_error(TINY + ["--data", str(tmp_path / "grey"), "--batch-size", "4", "--out", str(tmp_path / "run")],
+                 "every image of --dataset imagefolder is grey", module=colorization)
+
+
+def write_colour_textures(root, n_train=1536, n_val=256, side=32, seed=0):
+    """Colour that follows from form: horizontal stripes are red, vertical ones green, checks blue (each hue a little
+    varied), stripe width and phase at random; the L channel alone shows the form."""
+    rng = np.random.default_rng(seed)
+    colours = {"horizontal": (210, 50, 40), "vertical": (40, 180, 60), "checks": (50, 80, 220)}
+    yy, xx = np.mgrid[:side, :side]
+    for split, n in (("train", n_train), ("val", n_val)):
+        for i in range(n):
+            name = list(colours)[i % 3]
+            width, phase = rng.integers(2, 5), rng.integers(0, 8)
+            rows, cols = ((yy + phase) // width) % 2, ((xx + phase) // width) % 2
+            bright = {"horizontal": rows, "vertical": cols, "checks": rows ^ cols}[name]
+            colour = np.clip(np.array(colours[name]) + rng.normal(0, 12, 3), 0, 255)
+            image = colour * np.where(bright, 1.0, 0.45)[..., None] + rng.normal(0, 4, (side, side, 3))
+            os.makedirs(os.path.join(root, split, name), exist_ok=True)
+            TF.to_pil_image(np.clip(image, 0, 255).astype(np.uint8)).save(os.path.join(root, split, name, f"{i}.png"))
+
+
+@pytest.mark.slow
+def test_colorization_predicts_held_out_colours_far_better_than_the_mean(tmp_path):
+    data = str(tmp_path / "textures")
+    write_colour_textures(data)
+    args = TINY + ["--data", data, "--batch-size", "64", "--lr", "1e-3", "--workers", "2", "--print-freq", "24",
+                   "--probe-epochs", "10"]
+    random_init = colorization.main(args + ["--eval-only", "--out", str(tmp_path / "random")])
+    out = str(tmp_path / "colorization")
+    trained = colorization.main(args + ["--epochs", "3", "--out", out])
+    ckpt = load_state(out)
+    model = colorization.Colorizer("resnet-tiny", 32, ckpt["model"]["lookup.bins"])
+    model.load_state_dict(ckpt["model"])
+    tf = T.Compose([T.Resize(32), T.CenterCrop(32), T.ToTensor()])
+    train, val = common.image_folder(data, "train"), common.image_folder(data, "val")
+    held_out = torch.stack([tf(val[i][0]) for i in range(len(val))])
+    true_ab = colorization.rgb_to_lab(held_out)[:, 1:]
+    train_ab = colorization.rgb_to_lab(torch.stack([tf(train[i][0]) for i in range(0, len(train), 4)]))[:, 1:]
+    with torch.no_grad():
+        logits = model.eval()(colorization.lightness(held_out))
+    predicted = F.interpolate(colorization.annealed_mean(logits, model.lookup.bins, 0.38), size=32, mode="bilinear",
+                              align_corners=False)
+    error = (predicted - true_ab).norm(dim=1).mean().item()  # Euclidean ab error per pixel
+    baseline = (train_ab.mean((0, 2, 3))[None, :, None, None] - true_ab).norm(dim=1).mean().item()
+    print(f"held-out ab error: colorization {error:.1f}, the training mean ab {baseline:.1f}; kNN / linear top-1: "
+          f"random init {random_init['knn_top1']:.1f} / {random_init['linear_top1']:.1f}, colorization "
+          f"{trained['knn_top1']:.1f} / {trained['linear_top1']:.1f}")
+    assert error < 0.6 * baseline  # measured 19.0 against 57.3
+    grid = os.path.join(out, f"colourings_step{3 * 1536 // 64}.png")
+    assert torchvision.io.read_image(grid).shape == (3, 3 * 34 + 2, 8 * 34 + 2)  # 3 rows of 8 pictures, 2 px padding
+
+
+# ---------------------------------------------------------------------------------------
 # Augmentation: geometry and parameter draws in the workers, colour ops batched on the device
 # ---------------------------------------------------------------------------------------
 def colour_batch(n=8, side=24, seed=0):
@@ -2192,7 +2364,8 @@ def test_speed_script_records_what_each_method_feeds_its_trunk():
     expected = {"simclr": "(16, 3, 32, 32)", "moco": "(8, 3, 32, 32), (8, 3, 32, 32) no grad",
                 "instdisc": "(8, 3, 32, 32)", "cpc": "(392, 3, 10, 10)", "rotation": "(32, 3, 32, 32)",
                 "jigsaw": "(72, 3, 9, 9)", "context_encoder": "(8, 3, 32, 32)",
-                "denoising_autoencoder": "(8, 3, 32, 32)", "relative_position": "(72, 3, 14, 14)"}
+                "denoising_autoencoder": "(8, 3, 32, 32)", "relative_position": "(72, 3, 14, 14)",
+                "colorization": "(8, 3, 32, 32)"}
     for name, row in rows.items():
         assert row["trunk_inputs"] == expected[name], (name, row["trunk_inputs"])
         assert row["step_img_s"] > 0 and row["trunk_img_s"] > 0 and row["data_img_s"] > 0

@@ -30,7 +30,7 @@ sys.path.insert(0, ROOT)
 import common  # noqa: E402
 
 METHODS = ["simclr", "moco", "instdisc", "cpc", "rotation", "jigsaw", "context_encoder", "denoising_autoencoder",
-           "relative_position"]
+           "relative_position", "colorization"]
 METHOD_FLAGS = {"instdisc": ["--nce-k", "4096"], "moco": ["--mlp", "--aug-plus"]}  # MoCo v2; lemniscate's K
 
 
