@@ -5,6 +5,7 @@
 #    and loader with 16 workers; MoCo v2 ResNet-50 end to end, loaded against the same steps on data on the device;
 # 2. benchmarks/speed.py at 224 px (ResNet-50, bf16, channels_last): each method's step against its bare trunk; then
 #    cpc.py's default trunk at 224 px on those JPEGs, 100 steps, its loss at every step (it must fall, never NaN);
+#    colorization.py on those JPEGs (Fashion-MNIST is grey);
 # 3. every method file, 100 steps on Fashion-MNIST with ResNet-18 under torchrun (NCCL, bf16, channels_last):
 #    img/s, peak GPU memory, kNN; then the same with --compile while time is left;
 # 4. the tests that touch the device (the CUDA device stage, bf16 runs) with the GPU visible.
@@ -41,6 +42,11 @@ python -c "import sys; sys.path.insert(0, 'benchmarks'); import pipeline; pipeli
 timeout 120 torchrun --standalone --nproc_per_node=1 cpc.py --data "$OUT/jpegs" $CPC224 --epochs 1 --print-freq 1 \
   --probe-epochs 0 --workers "$WORKERS" --out "$OUT/runs/cpc_224" > "$OUT/cpc_224.log" 2>&1
 echo "exit $?: $(grep -o 'step [0-9]*/[0-9]* loss [0-9.naif]*' "$OUT/cpc_224.log" | cut -d' ' -f2,4 | tr '\n' ' ')"
+# colorization needs colour: the same JPEGs, $ARCH, $STEPS steps (Fashion-MNIST is grey)
+timeout 120 torchrun --standalone --nproc_per_node=1 colorization.py --data "$OUT/jpegs" --arch "$ARCH" --batch-size 64 \
+  --max-steps "$STEPS" --epochs 2 --prior-images 512 --print-freq 25 --probe-epochs 0 --workers "$WORKERS" \
+  --out "$OUT/runs/colorization_224" > "$OUT/colorization_224.log" 2>&1
+echo "colorization 224 px: exit $? ($(tail -1 "$OUT/colorization_224.log" | cut -c1-120))"
 
 echo "== 3. every method, $STEPS steps on Fashion-MNIST, $ARCH, torchrun --nproc_per_node=1"
 declare -A EXTRA=([moco]="--mlp --aug-plus --moco-t 0.2 --cos --moco-k 4096" [instdisc]="--nce-k 4096" [jigsaw]="" [cpc]="" \
