@@ -10,7 +10,8 @@
 # up-convolutions predicts, at a quarter of the input's side (the paper's 56 x 56 at 224), a distribution over the
 # quantised ab bins. The probe reads the trunk on the L of whole images, as the official transfer tests feed L only.
 # Deliberate deviations: the ResNet trunk and its decoder instead of the paper's VGG-style net; the bins (see
-# ab_bins); the loss is averaged over pixels (official: summed, which only rescales Adam's step).
+# ab_bins: 322 at the paper's 5 neighbours; the released NNEncLayer uses 10); the loss is averaged over pixels
+# (official: summed), which with Adam's coupled weight decay weighs the decay more against the data.
 # Split-brain autoencoders (Zhang et al. 2017) are not here: they split the network in two halves of the channels,
 # L => ab and ab => L, which a torchvision ResNet trunk does not offer without a second, half-width trunk.
 # Short runs: --batch-size 64 --lr 1e-3 (Adam; the official 3e-5 is for 450K steps).
@@ -45,19 +46,30 @@ def parse_args(argv=None):
     p.add_argument("--prior-images", type=common.nonneg_int, default=0,
                    help="training images the ab prior is estimated on (0: all, as the paper's ImageNet prior)")
     args = common.parse(p, argv)
+    if args.neighbours > 11:  # soft_encode looks at the 16 grid centres around a point: exact up to 11 nearest
+        common.fail(f"--neighbours {args.neighbours}: at most 11 (paper 5, official 10)")
+    if args.rebalance == 0:
+        common.fail("--rebalance 0 weighs bins the prior barely reaches by up to 1e12; use a lambda above 0 (paper 0.5)")
     return args
 
 
 # ALGO LOGIC: CIE Lab (D65, sRGB), in torch: the formulas skimage.color.rgb2lab uses, as the official training layer
-RGB_TO_XYZ = torch.tensor([[0.412453, 0.357580, 0.180423], [0.212671, 0.715160, 0.072169],
-                           [0.019334, 0.119193, 0.950227]])
-WHITE = torch.tensor([0.95047, 1.0, 1.08883])  # D65
+RGB_TO_XYZ = [[0.412453, 0.357580, 0.180423], [0.212671, 0.715160, 0.072169], [0.019334, 0.119193, 0.950227]]
+XYZ_TO_RGB = torch.linalg.inv(torch.tensor(RGB_TO_XYZ, dtype=torch.float64)).tolist()
+WHITE = (0.95047, 1.0, 1.08883)  # D65
+
+
+def mix_channels(matrix, x):
+    """matrix (3 x 3 Python floats) times the colour of every pixel of x (..., 3, H, W): no tensor to copy to the
+    device each step."""
+    c = x.unbind(-3)
+    return torch.stack([row[0] * c[0] + row[1] * c[1] + row[2] * c[2] for row in matrix], -3)
 
 
 def rgb_to_lab(rgb):
     """sRGB in [0, 1], (..., 3, H, W) -> Lab: L in [0, 100], a and b about [-110, 110]."""
     linear = torch.where(rgb <= 0.04045, rgb / 12.92, ((rgb.clamp(min=0) + 0.055) / 1.055) ** 2.4)
-    xyz = torch.einsum("ij,...jhw->...ihw", RGB_TO_XYZ.to(rgb), linear) / WHITE.to(rgb)[:, None, None]
+    xyz = mix_channels([[v / w for v in row] for row, w in zip(RGB_TO_XYZ, WHITE)], linear)  # relative to white
     f = torch.where(xyz > (6 / 29) ** 3, xyz.clamp(min=1e-12) ** (1 / 3), xyz / (3 * (6 / 29) ** 2) + 4 / 29)
     fx, fy, fz = f.unbind(-3)
     return torch.stack([116 * fy - 16, 500 * (fx - fy), 200 * (fy - fz)], -3)
@@ -68,8 +80,8 @@ def lab_to_rgb(lab):
     L, a, b = lab.unbind(-3)
     fy = (L + 16) / 116
     f = torch.stack([fy + a / 500, fy, fy - b / 200], -3)
-    xyz = torch.where(f > 6 / 29, f ** 3, 3 * (6 / 29) ** 2 * (f - 4 / 29)) * WHITE.to(lab)[:, None, None]
-    linear = torch.einsum("ij,...jhw->...ihw", torch.linalg.inv(RGB_TO_XYZ).to(lab), xyz).clamp(0, 1)
+    xyz = torch.where(f > 6 / 29, f ** 3, 3 * (6 / 29) ** 2 * (f - 4 / 29))
+    linear = mix_channels([[v * w for v, w in zip(row, WHITE)] for row in XYZ_TO_RGB], xyz).clamp(0, 1)
     return torch.where(linear <= 0.0031308, 12.92 * linear, 1.055 * linear ** (1 / 2.4) - 0.055).clamp(0, 1)
 
 
@@ -92,13 +104,11 @@ def ab_bins(grid=10, neighbours=5, levels=128):
     return chosen.unique(dim=0).round().float()  # sorted by a, then b, as the official file
 
 
-def soft_encode(ab, bins, lookup, grid, neighbours, sigma):
+def soft_encode(ab, lookup, neighbours, sigma, grid=10):
     """ab (N, 2) -> (indices (N, k) of the k nearest bins, weights (N, k)): a Gaussian of width sigma on the distance,
     normalised to 1 (Sec. 2.1). The k nearest grid centres lie among the 16 around the point; `lookup` maps a grid
     position to its bin (-1 outside), so no distance to all Q bins is formed."""
-    offsets = torch.tensor([(i, j) for i in range(-1, 3) for j in range(-1, 3)], device=ab.device) * grid
-    corner = torch.floor(ab / grid) * grid
-    candidates = corner[:, None] + offsets  # (N, 16, 2)
+    candidates = torch.floor(ab / grid)[:, None] * grid + lookup.offsets  # (N, 16, 2)
     cell = ((candidates - lookup.origin) / grid).round().long().clamp(0, lookup.side - 1)
     index = lookup.table[cell[..., 0], cell[..., 1]]
     d2 = (candidates - ab[:, None]).pow(2).sum(-1).masked_fill(index < 0, math.inf)
@@ -120,6 +130,8 @@ class BinLookup(nn.Module):
         self.register_buffer("bins", bins)
         self.register_buffer("origin", low)
         self.register_buffer("table", table)
+        offsets = torch.tensor([(i, j) for i in range(-1, 3) for j in range(-1, 3)], dtype=torch.float) * grid
+        self.register_buffer("offsets", offsets, persistent=False)  # the 16 grid centres around a point's cell
 
 
 # ALGO LOGIC: class rebalancing (Sec. 2.2): w proportional to ((1 - lambda) p~ + lambda / Q)^-1, E_p~[w] = 1
@@ -198,7 +210,7 @@ def targets_and_weights(rgb, model, args):
     weight: w of its nearest bin, 0 for a grey image (no |a| or |b| above 5: official NonGrayMaskLayer)."""
     ab = rgb_to_lab(F.interpolate(rgb, size=model.out_size, mode="nearest"))[:, 1:]  # official: every 4th pixel
     flat = ab.permute(0, 2, 3, 1).reshape(-1, 2)
-    index, weight = soft_encode(flat, model.lookup.bins, model.lookup, 10, args.neighbours, args.sigma)
+    index, weight = soft_encode(flat, model.lookup, args.neighbours, args.sigma)
     colour = (ab.abs() > 5).flatten(1).any(1)
     pixel_weight = model.weights[index[:, 0]].reshape(len(rgb), -1) * colour[:, None]
     return index, weight, pixel_weight.flatten()
@@ -232,7 +244,7 @@ def save_grid(rgb, logits, bins, args, path):
 # ALGO LOGIC: augmentation (official: a random crop and a flip), uint8 to the device
 def colorization_augmentation(args):
     size = args.image_size
-    if args.dataset in ("cifar10", "cifar100", "stl10", "fashion-mnist"):
+    if args.dataset in ("cifar10", "cifar100", "stl10"):  # whole small images: a padded random crop
         crop = [T.Resize(size), T.RandomCrop(size, padding=size // 8, padding_mode="reflect")]
     else:  # official: mirrored, random 176 crops of 256 px images, i.e. 0.6875 of the side (scaled to --image-size)
         crop = [T.Resize(round(size * 256 / 176)), T.RandomCrop(size)]
@@ -244,9 +256,10 @@ def estimate_prior(model, pretrain_set, args, device):
     """Sec. 2.2: the empirical distribution of the training images' ab (each output pixel's nearest bin), counted
     on every rank's share and summed, then smoothed and turned into weights (model.prior, model.weights)."""
     n = len(pretrain_set) if not args.prior_images else min(args.prior_images, len(pretrain_set))
-    images = common.Transformed(pretrain_set.base, T.Compose([T.Resize(args.image_size), T.CenterCrop(args.image_size),
-                                                              T.PILToTensor()]))
-    share = torch.utils.data.Subset(images, range(common.rank(), n, common.world()))  # no padding: each image once
+    every = range(0, len(pretrain_set), max(1, len(pretrain_set) // n))[:n]  # evenly spaced, as --subset
+    resize = colorization_augmentation(args).transforms[0]  # the training scale, centred: no randomness drawn
+    images = common.Transformed(pretrain_set.base, T.Compose([resize, T.CenterCrop(args.image_size), T.PILToTensor()]))
+    share = torch.utils.data.Subset(images, every[common.rank()::common.world()])  # no padding: each image once
     loader = common.Loader(share, batch_size=max(1, args.batch_size // common.world()), num_workers=args.workers)
     counts = torch.zeros(len(model.lookup.bins), device=device, dtype=torch.float64)
     coloured = torch.zeros((), device=device)
@@ -254,7 +267,7 @@ def estimate_prior(model, pretrain_set, args, device):
         ab = rgb_to_lab(F.interpolate(x.to(device).float() / 255, size=model.out_size, mode="nearest"))[:, 1:]
         keep = (ab.abs() > 5).flatten(1).any(1)  # grey images carry no colour statistics (official mask)
         coloured += keep.sum()
-        index, _ = soft_encode(ab[keep].permute(0, 2, 3, 1).reshape(-1, 2), model.lookup.bins, model.lookup, 10, 1, 1.0)
+        index, _ = soft_encode(ab[keep].permute(0, 2, 3, 1).reshape(-1, 2), model.lookup, 1, 1.0)  # the nearest
         counts += torch.bincount(index[:, 0], minlength=len(counts)).double()
     counts, coloured = common.all_reduce(counts), common.all_reduce(coloured)
     if coloured.item() == 0:

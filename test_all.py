@@ -1527,7 +1527,7 @@ def test_colorization_soft_encoding_matches_a_search_over_all_bins():
     bins = colorization.ab_bins()
     lookup = colorization.BinLookup(bins)
     ab = colorization.rgb_to_lab(torch.rand(3, 500, 1, generator=torch.Generator().manual_seed(1)))[1:, :, 0].T
-    index, weight = colorization.soft_encode(ab, bins, lookup, 10, 5, 5.0)
+    index, weight = colorization.soft_encode(ab, lookup, 5, 5.0)
     d2 = torch.cdist(ab, bins).pow(2)
     nearest = d2.topk(5, 1, largest=False)
     assert torch.equal(index.sort(1).values, nearest.indices.sort(1).values)  # the 5 nearest bins (Sec. 2.1)
@@ -1593,13 +1593,18 @@ def test_colorization_prior_is_estimated_from_the_training_images_into_the_check
     state = load_state(out)["model"]
     bins = state["lookup.bins"]
     images = common.image_folder(tiny_imagefolder, "train")
-    tf = T.Compose([T.Resize(32), T.CenterCrop(32), T.PILToTensor()])
+    tf = T.Compose([T.Resize(round(32 * 256 / 176)), T.CenterCrop(32), T.PILToTensor()])  # the training scale
     x = torch.stack([tf(images[i][0]) for i in range(len(images))]).float() / 255
     ab = colorization.rgb_to_lab(F.interpolate(x, size=8, mode="nearest"))[:, 1:].permute(0, 2, 3, 1).reshape(-1, 2)
     counts = torch.bincount(torch.cdist(ab, bins).argmin(1), minlength=len(bins)).double()
     prior, weights = colorization.rebalancing_weights(counts, bins.double(), 5.0, 0.5)
     torch.testing.assert_close(state["prior"], prior.float())
     torch.testing.assert_close(state["weights"], weights.float())
+
+
+@pytest.mark.parametrize("flags, words", [(["--neighbours", "12"], "at most 11"), (["--rebalance", "0"], "above 0")])
+def test_colorization_bad_flags_stop_at_parse_time(flags, words):
+    expect_error(TINY + flags, words, module=colorization)
 
 
 def test_colorization_grey_data_stops_with_one_line(tmp_path):
