@@ -104,10 +104,11 @@ def ab_bins(grid=10, neighbours=5, levels=128):
     return chosen.unique(dim=0).round().float()  # sorted by a, then b, as the official file
 
 
-def soft_encode(ab, lookup, neighbours, sigma, grid=10):
+def soft_encode(ab, lookup, neighbours, sigma):
     """ab (N, 2) -> (indices (N, k) of the k nearest bins, weights (N, k)): a Gaussian of width sigma on the distance,
     normalised to 1 (Sec. 2.1). The k nearest grid centres lie among the 16 around the point; `lookup` maps a grid
     position to its bin (-1 outside), so no distance to all Q bins is formed."""
+    grid = lookup.grid
     candidates = torch.floor(ab / grid)[:, None] * grid + lookup.offsets  # (N, 16, 2)
     cell = ((candidates - lookup.origin) / grid).round().long().clamp(0, lookup.side - 1)
     index = lookup.table[cell[..., 0], cell[..., 1]]
@@ -123,7 +124,7 @@ class BinLookup(nn.Module):
     def __init__(self, bins, grid=10):
         super().__init__()
         low, high = bins.min(0).values - 2 * grid, bins.max(0).values + 2 * grid
-        self.side = int(((high - low).max() / grid).item()) + 1
+        self.grid, self.side = grid, int(((high - low).max() / grid).item()) + 1
         table = torch.full((self.side, self.side), -1, dtype=torch.long)
         cells = ((bins - low) / grid).round().long()
         table[cells[:, 0], cells[:, 1]] = torch.arange(len(bins))

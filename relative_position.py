@@ -64,7 +64,7 @@ def pair_geometry(image_size):
 def cut_grid(image, patch, gap, jitter):
     """image (C, H, W), large enough -> patches (9, C, patch, patch) in row-major grid order and their top-left
     corners (9, 2). The grid lies at a random place; each patch moves by -jitter..jitter px on each axis."""
-    pitch, (C, H, W) = patch + gap, image.shape
+    pitch, (H, W) = patch + gap, image.shape[1:]
     span = 2 * pitch + patch + 2 * jitter  # the grid with room for every patch's jitter
     origin = torch.stack([torch.randint(jitter, H - span + jitter + 1, ()), torch.randint(jitter, W - span + jitter + 1, ())])
     cells = torch.tensor([(r, c) for r in range(3) for c in range(3)]) * pitch
