@@ -267,16 +267,17 @@ class CPC(nn.Module):
 def info_nce(z, predictions, steps):
     """InfoNCE (v1 Eq. 4) for every image, position (i, j) and step k: the score of a candidate z' is
     z'.(W_k c_ij); the positive is z at (i+k, j), the negatives every other z of the GLOBAL batch (other positions
-    and other images, gathered with gradient). Cross-entropy averaged over positions, then over steps."""
+    and other images, gathered with gradient). Cross-entropy in fp32, averaged over positions, then over steps; the
+    scores' matmul runs in the caller's autocast dtype (bf16 on CUDA)."""
     b, D, H, Wd = z.shape
-    rank = common.rank()
-    z_all = common.gather_with_grad(z.float().permute(0, 2, 3, 1).reshape(b * H * Wd, D))  # (N*49, D) candidates
+    z_all = common.gather_with_grad(z.permute(0, 2, 3, 1).reshape(b * H * Wd, D))  # (N*49, D) candidates
+    image = common.rank() * b + torch.arange(b, device=z.device)[:, None, None]  # in the global batch
     losses = []
     for k, prediction in zip(steps, predictions):  # prediction: (b, D, H-k, W)
-        logits = prediction.float().permute(0, 2, 3, 1).reshape(-1, D) @ z_all.T  # (b*(H-k)*W, N*49)
-        img, row, col = torch.meshgrid(torch.arange(b), torch.arange(H - k), torch.arange(Wd), indexing="ij")
-        target = ((rank * b + img) * H + row + k) * Wd + col  # where z at (i + k, j) sits among the candidates
-        losses.append(F.cross_entropy(logits, target.flatten().to(logits.device)))
+        logits = prediction.permute(0, 2, 3, 1).reshape(-1, D) @ z_all.T  # (b*(H-k)*W, N*49)
+        # where z at (i + k, j) sits among the candidates, built on the device (no host copy per step)
+        target = (image * H + torch.arange(k, H, device=z.device)[:, None]) * Wd + torch.arange(Wd, device=z.device)
+        losses.append(F.cross_entropy(logits.float(), target.flatten()))
     return torch.stack(losses).mean()
 
 
@@ -351,7 +352,7 @@ def main(argv=None):
                 patches = patches.flatten(0, 1).contiguous(memory_format=torch.channels_last).unflatten(0, patches.shape[:2])
             with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
                 targets, predictions = ddp_model(patches)
-            loss = cpc_loss(targets, predictions, model.steps)  # fp32, outside autocast
+                loss = cpc_loss(targets, predictions, model.steps)  # scores in bf16, their cross-entropy in fp32
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
