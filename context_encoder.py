@@ -306,8 +306,11 @@ def main(argv=None):
         ids = [device] if device.type == "cuda" else None
         generator = nn.parallel.DistributedDataParallel(model.generator, device_ids=ids)
         discriminator = nn.parallel.DistributedDataParallel(model.discriminator, device_ids=ids)
+    # the generator's step needs D's input gradient only: unwrapped and with D's weights frozen it computes no gradient
+    # for them and all-reduces none (the official code likewise back-propagates through D without D's update)
+    judge = model.discriminator
     if args.compile:
-        generator, discriminator = torch.compile(generator), torch.compile(discriminator)
+        generator, discriminator, judge = torch.compile(generator), torch.compile(discriminator), torch.compile(judge)
     steps_per_epoch = len(sampler) // sampler.batch_size
     run.start(steps_per_epoch, start_epoch, start_step)
     adversarial = args.adv_weight > 0
@@ -347,8 +350,10 @@ def main(argv=None):
             loss_rec = reconstruction_loss(prediction, target, weight)
             loss = args.rec_weight * loss_rec
             if adversarial:  # the encoder-decoder tries to make D call its output real
+                model.discriminator.requires_grad_(False)
                 with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
-                    fooled = discriminator(fake)
+                    fooled = judge(fake)
+                model.discriminator.requires_grad_(True)
                 loss = loss + args.adv_weight * F.binary_cross_entropy_with_logits(
                     fooled.float(), torch.ones_like(fooled.float()))
             opt_g.zero_grad(set_to_none=True)

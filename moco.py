@@ -88,15 +88,19 @@ class SplitBatchNorm(nn.BatchNorm2d):
     def forward(self, x):
         if not self.training:
             return super().forward(x)
-        n, c, h, w = x.shape
-        s = self.num_splits
-        running_mean, running_var = self.running_mean.repeat(s), self.running_var.repeat(s)
-        # (n, c, h, w) -> (n/s, s*c, h, w): channel block j holds the samples i with i % s == j
-        out = F.batch_norm(x.reshape(-1, s * c, h, w), running_mean, running_var, self.weight.repeat(s),
-                           self.bias.repeat(s), True, self.momentum, self.eps).reshape(n, c, h, w)
-        self.running_mean.copy_(running_mean.view(s, c).mean(0))  # each group updated its copy: average them
-        self.running_var.copy_(running_var.view(s, c).mean(0))
-        return out
+        s, (n, c, h, w) = self.num_splits, x.shape
+        # (n, c, h, w) -> (n/s, s, c, h, w): group j holds the samples i with i % s == j. A view in any memory layout,
+        # so a channels_last input is normalised where it lies (the official reshape to (n/s, s*c, h, w) copies it)
+        xs = x.unflatten(0, (n // s, s))
+        var, mean = torch.var_mean(xs, dim=(0, 3, 4), correction=0)  # (s, c) each, the batch statistics
+        scale = self.weight * (var.float() + self.eps).rsqrt()
+        shift = self.bias - mean.float() * scale
+        with torch.no_grad():  # each group updates its copy of the running statistics: average them
+            count = n // s * h * w
+            self.running_mean.lerp_(mean.float().mean(0), self.momentum)
+            self.running_var.lerp_(var.float().mean(0) * count / max(count - 1, 1), self.momentum)
+        out = torch.addcmul(shift.to(x.dtype)[:, :, None, None], xs, scale.to(x.dtype)[:, :, None, None])
+        return out.flatten(0, 1)
 
 
 def build_encoder(args, norm_layer):
