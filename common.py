@@ -11,6 +11,7 @@ import math
 import multiprocessing
 import os
 import random
+import re
 import signal
 import sys
 import tempfile
@@ -529,7 +530,24 @@ def setup(args):
         tempfile.TemporaryFile(dir=args.out).close()
     except OSError as e:
         fail(f"cannot write to --out {args.out} ({e.strerror or e}); pick a folder this user can write")
+    if device.type == "cuda":
+        sys.excepthook = functools.partial(out_of_memory_line, args, sys.excepthook)
     return device
+
+
+def out_of_memory_line(args, hook, kind, error, traceback):
+    """sys.excepthook on CUDA: an out-of-memory error becomes one line (the per-GPU batch, what it needed, what to
+    change); any other error goes to `hook`."""
+    if not isinstance(error, torch.OutOfMemoryError):
+        return hook(kind, error, traceback)
+    tried = re.search(r"Tried to allocate ([\d.]+) ([KMG])iB", str(error))  # the allocation that failed
+    device = torch.cuda.current_device()
+    needed = torch.cuda.max_memory_allocated(device) / 2 ** 30 + (
+        float(tried[1]) * 1024.0 ** ("KMG".index(tried[2]) - 2) if tried else 0)
+    total = torch.cuda.get_device_properties(device).total_memory / 2 ** 30
+    print(f"error: CUDA out of memory at --batch-size {args.batch_size} ({args.batch_size // world()} per GPU): it "
+          f"needed about {needed:.1f} GiB of the GPU's {total:.1f} GiB; lower --batch-size (scale --lr as the file's "
+          "header says), use more GPUs, or a smaller --arch or --image-size", file=sys.stderr, flush=True)
 
 
 def is_distributed():
