@@ -3,9 +3,13 @@
 # Predictive Coding", ICML 2020 (arXiv:1905.09272; Sec. 4.1-4.2, Fig. 3, and its appendix's pseudo-code of the loss
 # and the context network). No official code was released; defaults are the papers'.
 #
-#   python cpc.py --data /imagenet                                   # one GPU (or CPU)
+#   python cpc.py --data /imagenet --batch-size 256                  # one 80 GB GPU (or CPU); Adam's lr is not scaled
+#   python cpc.py --data /imagenet --grad-checkpoint                 # one 80 GB GPU at the paper's batch of 512
 #   torchrun --nproc_per_node=8 cpc.py --data /imagenet              # 8 GPUs
 #   torchrun --nproc_per_node=8 cpc.py --data /imagenet --v2         # ResNet-161, layer norm, four directions, patch aug.
+# Memory (bf16, activations kept for backward, counted on the CPU): v1 152 MiB an image (90 with --grad-checkpoint) and
+# 11 GB of fp32 scores at batch 512 on one GPU; v2 1.5 GiB an image, 433 MiB with --grad-checkpoint (its default), so
+# 64 images a GPU on 8 GPUs take about 27 GiB plus 5.3 GiB of weights and Adam.
 #   python cpc.py --dataset fashion-mnist --arch resnet-tiny --subset 4000 --epochs 3 --batch-size 64 --lr 2e-3
 #       # short runs (the test, benchmarks/run.py): v1's 2e-4 is for ~300K steps; 2e-3 learns in a few hundred
 #
@@ -24,6 +28,7 @@ import argparse
 
 import torch
 import torch.distributed as dist
+import torch.utils.checkpoint
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
@@ -63,12 +68,21 @@ def parse_args(argv=None):
                    help="per-patch RandAugment (2 ops) and elastic warps (v2 Sec. 4.2 'PA'; v1: no)")
     p.add_argument("--context-blocks", type=common.positive_int, default=5,
                    help="residual blocks of each context network (v2 pseudo-code: 5)")
+    p.add_argument("--grad-checkpoint", action=argparse.BooleanOptionalAction, default=None,
+                   help="recompute each trunk block in backward instead of keeping its activations (torch.utils."
+                        "checkpoint; about a third more compute): v2's ResNet-161 needs 1.5 GiB an image without it, "
+                        "so on by default with --v2 (v1: off, 152 MiB an image)")
     args = common.parse(p, argv)
-    v1, v2 = dict(arch="resnet101", norm="none", skip_rows=1, pred_steps=5, directions=1, target_dim=0, patch_aug=False), \
-        dict(arch="resnet161", norm="layer", skip_rows=2, pred_steps=1, directions=DIRECTIONS, target_dim=64, patch_aug=True)
+    v1 = dict(arch="resnet101", norm="none", skip_rows=1, pred_steps=5, directions=1, target_dim=0, patch_aug=False,
+              grad_checkpoint=False)
+    v2 = dict(arch="resnet161", norm="layer", skip_rows=2, pred_steps=1, directions=DIRECTIONS, target_dim=64,
+              patch_aug=True, grad_checkpoint=True)
     for name, value in (v2 if args.v2 else v1).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    if args.grad_checkpoint and args.norm == "batch":
+        common.fail("--grad-checkpoint recomputes each block, so batch norm would update its running statistics twice; "
+                    "use --norm none or layer, or --no-grad-checkpoint")
     if args.skip_rows + args.pred_steps > GRID - 1:
         common.fail(f"--skip-rows {args.skip_rows} and --pred-steps {args.pred_steps} reach past the {GRID}-row grid; "
                     f"use --skip-rows + --pred-steps <= {GRID - 1} (v1: 1 + 5)")
@@ -174,7 +188,14 @@ class PreAct(nn.Module):
     def norms(self):
         return [getattr(self, f"bn{i}") for i in range(1, self.depth + 1)]
 
-    def forward(self, x):
+    checkpointed = False  # --grad-checkpoint
+
+    def forward(self, x):  # checkpointed: backward keeps only the block's input and recomputes the rest
+        if self.checkpointed and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(self.residual, x, use_reentrant=False)
+        return self.residual(x)
+
+    def residual(self, x):
         h = F.relu(self.norms[0](x))
         shortcut = x if self.downsample is None else self.downsample(h)
         for i, (conv, norm) in enumerate(zip(self.convs, self.norms)):
@@ -315,6 +336,9 @@ def main(argv=None):
     steps = range(args.skip_rows + 1, args.skip_rows + args.pred_steps + 1)  # k: rows below the context
     model = CPC(args.arch, args.image_size, args.norm, args.stacks, steps, args.context_blocks, args.directions,
                 args.target_dim, args.emb_scale).to(device)
+    for block in model.trunk.modules():
+        if isinstance(block, PreAct):
+            block.checkpointed = args.grad_checkpoint
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.wd)  # v1 Sec. 3.2
