@@ -131,31 +131,47 @@ class PatchGrid:
             # torchvision's default warp (alpha 50, sigma 5) at 64 px, scaled with the patch; p 0.2 is CPCV2-PyTorch's
             T.RandomApply([T.ElasticTransform(alpha=50.0 * self.patch / 64, sigma=5.0 * self.patch / 64)], p=0.2),
         ]) if args.patch_aug else None
-        self.normalize = common.normalize(args.dataset)
+        self.dataset, self.mean_std = args.dataset, {}
 
     def __call__(self, image):
+        """-> uint8 patches (49, C, p, p) and each one's draws (49, 6): the jitter's source and destination corners
+        (y, x, y, x), the channel it keeps (v2; else -1) and whether it is flipped (v2). to_device finishes them: the
+        workers hand over a quarter of the floats' bytes."""
         patches = cut_patches(self.image(image)[None], self.patch, self.stride)[0]  # (49, C, p, p) uint8
         if self.per_patch is not None:
             patches = torch.stack([self.per_patch(p) for p in patches])
-        patches = self.normalize(patches.float() / 255)
         n, C, p, _ = patches.shape
-        # spatial jitter (v1 Sec. 3.2): a random keep x keep crop of each patch (60 of 64), padded back to p x p
-        # at a random place, so the content moves and overlapping neighbours no longer line up pixel for pixel
-        keep = min(p - 1, p * 60 // 64)
-        src_y, src_x, dst_y, dst_x = torch.randint(0, p - keep + 1, (4, n, 1))
-        rows = torch.arange(p)[None]  # output pixel r shows input pixel r - dst + src, if inside the pasted crop
+        corners = torch.randint(0, p - self.keep(p) + 1, (4, n)).T  # the jitter below
+        kept, flip = (torch.randint(0, C, (n,)), (torch.rand(n) < 0.5).long()) if self.v2 else (torch.full((n,), -1),) * 2
+        return patches, torch.cat([corners, kept[:, None], flip[:, None]], 1)
+
+    @staticmethod
+    def keep(p):  # the side of each patch's jitter crop: 60 of 64 (v1 Sec. 3.2)
+        return min(p - 1, p * 60 // 64)
+
+    def to_device(self, batch, device):
+        """(uint8 (b, 49, C, p, p), draws (b, 49, 6)) from the loader -> normalised patches (b, 49, C, p, p) on the
+        device, all b x 49 at once. Spatial jitter (v1 Sec. 3.2): a random keep x keep crop of each patch, padded back
+        to p x p at a random place, so the content moves and overlapping neighbours no longer line up pixel for
+        pixel; the padding is 0 (the mean). v2: colour dropping, each patch keeps one of its three channels (Sec. 4.2
+        'RC'), and a flip."""
+        patches, draws = (t.to(device, non_blocking=True).flatten(0, 1) for t in batch)
+        if device not in self.mean_std:  # copied to the device once, not every step
+            self.mean_std[device] = [torch.tensor(v, device=device)[:, None, None] for v in common.MEAN_STD[self.dataset]]
+        x = patches.float().div_(255).sub_(self.mean_std[device][0]).div_(self.mean_std[device][1])
+        n, C, p, _ = x.shape
+        keep = self.keep(p)
+        src_y, src_x, dst_y, dst_x = draws[:, :4].T[:, :, None]  # (n, 1) each
+        rows = torch.arange(p, device=device)[None]  # output pixel r shows input pixel r - dst + src, if inside the crop
         in_y, in_x = rows - dst_y + src_y, rows - dst_x + src_x  # (n, p) each
         inside = ((rows >= dst_y) & (rows < dst_y + keep))[:, :, None] & ((rows >= dst_x) & (rows < dst_x + keep))[:, None, :]
-        moved = patches[torch.arange(n)[:, None, None], :, in_y.clamp(0, p - 1)[:, :, None], in_x.clamp(0, p - 1)[:, None, :]]
-        # (n, p, p, C) -> (n, C, p, p), the rest 0 (the mean); contiguous, as the workers' collate would make it, so
-        # the trunk sees one memory layout (and gives the same bits) whatever --workers is
-        patches = (moved.permute(0, 3, 1, 2) * inside[:, None]).contiguous()
-        if self.v2:  # colour dropping: each patch keeps one of its three channels (v2 Sec. 4.2 'RC'), and a flip
-            kept = torch.randint(0, C, (n,))
-            patches = patches * F.one_hot(kept, C).to(patches.dtype)[:, :, None, None]
-            flip = torch.rand(n) < 0.5
-            patches = torch.where(flip[:, None, None, None], patches.flip(-1), patches)
-        return patches
+        moved = x[torch.arange(n, device=device)[:, None, None], :, in_y.clamp(0, p - 1)[:, :, None],
+                  in_x.clamp(0, p - 1)[:, None, :]]  # (n, p, p, C)
+        x = (moved.permute(0, 3, 1, 2) * inside[:, None]).contiguous()  # (n, C, p, p), the padding 0
+        if self.v2:
+            x = x * F.one_hot(draws[:, 4], C).to(x.dtype)[:, :, None, None]
+            x = torch.where(draws[:, 5, None, None, None] > 0, x.flip(-1), x)
+        return x.unflatten(0, (len(batch[0]), -1))
 
 
 # ALGO LOGIC: the trunk. v1 Sec. 3.2: "ResNet-v2-101 ... the outputs from the third residual block, spatially mean-pooled
@@ -330,7 +346,8 @@ def main(argv=None):
     # TRY NOT TO MODIFY: distributed start-up, seeds, --out, data
     args = parse_args(argv)
     device = common.setup(args)
-    pretrain_set, *probe_sets = common.build_datasets(args, PatchGrid(args))
+    grid = PatchGrid(args)
+    pretrain_set, *probe_sets = common.build_datasets(args, grid)
 
     # ALGO LOGIC: model and optimizer
     steps = range(args.skip_rows + 1, args.skip_rows + args.pred_steps + 1)  # k: rows below the context
@@ -370,8 +387,8 @@ def main(argv=None):
         for group in optimizer.param_groups:  # constant (v1); set here, not from a checkpoint
             group["lr"] = args.lr
         model.train()
-        for step, (patches, _, _) in enumerate(loader, start=sampler.start_step):
-            patches = patches.to(device, non_blocking=True)  # (b, 49, C, p, p)
+        for step, (batch, _, _) in enumerate(loader, start=sampler.start_step):
+            patches = grid.to_device(batch, device)  # (b, 49, C, p, p)
             if device.type == "cuda":  # channels_last per patch: the trunk's (49b, C, p, p) view keeps it
                 patches = patches.flatten(0, 1).contiguous(memory_format=torch.channels_last).unflatten(0, patches.shape[:2])
             with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
