@@ -11,7 +11,9 @@
 # quantised ab bins. The probe reads the trunk on the L of whole images, as the official transfer tests feed L only.
 # Deliberate deviations: the ResNet trunk and its decoder instead of the paper's VGG-style net; the bins (see
 # ab_bins: 322 at the paper's 5 neighbours; the released NNEncLayer uses 10); the loss is averaged over pixels
-# (official: summed), which with Adam's coupled weight decay weighs the decay more against the data.
+# (official: summed), which with Adam's coupled weight decay weighs the decay more against the data; the trunk starts
+# from torchvision's init, where the official training starts from init_v2.caffemodel, a k-means data-dependent init
+# (Krähenbühl et al. 2016, philkr/magic_init; train/readme step 1, train/train_model.sh -weights).
 # Split-brain autoencoders (Zhang et al. 2017) are not here: they split the network in two halves of the channels,
 # L => ab and ab => L, which a torchvision ResNet trunk does not offer without a second, half-width trunk.
 # Short runs: --batch-size 64 --lr 1e-3 (Adam; the official 3e-5 is for 450K steps).
@@ -163,7 +165,7 @@ def up_block(cin, cout):  # 4x4 stride-2 up-convolution, BN, ReLU (the official 
 class Colorizer(nn.Module):
     def __init__(self, arch, image_size, bins):
         super().__init__()
-        self.trunk, _ = common.build_backbone(arch, image_size)
+        self.trunk, _ = common.build_backbone(arch, image_size)  # torchvision's init (official: k-means init; header)
         self.lookup = BinLookup(bins)
         self.register_buffer("prior", torch.zeros(len(bins)))  # p~, estimated from the training set before step 1
         self.register_buffer("weights", torch.ones(len(bins)))  # the rebalancing weight of each bin

@@ -10,11 +10,16 @@
 #
 # The papers' encoder is one sigmoid layer of an MLP on raw pixels; here it is the ResNet trunk (its last feature map)
 # and the decoder a light stack of up-convolutions back to the image, linear at the end (the JMLR affine decoder for
-# real-valued inputs, squared error). Corruption is applied to pixels in [0, 1], where "set to 0" and "set to the
-# minimum or maximum" mean what they mean in the papers; the encoder then sees the corrupted image normalised as every
-# method's input. The probe reads the trunk, pooled, on clean images.
+# real-valued inputs, squared error; --loss cross-entropy reads it as the logits of a sigmoid decoder). Corruption is
+# applied to pixels in [0, 1], where "set to 0" and "set to the minimum or maximum" mean what they mean in the papers;
+# the encoder then sees the corrupted image normalised as every method's input. The probe reads the trunk, pooled, on
+# clean images.
 # Deliberate deviations, for a conv trunk: Adam (lr 1e-3) instead of the papers' plain SGD tuned per MLP layer, and
 # for ImageFolder a random crop and flip to a fixed size (the papers use no augmentation; small datasets get none).
+# Squared error by default, where the papers use, for inputs in [0, 1], the reconstruction cross-entropy (ICML 2008
+# Sec. 2.2, JMLR Sec. 4.2; --loss cross-entropy): squared error is the one loss that also fits --stacked's upper layers.
+# --stacked corrupts their BN-ReLU maps with the pixel-unit --sigma; the papers' upper layers take sigmoid codes, in
+# [0, 1] as pixels are, so there one noise level means the same at every layer.
 # Short runs (benchmarks/run.py): these defaults at --batch-size 128.
 import argparse
 import math
@@ -45,6 +50,8 @@ def parse_args(argv=None):
     p.add_argument("--alpha", type=common.nonneg_float, default=1.0, help="emphasis: weight on corrupted components")
     p.add_argument("--beta", type=common.nonneg_float, default=1.0,
                    help="emphasis: weight on the others (1: plain DAE; JMLR double emphasis 0.5, full emphasis 0)")
+    p.add_argument("--loss", default="squared", choices=["squared", "cross-entropy"],
+                   help="reconstruction loss (the papers' for inputs in [0, 1]: cross-entropy, a sigmoid decoder)")
     p.add_argument("--stacked", action="store_true",
                    help="greedy layer-wise (JMLR's stacking): the epochs split over the trunk's stages, each a DAE on "
                         "the frozen, clean output of those below")
@@ -54,6 +61,9 @@ def parse_args(argv=None):
     if args.noise == "gaussian" and (args.alpha, args.beta) != (1, 1):
         common.fail("--noise gaussian changes every component, so --alpha / --beta have nothing to tell apart; "
                     "use them with masking or salt-pepper")
+    if args.stacked and args.loss == "cross-entropy":
+        common.fail("--stacked's upper layers reconstruct ReLU feature maps, not values in [0, 1], which cross-entropy "
+                    "needs; use --loss squared with --stacked")
     if args.stacked and args.noise == "salt-pepper":
         common.fail("--stacked corrupts feature maps above the stem, which have no 0 / 1 ends for salt-and-pepper; "
                     "use --noise masking or gaussian")
@@ -78,7 +88,8 @@ def corrupt(x, noise, nu, sigma, generator):
     Masking: exactly round(nu d) of the d components of each sample, chosen at random, set to 0 (ICML 2008's fixed
     number; the Theano tutorial draws each one alone). Salt-and-pepper: the same number set to the minimum (0) or the
     maximum (1) by a fair coin. Gaussian: x + N(0, sigma^2) on every component. Drawn for all ranks' samples and this
-    rank's rows kept, so two ranks corrupt as one process and --resume repeats it."""
+    rank's rows kept, so two ranks corrupt as one process and --resume repeats it. sigma is in the units of x: [0, 1]
+    pixels, and the same sigma on --stacked's BN-ReLU maps (deviation: the papers' upper inputs are sigmoid codes)."""
     rank, world_size, b = common.rank(), common.world(), len(x)
     rows = slice(rank * b, (rank + 1) * b)
     shape = (world_size * b, *x.shape[1:])
@@ -161,11 +172,16 @@ class EncoderDecoder(nn.Module):
         return z if z.shape[-1] == self.side else F.interpolate(z, size=self.side, mode="bilinear", align_corners=False)
 
 
-# ALGO LOGIC: loss. Squared error against the CLEAN input, with the JMLR emphasis
-def emphasised_squared_error(z, x, corrupted, alpha, beta):
-    """JMLR's emphasis: alpha on the corrupted components, beta on the rest; plain squared error when alpha = beta = 1
-    (and for Gaussian noise, which corrupts every component). Averaged over the components and the batch."""
-    error = (z.float() - x.float()) ** 2
+# ALGO LOGIC: loss. The reconstruction error against the CLEAN input, with the JMLR emphasis
+def emphasised_error(z, x, corrupted, alpha, beta, loss="squared"):
+    """Per component: squared error, or the cross-entropy L_IH(x, z) = -[x log s(z) + (1 - x) log(1 - s(z))] of
+    targets x in [0, 1] and logits z, s the sigmoid (ICML 2008 Sec. 2.2), in fp32. JMLR's emphasis (Sec. 4.4, for
+    both losses): alpha on the corrupted components, beta on the rest; plain when alpha = beta = 1 (and for Gaussian
+    noise, which corrupts every component). Averaged over the components and the batch (the papers sum components)."""
+    if loss == "cross-entropy":
+        error = F.binary_cross_entropy_with_logits(z.float(), x.float(), reduction="none")  # stable in the logits
+    else:
+        error = (z.float() - x.float()) ** 2
     if corrupted is None or (alpha == 1 and beta == 1):
         return error.mean()
     return (torch.where(corrupted, alpha, beta) * error).mean()
@@ -227,6 +243,7 @@ def main(argv=None):
             if above_stem:  # the clean output of the frozen stages below is this layer's x
                 with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
                     x = frozen((x - mean) / std).float()
+            # above the stem --sigma stays in pixel units on BN-ReLU maps (deviation: JMLR's upper inputs are in [0, 1])
             x_tilde, corrupted = corrupt(x, args.noise, args.nu, args.sigma, generator)
             if not above_stem:  # the image: the encoder sees it normalised as every method's input
                 x_tilde = (x_tilde - mean) / std
@@ -234,7 +251,8 @@ def main(argv=None):
                 x_tilde = x_tilde.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
                 z = wrapped(x_tilde)
-            loss = emphasised_squared_error(z, x, corrupted, args.alpha, args.beta)  # L(x, g(f(x~))): the CLEAN x
+            # L(x, g(f(x~))): the CLEAN x, for the stem the [0, 1] pixels (not the normalised x~ the trunk saw)
+            loss = emphasised_error(z, x, corrupted, args.alpha, args.beta, args.loss)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

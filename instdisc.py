@@ -12,6 +12,8 @@
 #   has no flip, this file keeps the ImageNet list below.
 # Short runs (benchmarks/run.py): that CIFAR recipe (--nce-k 0 --nce-t 0.1 --lr 0.06 at batch 128); NCE's K/n
 #   on 10,000 images is far from ImageNet's 4096 / 1.28M.
+# Deviation from the paper, as the official code: no proximal term (Sec. 3.3, Eq. 8-9) by default; its author holds
+#   that the bank's momentum update (--nce-m) plays its role (lemniscate.pytorch issue #11). --proximal LAMBDA adds it.
 import argparse
 import functools
 import os
@@ -38,6 +40,9 @@ def parse_args(argv=None):
     p.add_argument("--nce-k", type=common.nonneg_int, default=4096, help="noise samples per image (0: full softmax, Eq. 2)")
     p.add_argument("--nce-t", type=common.positive_float, default=0.07, help="temperature tau")
     p.add_argument("--nce-m", type=common.unit_float, default=0.5, help="momentum of the memory bank update")
+    p.add_argument("--proximal", type=common.nonneg_float, default=0.0,
+                   help="lambda of Sec. 3.3's proximal term (0: off, as the official code; no paper value is "
+                        "quoted: docs/instdisc.md)")
     args = common.parse(p, argv)
     return args
 
@@ -118,6 +123,28 @@ def softmax_loss(v, memory, y, tau):
     """Non-parametric softmax (Eq. 2): P(i|v) = exp(v_i.v / tau) / sum_j exp(v_j.v / tau) over all n bank
     rows; -log P(y|v) averaged over the batch (the official LinearAverage + CrossEntropyLoss)."""
     return F.cross_entropy(v @ memory.T / tau, y)
+
+
+def proximal_term(v, previous):
+    """Sec. 3.3, Eq. 8: ||v_i^(t) - v_i^(t-1)||^2, the current feature against its bank row from before this step's
+    update, averaged over the batch as the loss (Eq. 9's expectation over P_d). Under DDP each rank takes its own
+    samples' rows of the identical bank, so the ranks' mean gradient is one process's on the global batch."""
+    return (v - previous).pow(2).sum(1).mean()
+
+
+def instdisc_loss(model, v, y, args, generator):
+    """The step's loss on v (b, D) of images y: NCE with noise from the bank (--nce-k 0: the softmax), in fp32
+    outside autocast, plus lambda x the proximal term with --proximal."""
+    n = len(model.memory)
+    if args.nce_k:
+        idx = draw_noise(y, n, args.nce_k, generator)
+        exp_scores = torch.exp(torch.einsum("bkd,bd->bk", model.memory[idx], v) / args.nce_t)  # (b, 1+K)
+        loss = nce_loss(exp_scores / model.normaliser(exp_scores), n)
+    else:
+        loss = softmax_loss(v, model.memory, y, args.nce_t)
+    if args.proximal:  # the official code leaves it out (see the header)
+        loss = loss + args.proximal * proximal_term(v, model.memory[y])
+    return loss
 
 
 def learning_rate(epoch, args):
@@ -201,12 +228,7 @@ def main(argv=None):
             x, y = augmentation.to_device(view, device), y.to(device, non_blocking=True)
             with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
                 v = ddp_model(x)  # (b, D) unit vectors, fp32
-            if args.nce_k:  # NCE with noise from the bank (fp32, outside autocast)
-                idx = draw_noise(y, num_images, args.nce_k, common.step_generator(args.seed, run.global_step, device))
-                exp_scores = torch.exp(torch.einsum("bkd,bd->bk", model.memory[idx], v) / args.nce_t)  # (b, 1+K)
-                loss = nce_loss(exp_scores / model.normaliser(exp_scores), num_images)
-            else:
-                loss = softmax_loss(v, model.memory, y, args.nce_t)
+            loss = instdisc_loss(model, v, y, args, common.step_generator(args.seed, run.global_step, device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -14,14 +14,19 @@ import socket
 import subprocess
 import sys
 import time
+import types
 
 import numpy as np
 import PIL.Image
 import pytest
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
@@ -194,6 +199,218 @@ def test_two_steps_compiled(method, tiny_imagefolder, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     compiled, eager = step_losses(tmp_path / "compiled"), step_losses(tmp_path / "eager")
     assert len(compiled) == 2 and compiled[0] == pytest.approx(eager[0], rel=0.05)
+
+
+# ---------------------------------------------------------------------------------------
+# Every method file on a simulated CUDA device: what a GPU would reject or wait for, found without one
+# ---------------------------------------------------------------------------------------
+aten = torch.ops.aten
+
+
+def _names_cuda(v):
+    return isinstance(v, torch.device) and v.type == "cuda" or isinstance(v, str) and v.startswith("cuda")
+
+
+class SimulatedCuda(TorchDispatchMode):
+    """A CUDA device without a GPU, for the whole of a method's main(), above a FakeTensorMode. Ops on real CPU tensors
+    run for real (data, model init, the CPU side); every op that makes or reads a "cuda" tensor runs on fake tensors
+    (shapes, dtypes, devices and layouts, no data), so a CPU tensor of 1 or more dims meeting a CUDA one raises as on
+    a GPU. It records a random op whose generator is of another device than the op's, and, while `watching` (the
+    steady-state training step), every host-to-device copy that is not the batch, every read of a CUDA value on the
+    host (.item(), .tolist(), bool(): a host sync) and each convolution's (input dtype, input and weight
+    channels_last)."""
+
+    def __init__(self):
+        super().__init__()
+        self.watching, self.batch, self.cuda_seeds = False, [], set()
+        self.copies, self.syncs, self.convs, self.wrong_generators = [], [], [], []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        on_cuda = any(isinstance(a, FakeTensor) or _names_cuda(a) for a in pytree.tree_leaves((args, kwargs)))
+        generator = kwargs.get("generator")  # a plain torch.Generator here, whatever the caller's class
+        if generator is not None and (generator.initial_seed() in self.cuda_seeds) != on_cuda:
+            self.wrong_generators.append(str(func))
+        if not on_cuda:  # all real and on the CPU: run it for real
+            fake = torch._C._unset_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE)
+            try:
+                return func(*args, **kwargs)
+            finally:
+                torch._C._set_dispatch_mode(fake)
+        if func is aten._local_scalar_dense.default:  # a CUDA value read on the host; fake tensors hold none
+            if self.watching:
+                self.syncs.append(tuple(args[0].shape))
+            return True if args[0].dtype == torch.bool else 2 ** 40
+        if self.watching:
+            to_cuda = (func is aten._to_copy.default and _names_cuda(kwargs.get("device"))
+                       or func is aten.copy_.default and args[0].device.type == "cuda")
+            source = args[1] if func is aten.copy_.default else args[0]
+            if to_cuda and source.device.type == "cpu" and not any(source is b for b in self.batch):
+                self.copies.append(tuple(source.shape))
+            if func is aten.convolution.default:
+                self.convs.append((args[0].dtype, *(t.is_contiguous(memory_format=torch.channels_last) for t in args[:2])))
+        return func(*args, **kwargs)
+
+
+class CudaGenerator(torch.Generator):
+    """The step generator a method asks for on "cuda": a CPU one (fake tensors draw nothing) that says it is CUDA's."""
+    device = torch.device("cuda", 0)
+
+
+def _fake_aware_to(real_to):
+    def to(self, *args, **kwargs):  # Module.to swaps fake parameters in place, which fake tensors do not allow
+        if not any(isinstance(t, FakeTensor) for t in self.parameters()):
+            return real_to(self, *args, **kwargs)
+        device, dtype, _, memory_format = torch._C._nn._parse_to(*args, **kwargs)
+        for module in self.modules():
+            for tensors in (module._parameters, module._buffers):
+                for name, t in tensors.items():
+                    if t is None:
+                        continue
+                    fmt = memory_format if memory_format is not None and t.dim() == 4 else torch.preserve_format
+                    new = t.detach().to(device=device, dtype=dtype if t.is_floating_point() else None, memory_format=fmt)
+                    if isinstance(t, FakeTensor):
+                        t.data = new  # the same parameter object, which the optimizer holds
+                    else:
+                        tensors[name] = nn.Parameter(new, t.requires_grad) if isinstance(t, nn.Parameter) else new
+        return self
+    return to
+
+
+def _graph_backward(real_backward):
+    def backward(self, *args, **kwargs):
+        """The autograd engine asks the CUDA driver for its contexts, so on fake CUDA tensors: a zero gradient for each
+        leaf the graph reaches (the optimizer then steps them on the device), no backward kernels."""
+        if not isinstance(self, FakeTensor):
+            return real_backward(self, *args, **kwargs)
+        seen, todo = set(), [self.grad_fn]
+        while todo:
+            node = todo.pop()
+            if node is None or id(node) in seen:
+                continue
+            seen.add(id(node))
+            if hasattr(node, "variable") and node.variable.grad is None:
+                node.variable.grad = torch.zeros_like(node.variable)
+            todo.extend(n for n, _ in node.next_functions)
+    return backward
+
+
+class _Batches(list):
+    """A few real batches standing for a probe loader (extract_features reads its sampler and dataset sizes)."""
+
+    def __init__(self, batches):
+        super().__init__(batches)
+        n = sum(len(b[1]) for b in batches)
+        self.dataset = range(n)
+        self.sampler = type("Sampler", (), {"rank": 0, "num_replicas": 1, "__len__": lambda s: n})()
+
+
+def run_on_simulated_cuda(module, argv, monkeypatch, steps=2):
+    """module.main(argv) on a simulated CUDA device, bf16 autocast on, for `steps` steps, then the probes' feature
+    extraction of every stage on one batch -> (SimulatedCuda, {"losses": (dtype, device, dims) per step,
+    "features": {stage: features}}). The data loaders run before, for real, outside the simulation."""
+    sim, report = SimulatedCuda(), {"losses": []}
+    real_setup, real_train_loader = common.setup, common.train_loader
+
+    def setup(args):
+        amp = args.amp
+        real_setup(args)
+        args.amp = True if amp is None else amp  # CUDA's default
+        return torch.device("cuda", 0)
+
+    def train_loader(dataset, args):
+        with _disable_current_modes():
+            loader, sampler = real_train_loader(dataset, args)
+            batches = list(itertools.islice(iter(loader), steps))
+        sim.batch = [t for t in pytree.tree_leaves(batches) if isinstance(t, torch.Tensor)]
+        return batches, sampler
+
+    def step_generator(seed, global_step, device):  # no CUDA generator without a driver
+        generator = (CudaGenerator if torch.device(device).type == "cuda" else torch.Generator)()
+        generator.manual_seed(hash((seed, global_step)) & 0x7FFF_FFFF_FFFF_FFFF)
+        if isinstance(generator, CudaGenerator):
+            sim.cuda_seeds.add(generator.initial_seed())
+        return generator
+
+    class Run:  # common.Run's interface, without checkpoints or printing (fake tensors hold no values)
+        def __init__(self, args, device, probe_sets, trunk, features=None, **state):
+            self.args, self.device, self.trunk, self.features = args, device, trunk, features or trunk
+            self.global_step, self.resumed = 0, False
+            with _disable_current_modes():
+                self.probe_batches = _Batches(list(itertools.islice(iter(common.eval_loader(probe_sets[0], args)), 1)))
+            self.probe_loaders = [self.probe_batches] * 2
+
+        def resume(self):
+            return 0, 0
+
+        def start(self, steps_per_epoch, start_epoch, start_step):
+            self.steps_per_epoch = steps_per_epoch
+
+        def done(self):
+            return self.global_step >= steps
+
+        def after_step(self, epoch, step, loss, lr):
+            self.global_step += 1
+            report["losses"].append((loss.dtype, loss.device.type, loss.dim()))
+            sim.watching = self.global_step < steps  # from the end of the first step to the end of the last
+            return self.done()
+
+        def final_evaluation(self, extra=None):
+            probe = common.StageFeatures(self.features, self.trunk, ["stem", *common.trunk_stages(self.trunk), "final"])
+            report["features"] = common.extract_features(probe, self.probe_batches, self.device, self.args.amp)[0]
+            return {}
+
+    for obj, name, value in ((common, "setup", setup), (common, "train_loader", train_loader), (common, "Run", Run),
+                             (common, "step_generator", step_generator), (nn.Module, "to", _fake_aware_to(nn.Module.to)),
+                             (torch.Tensor, "backward", _graph_backward(torch.Tensor.backward)),
+                             (torch.cuda.amp.common, "amp_definitely_not_available", lambda: False),
+                             (torch.cuda, "is_bf16_supported", lambda *a, **k: True),
+                             (torch.cuda, "mem_get_info", lambda *a: (2 ** 40, 2 ** 40)),
+                             (torchvision.utils, "save_image", lambda *a, **k: None)):  # pictures at epoch ends
+        monkeypatch.setattr(obj, name, value)
+    with torch.autograd.set_multithreading_enabled(False), FakeTensorMode(allow_non_fake_inputs=True), sim:
+        module.main(argv)
+    return sim, report
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_training_step_on_simulated_cuda(method, tiny_imagefolder, tmp_path, monkeypatch):
+    """Every method's own main() on a simulated CUDA device (SimulatedCuda), bf16 autocast on: no CPU tensor meets a
+    CUDA one, step generators on the device, and the steady-state step copies nothing to the device but the batch and
+    reads nothing back; the loss is fp32, the trunk's convolutions run in bf16 on channels_last weights and a
+    channels_last input; the probes' features of every stage are cached on the device in bf16 (fp16's largest value,
+    65,504, is within reach of a trunk without normalisation)."""
+    module, extra = METHODS[method]
+    if method == "colorization":  # its prior is counted on the device before training: boolean masks, a host read
+        monkeypatch.setattr(colorization, "estimate_prior", lambda *a: None)
+    sim, report = run_on_simulated_cuda(module, TINY + extra + TWO_STEPS + ["--data", tiny_imagefolder,
+                                                                            "--out", str(tmp_path)], monkeypatch)
+    assert sim.copies == [] and sim.syncs == [] and sim.wrong_generators == [], vars(sim)
+    assert report["losses"] == [(torch.float32, "cuda", 0)] * 2
+    assert sim.convs and all(dtype == torch.bfloat16 and weight_cl for dtype, _, weight_cl in sim.convs), sim.convs
+    assert sim.convs[0][1], "the trunk's first convolution gets an NCHW input"
+    stages = report["features"]
+    assert set(stages) >= {"stem", "layer1", "layer2", "layer3", "final"}
+    assert all(f.dtype == torch.bfloat16 and f.device.type == "cuda" and f.dim() == 2 for f in stages.values())
+
+
+def test_simulated_cuda_catches_what_a_gpu_rejects_or_waits_for(monkeypatch):
+    """The simulation itself: a host copy, a host read, a CPU tensor meeting a CUDA one and a CPU generator on a CUDA op
+    are each seen (a test of the test)."""
+    monkeypatch.setattr(nn.Module, "to", _fake_aware_to(nn.Module.to))
+    sim = SimulatedCuda()
+    with FakeTensorMode(allow_non_fake_inputs=True), sim:
+        conv = nn.Conv2d(3, 4, 3).to("cuda").to(memory_format=torch.channels_last)
+        x = torch.rand(2, 3, 8, 8).to("cuda")
+        sim.batch, sim.watching = [], True
+        conv(x).sum().item()
+        x + torch.arange(8).to("cuda")
+        torch.rand(3, device="cuda", generator=torch.Generator())
+        with pytest.raises(RuntimeError, match="device"):
+            x + torch.ones(8)
+    assert sim.syncs == [()] and sim.copies == [(8,)] and sim.wrong_generators == ["aten.rand.generator"]
+    assert conv.weight.device.type == "cuda" and conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert sim.convs == [(torch.float32, False, True)]
 
 
 def load_state(out):
@@ -468,6 +685,15 @@ def test_moco_one_process_shuffle_returns_each_key_to_its_sample():
     assert not torch.equal(shuffled, x) and torch.equal(shuffled[idx_unshuffle], x)
 
 
+def official_split_batch_norm(bn, x):
+    """The official CIFAR demo's SplitBatchNorm: BN over (n/s, s*c, h, w), then the s running copies averaged."""
+    s, (n, c, h, w) = bn.num_splits, x.shape
+    mean, var = bn.running_mean.repeat(s), bn.running_var.repeat(s)
+    out = F.batch_norm(x.reshape(-1, s * c, h, w), mean, var, bn.weight.repeat(s), bn.bias.repeat(s), True,
+                       bn.momentum, bn.eps).reshape(n, c, h, w)
+    return out, mean.view(s, c).mean(0), var.view(s, c).mean(0)
+
+
 def test_split_batch_norm_normalises_each_group_alone():
     bn = moco.SplitBatchNorm(3, num_splits=2)
     x = torch.randn(8, 3, 4, 4) * 3 + 1
@@ -479,6 +705,46 @@ def test_split_batch_norm_normalises_each_group_alone():
     torch.testing.assert_close(bn.running_mean, expected_mean)
     bn.eval()
     torch.testing.assert_close(bn(x), F.batch_norm(x, bn.running_mean, bn.running_var))  # eval: ordinary BN
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_split_batch_norm_equals_the_official_reshape_without_copying_a_channels_last_input(layout):
+    """Output, gradients and running statistics of the official reshape, in either layout; a channels_last input stays
+    channels_last and no op copies it whole (the reshape to (n/s, s*c, h, w) cannot view it)."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(8, 3, 5, 5, generator=g) * 3 + 1).contiguous(memory_format=layout).requires_grad_()
+    ours, official = moco.SplitBatchNorm(3, num_splits=4), moco.SplitBatchNorm(3, num_splits=4)
+    weight, bias = torch.rand(3, generator=g) + 0.5, torch.randn(3, generator=g)
+    with torch.no_grad():
+        for bn in (ours, official):
+            bn.weight.copy_(weight)
+            bn.bias.copy_(bias)
+    grad = torch.randn(8, 3, 5, 5, generator=g)
+
+    class Copies(TorchDispatchMode):  # ops whose output is as large as x and laid out differently
+        def __init__(self):
+            super().__init__()
+            self.found = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and out.numel() == x.numel() and out.dim() >= 4 and \
+                    not out.flatten(0, -4).is_contiguous(memory_format=layout):
+                self.found.append(str(func))
+            return out
+
+    with Copies() as copies:
+        out = ours(x)
+    assert copies.found == [] and out.is_contiguous(memory_format=layout)
+    (out * grad).sum().backward()
+    ours_grad, x.grad = x.grad, None
+    expected, running_mean, running_var = official_split_batch_norm(official, x)
+    (expected * grad).sum().backward()
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(ours_grad, x.grad)
+    for a, b in ((ours.weight.grad, official.weight.grad), (ours.bias.grad, official.bias.grad),
+                 (ours.running_mean, running_mean), (ours.running_var, running_var)):
+        torch.testing.assert_close(a, b)
 
 
 def _moco_steps(rank, world_size, out_file):
@@ -566,6 +832,34 @@ def test_instdisc_softmax_loss_matches_naive_computation():
     assert instdisc.softmax_loss(v, memory, y, tau).item() == pytest.approx(np.mean(losses), rel=1e-5)
 
 
+@pytest.mark.parametrize("nce_k", [4, 0])
+def test_instdisc_proximal_adds_lambda_times_the_mean_squared_distance_to_the_old_bank_rows(nce_k):
+    """Sec. 3.3: the loss with --proximal 2.5 is the loss without plus 2.5 x the batch mean of ||v_i - bank row of
+    i||^2, the rows as they were before the step (NCE and softmax alike)."""
+    model = instdisc.InstDisc("resnet-tiny", 32, num_images=6, low_dim=3)
+    model.memory.copy_(torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [0.6, 0.8, 0.0],
+                                     [0.0, 0.6, -0.8], [-1.0, 0.0, 0.0]]))
+    v, y = torch.tensor([[0.0, 0.6, 0.8], [1.0, 0.0, 0.0], [0.8, 0.0, -0.6]], requires_grad=True), torch.tensor([4, 3, 0])
+    bank = model.memory.clone()
+    loss = {lam: instdisc.instdisc_loss(model, v, y, argparse.Namespace(nce_k=nce_k, nce_t=0.1, proximal=lam),
+                                        common.step_generator(0, 7, "cpu")) for lam in (0.0, 2.5)}
+    # ||(0, .6, .8) - (0, .6, -.8)||^2 = 2.56, ||(1, 0, 0) - (.6, .8, 0)||^2 = 0.8, ||(.8, 0, -.6) - (1, 0, 0)||^2 = 0.4
+    assert (loss[2.5] - loss[0.0]).item() == pytest.approx(2.5 * (2.56 + 0.8 + 0.4) / 3, rel=1e-5)
+    assert torch.equal(model.memory, bank)  # the bank is read, not written: its update comes after the step
+    loss[2.5].backward()  # the term pulls v towards its old row: d/dv = lambda * 2 (v - row) / b on top of the loss's
+    extra = v.grad.clone()
+    v.grad = None
+    loss[0.0].backward()
+    torch.testing.assert_close(extra - v.grad, 2.5 * 2 * (v.detach() - bank[y]) / 3)
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", "inf"])
+def test_instdisc_bad_proximal_stops_at_parse_time(value, capsys):
+    with pytest.raises(SystemExit) as e:
+        instdisc.main(TINY + ["--proximal", value])
+    assert e.value.code == 2 and f"argument --proximal: '{value}' is not a finite number >= 0" in capsys.readouterr().err
+
+
 def test_instdisc_noise_comes_from_the_step_generator():
     y = torch.tensor([4, 7, 1])
     torch.manual_seed(0)
@@ -586,45 +880,54 @@ def test_instdisc_bank_error_names_the_size():
 
 
 def _instdisc_steps(rank, world_size, out_file):
-    """Three NCE steps on a fixed global batch of 8 out of 20 images, split over the ranks; a linear
-    encoder without BN, so one process on the whole batch must give the same result as DDP."""
-    torch.manual_seed(0)
-    model = instdisc.InstDisc("resnet-tiny", 32, num_images=20, low_dim=4)
-    model.trunk, model.fc = torch.nn.Identity(), torch.nn.Linear(6, 4)
-    ddp = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world_size > 1 else model
-    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
-    n, mine = 8 // world_size, slice(rank * 8 // world_size, (rank + 1) * 8 // world_size)
-    data, noise = torch.Generator().manual_seed(0), []
-    for step in range(3):
-        x, y = torch.randn(8, 6, generator=data), torch.randperm(20, generator=data)[:8]
-        v = ddp(x[mine])
-        idx = instdisc.draw_noise(y[mine], 20, 5, common.step_generator(0, step, "cpu"))
-        exp_scores = torch.exp(torch.einsum("bkd,bd->bk", model.memory[idx], v) / 0.07)
-        loss = instdisc.nce_loss(exp_scores / model.normaliser(exp_scores), 20)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        old = model.memory.clone()
-        model.update_memory(v, y[mine], 0.5)
-        # this rank's images landed at their own rows by the smoothing formula, unit norm
-        torch.testing.assert_close(model.memory[y[mine]], F.normalize(0.5 * old[y[mine]] + 0.5 * v.detach(), dim=1))
-        assert torch.allclose(model.memory[y].norm(dim=1), torch.ones(8))
-        untouched = torch.ones(20, dtype=torch.bool).scatter_(0, y, False)  # rows of no image in the global batch
-        assert torch.equal(model.memory[untouched], old[untouched])
-        noise.append(idx)
-    torch.save({"state": model.state_dict(), "noise": noise}, f"{out_file}.{rank}")
+    """Three NCE steps on a fixed global batch of 8 out of 20 images, split over the ranks, without and with the
+    proximal term (--proximal 0 and 2); a linear encoder without BN, so one process on the whole batch must give the
+    same result as DDP."""
+    runs = {}
+    for proximal in (0.0, 2.0):
+        torch.manual_seed(0)
+        model = instdisc.InstDisc("resnet-tiny", 32, num_images=20, low_dim=4)
+        model.trunk, model.fc = torch.nn.Identity(), torch.nn.Linear(6, 4)
+        ddp = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world_size > 1 else model
+        opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+        mine = slice(rank * 8 // world_size, (rank + 1) * 8 // world_size)
+        args = argparse.Namespace(nce_k=5, nce_t=0.07, proximal=proximal)
+        data, noise, losses = torch.Generator().manual_seed(0), [], []
+        for step in range(3):
+            x, y = torch.randn(8, 6, generator=data), torch.randperm(20, generator=data)[:8]
+            v = ddp(x[mine])
+            loss = instdisc.instdisc_loss(model, v, y[mine], args, common.step_generator(0, step, "cpu"))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            old = model.memory.clone()
+            model.update_memory(v, y[mine], 0.5)
+            # this rank's images landed at their own rows by the smoothing formula, unit norm
+            torch.testing.assert_close(model.memory[y[mine]], F.normalize(0.5 * old[y[mine]] + 0.5 * v.detach(), dim=1))
+            assert torch.allclose(model.memory[y].norm(dim=1), torch.ones(8))
+            untouched = torch.ones(20, dtype=torch.bool).scatter_(0, y, False)  # rows of no image in the global batch
+            assert torch.equal(model.memory[untouched], old[untouched])
+            noise.append(instdisc.draw_noise(y[mine], 20, 5, common.step_generator(0, step, "cpu")))
+            losses.append(loss.item())
+        runs[proximal] = {"state": model.state_dict(), "noise": noise, "losses": losses}
+    torch.save(runs, f"{out_file}.{rank}")
 
 
 def test_instdisc_two_ranks_equal_one_process(tmp_path):
     _instdisc_steps(0, 1, tmp_path / "single")
     two_ranks(_instdisc_steps, tmp_path / "init", tmp_path / "ddp")
-    single, rank0, rank1 = (torch.load(tmp_path / name) for name in ("single.0", "ddp.0", "ddp.1"))
-    for key in single["state"]:
-        assert torch.equal(rank0["state"][key], rank1["state"][key]), key  # the same bank, Z and weights everywhere
-        torch.testing.assert_close(rank0["state"][key], single["state"][key], rtol=1e-5, atol=1e-6)
-    assert single["state"]["Z"] > 0
-    for step in range(3):  # the noise does not depend on the world size: each rank has its rows of the global draw
-        assert torch.equal(torch.cat([rank0["noise"][step], rank1["noise"][step]]), single["noise"][step])
+    runs = [torch.load(tmp_path / name) for name in ("single.0", "ddp.0", "ddp.1")]
+    for proximal in (0.0, 2.0):  # with the proximal term each rank reads its own samples' rows of the same bank
+        single, rank0, rank1 = (run[proximal] for run in runs)
+        for key in single["state"]:
+            assert torch.equal(rank0["state"][key], rank1["state"][key]), key  # the same bank, Z and weights everywhere
+            torch.testing.assert_close(rank0["state"][key], single["state"][key], rtol=1e-5, atol=1e-6)
+        assert single["state"]["Z"] > 0
+        for step in range(3):  # the noise does not depend on the world size: each rank has its rows of the global draw
+            assert torch.equal(torch.cat([rank0["noise"][step], rank1["noise"][step]]), single["noise"][step])
+            # each rank's loss averages its half: their mean is the global batch's
+            assert (rank0["losses"][step] + rank1["losses"][step]) / 2 == pytest.approx(single["losses"][step], rel=1e-5)
+    assert not torch.equal(runs[0][0.0]["state"]["fc.weight"], runs[0][2.0]["state"]["fc.weight"])  # the term acted
 
 
 @real_data
@@ -727,8 +1030,9 @@ def test_cpc_first_step_infonce_at_imagenet_size_is_near_chance():
     grid = cpc.PatchGrid(args)
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
-    patches = torch.stack([grid(torchvision.transforms.functional.to_pil_image(torch.rand(3, 300, 300, generator=g)))
-                           for _ in range(2)])
+    patches = grid.to_device(torch.utils.data.default_collate(
+        [grid(torchvision.transforms.functional.to_pil_image(torch.rand(3, 300, 300, generator=g))) for _ in range(2)]),
+        torch.device("cpu"))
     model = cpc.CPC(args.arch, args.image_size, args.norm, args.stacks, range(2, 7), args.context_blocks)
     assert model.steps == [2, 3, 4, 5, 6]  # v1 Fig. 4: from z_{t+2}, five rows
     assert sum(p.numel() for p in model.trunk.parameters()) == 27_452_608  # ResNet-101's convs up to layer3, no BN
@@ -753,6 +1057,28 @@ def test_cpc_preact_blocks_start_as_the_identity():
                                             if isinstance(block, cpc.PreAct))
     projection = trunk.layer2[0]
     assert torch.equal(projection(x), projection.downsample(torch.relu(x)))
+
+
+def test_cpc_grad_checkpoint_gives_the_same_loss_and_gradients():
+    """--grad-checkpoint (v2's default) recomputes each trunk block in backward: the same numbers, fewer kept."""
+    torch.manual_seed(0)
+    model = cpc.CPC("resnet-tiny", 32, "layer", 3, steps=[3], context_blocks=1, directions=4, target_dim=8)
+    patches = torch.randn(2, 49, 3, 10, 10)
+    results = []
+    for checkpointed in (False, True):
+        for block in model.trunk.modules():
+            if isinstance(block, cpc.PreAct):
+                block.checkpointed = checkpointed
+        model.zero_grad()
+        loss = cpc.cpc_loss(*model(patches), model.steps)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    assert results[0][0] == results[1][0]
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b)
+    assert cpc.parse_args(["--v2"]).grad_checkpoint and not cpc.parse_args([]).grad_checkpoint
+    with pytest.raises(SystemExit, match="running statistics twice"):
+        cpc.parse_args(["--norm", "batch", "--grad-checkpoint"])
 
 
 def test_cpc_info_nce_matches_naive_loop():
@@ -811,8 +1137,11 @@ def test_cpc_patch_jitter_moves_the_content_and_the_probe_sees_grey():
     grid = cpc.PatchGrid(args)
     image = torchvision.transforms.functional.to_pil_image(torch.rand(3, 300, 300))
     torch.manual_seed(0)
-    patches = grid(image)  # (49, 3, 64, 64), greyscale (v1): every channel the same up to normalisation
-    assert patches.shape == (49, 3, 64, 64)
+    handed_over, draws = grid(image)  # the worker's: uint8 patches and their draws, a quarter of the floats' bytes
+    assert handed_over.dtype == torch.uint8 and handed_over.shape == (49, 3, 64, 64) and draws.shape == (49, 6)
+    assert ((draws[:, :4] >= 0) & (draws[:, :4] <= 64 - 60)).all() and (draws[:, 4:] == -1).all()  # v1: no drop, flip
+    patches = grid.to_device((handed_over[None], draws[None]), torch.device("cpu"))[0]  # greyscale (v1): every channel
+    assert patches.shape == (49, 3, 64, 64)  # the same up to normalisation
     zero = (patches == 0).all(1)  # the padding: exactly 64 - 60 rows and columns of each patch
     assert ((~zero).any(2).sum(1) == 60).all() and ((~zero).any(1).sum(1) == 60).all()
     # the content moved: undo the crop and compare with the unjittered grid of the same image
@@ -1080,6 +1409,25 @@ def test_context_encoder_adv_weight_zero_gives_the_discriminator_no_step(tiny_im
     assert grid.shape == (3, 3 * 34 + 2, 8 * 34 + 2)
 
 
+def test_context_encoder_generator_step_leaves_the_discriminators_gradients_alone(tiny_imagefolder, tmp_path,
+                                                                                 monkeypatch):
+    """The generator's adversarial loss reaches D's input only: D's gradients at the generator's optimizer step are
+    those of D's own step (none computed, so none all-reduced across ranks)."""
+    stepped, real_step = [], torch.optim.Adam.step
+
+    def step(self, *args, **kwargs):  # D steps first each iteration: the first optimizer stepped is D's
+        stepped.append(self)
+        stepped.append([p.grad.clone() for group in stepped[0].param_groups for p in group["params"]])
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
+    context_encoder.main(TINY + TWO_STEPS + ["--data", tiny_imagefolder, "--max-steps", "1", "--adv-weight", "0.001",
+                                             "--out", str(tmp_path)])
+    d_opt, at_d_step, g_opt, at_g_step = stepped
+    assert d_opt is not g_opt and all(torch.equal(a, b) for a, b in zip(at_d_step, at_g_step))
+    assert all(p.requires_grad for group in d_opt.param_groups for p in group["params"])
+
+
 def test_context_encoder_feature_learning_mode_has_the_papers_lr_and_dropout():
     """--adv-weight 0 (paper Sec. 5.2): lr 1e-3 for the centre mask, 1e-4 for random ones, unless --lr is given;
     dropout 0.5 on the channel-wise FC, its mask from the step's generator (the same at the same step)."""
@@ -1166,12 +1514,47 @@ def test_dae_emphasis_weighs_corrupted_components_by_alpha_and_the_rest_by_beta(
     z, x = torch.rand(2, 3, 4, 4), torch.rand(2, 3, 4, 4)
     corrupted = torch.rand(2, 3, 4, 4) < 0.3
     error = (z - x) ** 2
-    loss = denoising_autoencoder.emphasised_squared_error
+    loss = denoising_autoencoder.emphasised_error
     assert loss(z, x, corrupted, 1.0, 1.0) == pytest.approx(error.mean().item())
     assert loss(z, x, corrupted, 1.0, 0.0) == pytest.approx(error[corrupted].sum().item() / error.numel())  # full
     assert loss(z, x, corrupted, 1.0, 0.5) == pytest.approx(  # double emphasis
         (error[corrupted].sum() + 0.5 * error[~corrupted].sum()).item() / error.numel())
     assert loss(z, x, None, 1.0, 0.0) == pytest.approx(error.mean().item())  # Gaussian noise: every component
+
+
+def test_dae_cross_entropy_is_l_ih_of_the_sigmoid_output_with_the_emphasis():
+    """--loss cross-entropy: -[x log s(z) + (1 - x) log(1 - s(z))] per component (ICML 2008 Sec. 2.2), s the sigmoid of
+    the decoder's output, weighed by alpha / beta (JMLR Sec. 4.4) and averaged over the components."""
+    z = torch.tensor([[[[2.0, -1.0, 0.0], [0.5, -3.0, 100.0]]]])  # (1, 1, 2, 3) logits
+    x = torch.tensor([[[[1.0, 0.0, 0.3], [0.8, 0.25, 0.0]]]])  # clean targets in [0, 1]
+    corrupted = torch.tensor([[[[True, False, False], [True, True, False]]]])
+    terms = []
+    for zj, xj in zip(z.flatten().tolist()[:5], x.flatten().tolist()[:5]):
+        s = 1 / (1 + math.exp(-zj))
+        terms.append(-(xj * math.log(s) + (1 - xj) * math.log(1 - s)))
+    terms.append(100.0)  # z = 100, x = 0: -log(1 - s(100)) = 100 + log(1 + e^-100); 1 - s(100) is 0 in floats
+    loss = lambda alpha, beta: denoising_autoencoder.emphasised_error(z, x, corrupted, alpha, beta, "cross-entropy")
+    assert loss(1.0, 1.0).item() == pytest.approx(sum(terms) / 6, rel=1e-5)
+    hit = [j for j, c in enumerate(corrupted.flatten().tolist()) if c]
+    assert loss(1.0, 0.5).item() == pytest.approx(  # double emphasis: 1 on the corrupted, 0.5 on the rest
+        sum(t if j in hit else 0.5 * t for j, t in enumerate(terms)) / 6, rel=1e-5)
+    assert loss(1.0, 0.0).item() == pytest.approx(sum(terms[j] for j in hit) / 6, rel=1e-5)  # full emphasis
+    assert denoising_autoencoder.emphasised_error(z.bfloat16(), x, None, 1.0, 1.0, "cross-entropy").dtype == torch.float32
+
+
+@pytest.mark.slow
+def test_dae_cross_entropy_targets_the_clean_pixels_in_0_1(tiny_imagefolder, tmp_path, monkeypatch):
+    """In training the cross-entropy's targets are the clean [0, 1] pixels, not the normalised input of the trunk."""
+    targets, error = [], denoising_autoencoder.emphasised_error
+    monkeypatch.setattr(denoising_autoencoder, "emphasised_error",
+                        lambda z, x, *rest: targets.append((x.clone(), rest[-1])) or error(z, x, *rest))
+    denoising_autoencoder.main(TINY + ["--data", tiny_imagefolder, "--batch-size", "16", "--epochs", "1", "--max-steps",
+                                       "2", "--probe-epochs", "0", "--loss", "cross-entropy", "--out", str(tmp_path)])
+    assert [kind for _, kind in targets] == ["cross-entropy"] * 2
+    for x, _ in targets:  # 8-bit pixels / 255: in [0, 1], each a multiple of 1/255 (normalised ones reach below 0)
+        assert x.shape == (16, 3, 32, 32) and x.min() >= 0 and x.max() <= 1 and x.max() > 0.5
+        torch.testing.assert_close(x * 255, (x * 255).round(), rtol=0, atol=1e-4)
+    assert all(math.isfinite(m["loss"]) for m in read_metrics(str(tmp_path)) if "loss" in m)
 
 
 @pytest.mark.parametrize("size", [28, 32, 96])
@@ -1235,6 +1618,15 @@ def test_dae_stacked_on_two_ranks_resumes_into_the_next_layer_exactly(tiny_image
                                           (["--stacked", "--epochs", "4"], "use --epochs 5 or more")])
 def test_dae_flags_that_would_train_nothing_stop_at_parse_time(flags, words):
     expect_error(TINY + flags, words, module=denoising_autoencoder)
+
+
+def test_dae_cross_entropy_with_stacked_or_an_unknown_loss_stops_at_parse_time(capsys):
+    # --stacked's upper layers reconstruct ReLU maps, outside the [0, 1] that cross-entropy's targets need
+    expect_error(TINY + ["--stacked", "--loss", "cross-entropy"], "use --loss squared with --stacked",
+                 module=denoising_autoencoder)
+    with pytest.raises(SystemExit) as e:
+        denoising_autoencoder.main(TINY + ["--loss", "l1"])
+    assert e.value.code == 2 and "argument --loss: invalid choice: 'l1'" in capsys.readouterr().err
 
 
 def reconstruction_errors(out, n=1000):
@@ -1827,6 +2219,7 @@ def test_workers_hand_over_uint8_views_the_device_finishes():
     assert ((pil_out - out).abs() * std.mean()).mean() < 3 / 255
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only")
 def test_device_stage_on_cuda_equals_cpu():
     args = simclr.parse_args(["--image-size", "224", "--data", "x"])
@@ -1940,6 +2333,62 @@ def test_stage_probes_on_two_ranks_equal_one_process(tiny_imagefolder, tmp_path)
     knn = [k for k in single if k.endswith("knn_top1")]
     assert len(knn) == 6 and {k: ddp[k] for k in knn} == {k: single[k] for k in knn}
     assert ddp.keys() == single.keys()
+
+
+def test_cached_features_keep_the_range_of_a_trunk_without_normalisation(monkeypatch):
+    """The probes' feature cache on CUDA (FEATURE_DTYPE, bf16): features past fp16's 65,504 stay finite and the probes
+    separate two clusters; in fp16 the same features become inf and the kNN falls to chance."""
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(2, 8, generator=g)
+    y = torch.arange(64) % 2
+    x = centres[y] + 0.1 * torch.randn(64, 8, generator=g)
+    dataset = torch.utils.data.TensorDataset(x, y, torch.arange(64))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=16, sampler=torch.utils.data.distributed.DistributedSampler(
+        dataset, 1, 0, shuffle=False))
+    trunk = nn.Linear(8, 16)  # activations of about 1e6, as CPC v1's unnormalised trunk can reach
+    with torch.no_grad():
+        trunk.weight.mul_(1e6)
+    args = argparse.Namespace(probe_stages=False, probe_epochs=5, knn_k=5, knn_t=0.1, seed=0, amp=False)
+    results = {}
+    for dtype in (common.FEATURE_DTYPE["cuda"], torch.float16):
+        monkeypatch.setattr(common, "FEATURE_DTYPE", {"cpu": dtype})
+        features, _, _ = common.extract_features(trunk, loader, torch.device("cpu"))
+        results[dtype] = (features.isfinite().all().item(), common.evaluate(trunk, loader, loader, torch.device("cpu"), args))
+    finite, scores = results[torch.bfloat16]
+    assert finite and scores["knn_top1"] == 100 and scores["linear_top1"] == 100
+    assert not results[torch.float16][0] and results[torch.float16][1]["knn_top1"] <= 60
+
+
+def test_one_process_stop_check_reads_no_device_value(monkeypatch):
+    """Every STOP_CHECK_EVERY steps the ranks agree on a stop signal; one process has nothing to agree with, so its
+    check copies nothing to the device and waits for nothing (SimulatedCuda watches the step that checks)."""
+    monkeypatch.setattr(nn.Module, "to", _fake_aware_to(nn.Module.to))
+    run = common.Run.__new__(common.Run)
+    run.args = argparse.Namespace(print_freq=1000, save_every=0, eval_every=0, batch_size=16)
+    run.steps_per_epoch, run.last_step, run.global_step = 100, 100, common.STOP_CHECK_EVERY - 1
+    sim = SimulatedCuda()
+    with FakeTensorMode(allow_non_fake_inputs=True), sim:
+        run.device, run.first_bad_step = torch.device("cuda", 0), torch.tensor(common.NEVER).to("cuda")
+        loss = torch.ones(()).to("cuda")
+        sim.watching = True
+        assert run.after_step(0, common.STOP_CHECK_EVERY - 1, loss, 0.1) is False
+    assert run.global_step == common.STOP_CHECK_EVERY and sim.copies == [] and sim.syncs == []
+
+
+def test_ranks_wait_for_a_download_in_a_cpu_barrier_and_scan_folders_together(tiny_imagefolder, tiny_fashion,
+                                                                             monkeypatch):
+    """Rank 0 downloads alone while the others wait in a gloo barrier with a long timeout (NCCL's 10 minutes can pass
+    during a first download); an ImageFolder is only read, so every rank scans it at once, with no barrier."""
+    calls = []
+    monkeypatch.setattr(common, "is_distributed", lambda: True)
+    monkeypatch.setattr(common, "rank", lambda: 1)
+    monkeypatch.setattr(dist, "new_group", lambda **kwargs: calls.append(kwargs) or "gloo group")
+    monkeypatch.setattr(dist, "barrier", lambda group=None: calls.append(group))
+    common.build_datasets(simclr.parse_args(["--data", tiny_imagefolder]), T.ToTensor())
+    assert calls == []
+    common.build_datasets(simclr.parse_args(["--dataset", "fashion-mnist", "--data", tiny_fashion]), T.ToTensor())
+    assert calls == [{"backend": "gloo", "timeout": common.DOWNLOAD_TIMEOUT}, "gloo group"]
+    assert common.DOWNLOAD_TIMEOUT.total_seconds() >= 3600
 
 
 def test_knn_matches_naive_vote_and_separates_clusters():
@@ -2212,6 +2661,22 @@ def test_resume_into_another_method_file_says_which_wrote_it(tiny_imagefolder, t
     assert "does not fit this model (size mismatch for" in str(e.value) and len(str(e.value)) - len(path) <= 300
 
 
+def test_cuda_out_of_memory_is_one_line_with_the_batch_and_what_it_needed(monkeypatch, capsys):
+    args = simclr.parse_args(["--batch-size", "4096"])
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: 70 * 2 ** 30)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(total_memory=80 * 2 ** 30))
+    other = []
+    error = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 12.50 GiB. GPU 0 has a total capacity of "
+                                   "79.19 GiB of which 3.12 GiB is free.")
+    common.out_of_memory_line(args, lambda *a: other.append(a), type(error), error, None)
+    message = capsys.readouterr().err
+    assert message.count("\n") == 1 and message.startswith("error: CUDA out of memory at --batch-size 4096 (4096 per GPU)")
+    assert "needed about 82.5 GiB of the GPU's 80.0 GiB; lower --batch-size" in message and other == []
+    common.out_of_memory_line(args, lambda *a: other.append(a), ValueError, ValueError("x"), None)  # others: the hook
+    assert len(other) == 1 and capsys.readouterr().err == ""
+
+
 def test_missing_data_folder(tmp_path):
     expect_error(TINY + ["--data", str(tmp_path / "nowhere"), "--out", str(tmp_path)], "does not exist", "--data")
     expect_error(TINY + ["--data", str(tmp_path), "--out", str(tmp_path)], "train")
@@ -2393,3 +2858,61 @@ def test_pipeline_script_reports_every_stage(tmp_path):
     for name in pipeline.CONFIGS:
         row = rows[name]
         assert row["worker"] > 0 and row["cpu_path"] > 0 and row["device_ms_cpu"] > 0 and row["loader"] > 0
+
+
+def gpu_check_dry_run(tmp_path, name, **env):
+    """benchmarks/gpu_check.sh --dry-run with $OUT and $WORK under tmp_path: (the process, its seconds, OUT, WORK)."""
+    out, work = tmp_path / name, tmp_path / f"{name}_work"
+    env = dict(os.environ, OUT=str(out), WORK=str(work), **env,
+               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))  # this python, torchrun
+    start = time.time()
+    done = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--dry-run"], cwd=HERE, env=env, capture_output=True,
+                          text=True, timeout=600)
+    return done, time.time() - start, out, work
+
+
+def gpu_check_table(out):
+    """summary.md's first table: method file -> [status, img/s, peak GiB, kNN, --compile status, img/s, peak, kNN]."""
+    lines = open(out / "summary.md").read().split("\n\n")[0].splitlines()[2:]
+    return {cells[0]: cells[1:] for cells in ([c.strip() for c in line.strip("|").split("|")] for line in lines)}
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_keeps_its_output_contract(tiny_fashion, tmp_path):
+    """The whole GPU check on the CPU with a budget too small for all of it: every part reached in its share, the
+    table printed in time, a row per method file found by listing, and in $OUT only the 4 files of the contract."""
+    methods = sorted(m for m in (os.path.basename(p)[:-3] for p in glob.glob(os.path.join(HERE, "*.py")))
+                     if m not in ("common", "test_all", "conftest"))
+    total = 160
+    done, seconds, out, work = gpu_check_dry_run(tmp_path, "out", FASHION=tiny_fashion, TOTAL=str(total))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert seconds < total + 5
+    assert sorted(os.listdir(out)) == ["gpu_check.log", "runs.log", "summary.md", "tests.log"]
+    assert sum(os.path.getsize(out / f) for f in os.listdir(out)) < 2 ** 20
+    assert glob.glob(str(work / "runs" / "*" / "checkpoint.pth"))  # the large files stayed in the work dir
+    summary = open(out / "summary.md").read()
+    assert summary in open(out / "gpu_check.log").read()  # printed, too
+    table = gpu_check_table(out)
+    assert sorted(table) == methods
+    finished = {"ok", "timeout", "skipped: time"}
+    for m, (status, img_s, _, knn, compiled, *_) in table.items():
+        assert status in finished and compiled in finished | {"not run"}, (m, table[m])
+        if status == "ok":  # its figures read from its metrics.jsonl (no peak GiB on CPU)
+            assert float(img_s) > 0 and 0 <= float(knn) <= 100, (m, table[m])
+    assert sum(row[0] == "ok" for row in table.values()) >= 3
+    assert table["rotation"][4] in ("ok", "timeout")  # part 4 started: the dry run compiles rotation first
+    other = summary.split("other steps: ")[1]
+    for step in ("pytest -m cuda", "moco v2 end to end"):  # parts 1 and 3 began, each in its share of the budget
+        assert f"{step}: ok" in other or f"{step}: timeout" in other, other
+    # without Fashion-MNIST: one line says so and where to put it, its runs are skipped (no download); a budget of
+    # 30 s leaves no time for the JPEGs, and the table still prints
+    done, seconds, out, _ = gpu_check_dry_run(tmp_path, "no_data", FASHION=str(tmp_path / "missing"), PARTS="2",
+                                               TOTAL="30")
+    assert done.returncode == 0 and seconds < 30, done.stdout[-3000:] + done.stderr[-3000:]
+    said = [line for line in done.stdout.splitlines() if "Fashion-MNIST" in line]
+    assert len(said) == 1 and "not found" in said[0] and "data/fashion-mnist" in said[0], said
+    table = gpu_check_table(out)
+    assert sorted(table) == methods
+    assert all(row[0] == "skipped: no data" for m, row in table.items() if m != "colorization"), table
+    assert table["colorization"][0] == "skipped: time"
+    assert sorted(os.listdir(out)) == ["gpu_check.log", "runs.log", "summary.md", "tests.log"]
