@@ -538,7 +538,7 @@ def setup(args):
 def out_of_memory_line(args, hook, kind, error, traceback):
     """sys.excepthook on CUDA: an out-of-memory error becomes one line (the per-GPU batch, what it needed, what to
     change); any other error goes to `hook`."""
-    if not isinstance(error, torch.OutOfMemoryError):
+    if not isinstance(error, torch.cuda.OutOfMemoryError):
         return hook(kind, error, traceback)
     tried = re.search(r"Tried to allocate ([\d.]+) ([KMG])iB", str(error))  # the allocation that failed
     device = torch.cuda.current_device()

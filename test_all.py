@@ -2667,8 +2667,8 @@ def test_cuda_out_of_memory_is_one_line_with_the_batch_and_what_it_needed(monkey
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: 70 * 2 ** 30)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(total_memory=80 * 2 ** 30))
     other = []
-    error = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 12.50 GiB. GPU 0 has a total capacity of "
-                                   "79.19 GiB of which 3.12 GiB is free.")
+    error = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 12.50 GiB. GPU 0 has a total "
+                                        "capacity of 79.19 GiB of which 3.12 GiB is free.")
     common.out_of_memory_line(args, lambda *a: other.append(a), type(error), error, None)
     message = capsys.readouterr().err
     assert message.count("\n") == 1 and message.startswith("error: CUDA out of memory at --batch-size 4096 (4096 per GPU)")
