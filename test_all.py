@@ -373,8 +373,8 @@ def run_on_simulated_cuda(module, argv, monkeypatch, steps=2):
     return sim, report
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_training_step_on_simulated_cuda(method, tiny_imagefolder, tmp_path, monkeypatch):
+@pytest.mark.parametrize("method, flags", [(m, []) for m in METHODS] + [("cpc", ["--v2"])])
+def test_training_step_on_simulated_cuda(method, flags, tiny_imagefolder, tmp_path, monkeypatch):
     """Every method's own main() on a simulated CUDA device (SimulatedCuda), bf16 autocast on: no CPU tensor meets a
     CUDA one, step generators on the device, and the steady-state step copies nothing to the device but the batch and
     reads nothing back; the loss is fp32, the trunk's convolutions run in bf16 on channels_last weights and a
@@ -383,8 +383,8 @@ def test_training_step_on_simulated_cuda(method, tiny_imagefolder, tmp_path, mon
     module, extra = METHODS[method]
     if method == "colorization":  # its prior is counted on the device before training: boolean masks, a host read
         monkeypatch.setattr(colorization, "estimate_prior", lambda *a: None)
-    sim, report = run_on_simulated_cuda(module, TINY + extra + TWO_STEPS + ["--data", tiny_imagefolder,
-                                                                            "--out", str(tmp_path)], monkeypatch)
+    sim, report = run_on_simulated_cuda(module, TINY + extra + flags + TWO_STEPS + ["--data", tiny_imagefolder,
+                                                                                    "--out", str(tmp_path)], monkeypatch)
     assert sim.copies == [] and sim.syncs == [] and sim.wrong_generators == [], vars(sim)
     assert report["losses"] == [(torch.float32, "cuda", 0)] * 2
     assert sim.convs and all(dtype == torch.bfloat16 and weight_cl for dtype, _, weight_cl in sim.convs), sim.convs
