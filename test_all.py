@@ -747,6 +747,21 @@ def test_split_batch_norm_equals_the_official_reshape_without_copying_a_channels
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only")
+def test_split_batch_norm_on_cuda_in_bf16_equals_the_official_reshape():
+    """On the GPU, under bf16 autocast, on a channels_last input: the official reshape's output to bf16 rounding."""
+    x = (torch.randn(16, 8, 7, 7, device="cuda") * 3 + 1).contiguous(memory_format=torch.channels_last)
+    ours, official = moco.SplitBatchNorm(8, num_splits=4).cuda(), moco.SplitBatchNorm(8, num_splits=4).cuda()
+    with torch.autocast("cuda", torch.bfloat16):
+        out = ours(x.bfloat16())
+    expected, running_mean, running_var = official_split_batch_norm(official, x)
+    assert out.dtype == torch.bfloat16 and out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out.float(), expected, atol=0.05, rtol=0.02)
+    torch.testing.assert_close(ours.running_mean, running_mean, atol=0.01, rtol=0.01)
+    torch.testing.assert_close(ours.running_var, running_var, atol=0.01, rtol=0.01)
+
+
 def _moco_steps(rank, world_size, out_file):
     """Three MoCo steps on a fixed global batch of 8, split over the ranks; an encoder without BN, so one
     process on the whole batch must give the same result as DDP."""
@@ -1079,6 +1094,18 @@ def test_cpc_grad_checkpoint_gives_the_same_loss_and_gradients():
     assert cpc.parse_args(["--v2"]).grad_checkpoint and not cpc.parse_args([]).grad_checkpoint
     with pytest.raises(SystemExit, match="running statistics twice"):
         cpc.parse_args(["--norm", "batch", "--grad-checkpoint"])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only")
+def test_cpc_patches_finished_on_cuda_equal_cpu():
+    """PatchGrid.to_device on the GPU (v2: jitter, colour dropping, flips) gives the CPU's patches."""
+    grid = cpc.PatchGrid(cpc.parse_args(["--dataset", "cifar10", "--image-size", "96", "--v2"]))
+    torch.manual_seed(0)
+    batch = torch.utils.data.default_collate([grid(TF.to_pil_image(torch.rand(3, 130, 130))) for _ in range(4)])
+    cpu, cuda = grid.to_device(batch, torch.device("cpu")), grid.to_device(batch, torch.device("cuda"))
+    assert cuda.device.type == "cuda"
+    torch.testing.assert_close(cuda.cpu(), cpu)
 
 
 def test_cpc_info_nce_matches_naive_loop():
