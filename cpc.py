@@ -7,11 +7,11 @@
 #   python cpc.py --data /imagenet --grad-checkpoint                 # one 80 GB GPU at the paper's batch of 512
 #   torchrun --nproc_per_node=8 cpc.py --data /imagenet              # 8 GPUs
 #   torchrun --nproc_per_node=8 cpc.py --data /imagenet --v2         # ResNet-161, layer norm, four directions, patch aug.
+#   python cpc.py --dataset fashion-mnist --arch resnet-tiny --subset 4000 --epochs 3 --batch-size 64 --lr 2e-3
+#       # short runs (the test, benchmarks/run.py): v1's 2e-4 is for ~300K steps; 2e-3 learns in a few hundred
 # Memory (bf16, activations kept for backward, counted on the CPU): v1 152 MiB an image (90 with --grad-checkpoint) and
 # 11 GB of fp32 scores at batch 512 on one GPU; v2 1.5 GiB an image, 433 MiB with --grad-checkpoint (its default), so
 # 64 images a GPU on 8 GPUs take about 27 GiB plus 5.3 GiB of weights and Adam.
-#   python cpc.py --dataset fashion-mnist --arch resnet-tiny --subset 4000 --epochs 3 --batch-size 64 --lr 2e-3
-#       # short runs (the test, benchmarks/run.py): v1's 2e-4 is for ~300K steps; 2e-3 learns in a few hundred
 #
 # Each image becomes a 7x7 grid of half-overlapping patches; the trunk encodes every patch on its own (z); a
 # row-causal context network summarises the rows above (c); W_k c at row i must pick out z at row i + k among all
@@ -167,10 +167,13 @@ class PatchGrid:
         inside = ((rows >= dst_y) & (rows < dst_y + keep))[:, :, None] & ((rows >= dst_x) & (rows < dst_x + keep))[:, None, :]
         moved = x[torch.arange(n, device=device)[:, None, None], :, in_y.clamp(0, p - 1)[:, :, None],
                   in_x.clamp(0, p - 1)[:, None, :]]  # (n, p, p, C)
-        x = (moved.permute(0, 3, 1, 2) * inside[:, None]).contiguous()  # (n, C, p, p), the padding 0
+        x = moved.permute(0, 3, 1, 2) * inside[:, None]  # (n, C, p, p), the padding 0
         if self.v2:
             x = x * F.one_hot(draws[:, 4], C).to(x.dtype)[:, :, None, None]
             x = torch.where(draws[:, 5, None, None, None] > 0, x.flip(-1), x)
+        # one layout whatever the ops above left (so the same bits); channels_last per patch on CUDA, which the
+        # trunk's (49b, C, p, p) view keeps
+        x = x.contiguous(memory_format=torch.channels_last if device.type == "cuda" else torch.contiguous_format)
         return x.unflatten(0, (len(batch[0]), -1))
 
 
@@ -388,9 +391,7 @@ def main(argv=None):
             group["lr"] = args.lr
         model.train()
         for step, (batch, _, _) in enumerate(loader, start=sampler.start_step):
-            patches = grid.to_device(batch, device)  # (b, 49, C, p, p)
-            if device.type == "cuda":  # channels_last per patch: the trunk's (49b, C, p, p) view keeps it
-                patches = patches.flatten(0, 1).contiguous(memory_format=torch.channels_last).unflatten(0, patches.shape[:2])
+            patches = grid.to_device(batch, device)  # (b, 49, C, p, p), channels_last per patch on CUDA
             with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
                 targets, predictions = ddp_model(patches)
                 loss = cpc_loss(targets, predictions, model.steps)  # scores in bf16, their cross-entropy in fp32
