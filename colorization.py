@@ -262,8 +262,7 @@ def estimate_prior(model, pretrain_set, args, device):
     every = range(0, len(pretrain_set), max(1, len(pretrain_set) // n))[:n]  # evenly spaced, as --subset
     resize = colorization_augmentation(args).transforms[0]  # the training scale, centred: no randomness drawn
     images = common.Transformed(pretrain_set.base, T.Compose([resize, T.CenterCrop(args.image_size), T.PILToTensor()]))
-    share = torch.utils.data.Subset(images, every[common.rank()::common.world()])  # no padding: each image once
-    loader = common.Loader(share, batch_size=max(1, args.batch_size // common.world()), num_workers=args.workers)
+    loader = common.eval_loader(torch.utils.data.Subset(images, every), args)  # this rank's share, each image once
     counts = torch.zeros(len(model.lookup.bins), device=device, dtype=torch.float64)
     coloured = torch.zeros((), device=device)
     for x, _, _ in loader:

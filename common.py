@@ -1,5 +1,19 @@
-"""Shared plumbing of the sslref method files: the flags they share, data, distributed start-up and gathers, the
-backbone, checkpoints and progress lines, and probing (kNN + linear probe). Nothing method-specific."""
+"""Shared plumbing of the sslref method files, in the order a run meets it; nothing method-specific. Sections:
+
+1. Flags and one-line errors  add_common_args, parse, fail, positive_int and the other flag types
+2. Processes                  setup, world, rank, print0, all_reduce, gather, gather_with_grad, step_generator,
+                              stop signals (one ends the run at a checkpoint)
+3. Data                       build_datasets, Transformed, Augmentation (ColorJitter, RandomGrayscale, GaussianBlur),
+                              train_loader, eval_loader, dataset_labels, MEAN_STD, normalize
+4. Trunks                     build_backbone
+5. The run                    Run: resume(), start(), after_step(), done(), final_evaluation()
+6. Evaluation                 evaluate (kNN, linear probe, per-stage probes), extract_features, knn_classify,
+                              linear_probe, StageFeatures, STAGES
+7. Appendix                   the tensor arithmetic of the device colour ops
+
+A method file calls them in that order: add_common_args, parse, setup, build_datasets (with its Augmentation),
+build_backbone, train_loader, Run; per step Augmentation.to_device, step_generator, Run.after_step; at the end
+Run.final_evaluation. Each section's heading names the `args` fields it reads."""
 import argparse
 import atexit
 import copy
@@ -30,8 +44,12 @@ from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
 
+# ==== 1. Flags and one-line errors (defines the shared flags) =========================================================
+DEFAULT_IMAGE_SIZE = {"imagefolder": 224, "stl10": 96, "cifar10": 32, "cifar100": 32, "fashion-mnist": 28}
+
+
 def fail(msg):
-    """Stop with a one-line error that says what to do (no traceback)."""
+    """Stop with a one-line error that says what to do (no traceback), stop-signal handlers given back (section 2)."""
     catch_stop_signals(False)
     raise SystemExit(f"error: {msg}")
 
@@ -55,10 +73,9 @@ nonneg_float = _checked(float, lambda v: 0 <= v < math.inf, "a finite number >= 
 unit_float = _checked(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 
 
-# ---- The flags every method file shares (what this module reads), each file passing its own defaults -----------
 def add_common_args(p, method, arch="resnet50", epochs=100, batch_size=256, lr=0.1, wd=0.0, device_augment=False,
                     lr_help="base lr per 256 images; peak = lr * batch / 256", out=None):
-    """`method`: the file's name (cpc for cpc.py), which its checkpoints record; --out defaults to runs/<method>."""
+    """The shared flags, with the file's defaults; `method` (cpc for cpc.py) is recorded in checkpoints."""
     p.set_defaults(method=method)
     a = p.add_argument
     a("--dataset", default="imagefolder", choices=list(DEFAULT_IMAGE_SIZE), help="dataset kind")
@@ -100,8 +117,142 @@ def parse(p, argv):
     return args
 
 
-# ---- Data ------------------------------------------------------------------------------
-DEFAULT_IMAGE_SIZE = {"imagefolder": 224, "stl10": 96, "cifar10": 32, "cifar100": 32, "fashion-mnist": 28}
+# ==== 2. Processes: start-up, ranks, gathers, stop signals. Reads args.batch_size, seed, out, amp ======================
+def setup(args):
+    """Process group (torchrun: NCCL on GPU, gloo on CPU), seeds, a writable --out, bf16 by default on CUDA -> device."""
+    cuda = torch.cuda.is_available()
+    if "RANK" in os.environ:  # torchrun
+        local_rank = int(os.environ["LOCAL_RANK"])
+        if cuda and local_rank >= torch.cuda.device_count():
+            fail(f"local rank {local_rank} has no GPU ({torch.cuda.device_count()} visible); lower --nproc_per_node")
+        if cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if cuda else "gloo")
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    if args.batch_size % world():
+        fail(f"--batch-size {args.batch_size} is not divisible by the world size {world()}; use a multiple of {world()}")
+    args.amp = cuda if args.amp is None else args.amp
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    try:  # every rank, before any data is read: a run that cannot checkpoint must not start
+        os.makedirs(args.out, exist_ok=True)
+        tempfile.TemporaryFile(dir=args.out).close()
+    except OSError as e:
+        fail(f"cannot write to --out {args.out} ({e.strerror or e}); pick a folder this user can write")
+    if device.type == "cuda":
+        sys.excepthook = functools.partial(out_of_memory_line, args, sys.excepthook)
+    return device
+
+
+def out_of_memory_line(args, hook, kind, error, traceback):
+    """sys.excepthook on CUDA: out of memory becomes one line (the per-GPU batch, what it needed, what to change)."""
+    if not isinstance(error, torch.cuda.OutOfMemoryError):
+        return hook(kind, error, traceback)
+    tried = re.search(r"Tried to allocate ([\d.]+) ([KMG])iB", str(error))  # the allocation that failed
+    device = torch.cuda.current_device()
+    needed = torch.cuda.max_memory_allocated(device) / 2 ** 30 + (
+        float(tried[1]) * 1024.0 ** ("KMG".index(tried[2]) - 2) if tried else 0)
+    total = torch.cuda.get_device_properties(device).total_memory / 2 ** 30
+    print(f"error: CUDA out of memory at --batch-size {args.batch_size} ({args.batch_size // world()} per GPU): it "
+          f"needed about {needed:.1f} GiB of the GPU's {total:.1f} GiB; lower --batch-size (scale --lr as the file's "
+          "header says), use more GPUs, or a smaller --arch or --image-size", file=sys.stderr, flush=True)
+
+
+def is_distributed():
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world():
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def rank():
+    return dist.get_rank() if is_distributed() else 0
+
+
+def print0(*a):
+    if rank() == 0:
+        print(*a, flush=True)
+
+
+def all_reduce(x, op="sum"):
+    """x reduced over the ranks: "sum", "mean", "max" or "min" (a copy; x itself in one process)."""
+    if not is_distributed():
+        return x
+    x = x.clone()
+    dist.all_reduce(x, op=getattr(dist.ReduceOp, "SUM" if op == "mean" else op.upper()))
+    return x / world() if op == "mean" else x
+
+
+@torch.no_grad()
+def gather(x):
+    """All-gather along dim 0, no gradient."""
+    if not is_distributed():
+        return x
+    x = x.contiguous()  # all_gather wants dense tensors of one layout (channels_last images become NCHW)
+    out = [torch.empty_like(x) for _ in range(world())]
+    dist.all_gather(out, x)
+    return torch.cat(out)
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    forward = staticmethod(lambda ctx, x: gather(x))
+
+    @staticmethod
+    def backward(ctx, grad):  # every rank's loss used every slice: sum their gradients, take ours (lightly#1528)
+        grad, n = all_reduce(grad.contiguous()), len(grad) // world()
+        return grad[rank() * n:(rank() + 1) * n]
+
+
+def gather_with_grad(x):
+    """All-gather along dim 0; backward sends each rank the sum of all ranks' gradients for its slice."""
+    return _GatherWithGrad.apply(x) if is_distributed() else x
+
+
+def step_generator(seed, global_step, device):
+    """The step's own generator, from (seed, step): a resumed run draws the same numbers, whatever --workers is."""
+    return torch.Generator(device).manual_seed(hash((seed, global_step)) & 0x7FFF_FFFF_FFFF_FFFF)
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)  # schedulers send one some seconds before a kill
+# Every STOP_CHECK_EVERY steps the ranks agree on whether one of them got a stop signal: one all-reduce of one number
+# and its host sync (0.7 ms with gloo on 2 CPU ranks, 0.07 ms a step), so all stop at the same step and none waits on
+# a collective the others left. At ImageNet speeds (0.2-1 s a step) 10 steps stay inside a scheduler's grace period.
+STOP_CHECK_EVERY = 10
+_stop = {"signal": 0, "handlers": {}}  # the stop signal received while catching (0: none), and the handlers replaced
+
+
+def catch_stop_signals(on):
+    """On (training): a stop signal only sets _stop (a repeat changes nothing: torchrun passes a scheduler's signal on,
+    so a rank may get it twice); off: the handlers as they were."""
+    if on and not _stop["handlers"] and threading.current_thread() is threading.main_thread():  # Python's rule
+        _stop["signal"], on_signal = 0, lambda signum, frame: _stop.update(signal=_stop["signal"] or signum)
+        _stop["handlers"] = {s: signal.signal(s, on_signal) for s in STOP_SIGNALS}
+    elif not on:
+        for s, handler in _stop["handlers"].items():
+            signal.signal(s, handler)
+        _stop["handlers"] = {}
+
+
+def stop_if_requested(device, step, checkpoint, save):
+    """If a rank got a stop signal, every rank at this same step: save() (rank 0 writes `checkpoint`), say how to go on,
+    exit with 128 + the signal. One process reads its own flag: no device copy, no host sync."""
+    signum = int(all_reduce(torch.tensor(_stop["signal"], device=device), "max").item()) if is_distributed() \
+        else _stop["signal"]
+    if signum:
+        save()
+        if is_distributed():
+            dist.barrier()  # no rank exits before the file is written: torchrun would end rank 0 with it
+        catch_stop_signals(False)
+        if rank() == 0:
+            print(f"stopped by {signal.Signals(signum).name} at step {step}; continue with --resume {checkpoint}",
+                  file=sys.stderr, flush=True)
+        raise SystemExit(128 + signum)
+
+
+# ==== 3. Data: datasets, views and augmentation, loaders. Reads args.dataset, data, image_size, subset, seed, =========
+# batch_size, workers, monitor_subset
 MEAN_STD = {  # per-channel statistics used by Normalize
     "imagefolder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     "stl10": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
@@ -112,80 +263,32 @@ MEAN_STD = {  # per-channel statistics used by Normalize
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 FASHION_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
                  "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
+DOWNLOAD_TIMEOUT = datetime.timedelta(hours=2)  # STL-10 is 2.6 GB
 
 
-def normalize(dataset):
-    return T.Normalize(*MEAN_STD[dataset])
-
-
-def eval_transform(dataset, image_size):
-    """Deterministic transform for probing: resize + center crop (256/224 ratio for large images)."""
-    resize = int(round(image_size * 256 / 224)) if image_size >= 128 else image_size
-    return T.Compose([T.Resize(resize), T.CenterCrop(image_size), T.ToTensor(), normalize(dataset)])
-
-
-class ArrayDataset(torch.utils.data.Dataset):
-    """uint8 images (N, H, W[, 3]) + labels -> (PIL RGB image, label)."""
-
-    def __init__(self, images, labels):
-        self.images, self.labels = images, [int(y) for y in labels]
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        return TF.to_pil_image(self.images[i]).convert("RGB"), self.labels[i]
-
-
-def read_idx_gz(path):
-    """Read an idx file (the MNIST / Fashion-MNIST format) into a numpy array."""
-    with gzip.open(path, "rb") as f:
-        raw = f.read()
-    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(raw[3]))
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * raw[3]).reshape(shape)
-
-
-def fashion_mnist(root, split):
-    """Zalando's idx .gz files from --data, torchvision's raw folder or Debian's package; else download."""
-    names = FASHION_FILES[split]
-    for folder in [root, os.path.join(root, "FashionMNIST", "raw"), DEBIAN_FASHION_MNIST]:
-        if all(os.path.isfile(os.path.join(folder, name)) for name in names):
-            return ArrayDataset(*(read_idx_gz(os.path.join(folder, name)) for name in names))
-    all_files = ", ".join(name for pair in FASHION_FILES.values() for name in pair)
-    ds = download(torchvision.datasets.FashionMNIST, root, all_files, train=split == "train")
-    return ArrayDataset(ds.data.numpy(), ds.targets.tolist())
-
-
-def download(dataset_cls, root, files, **kwargs):
-    try:
-        return dataset_cls(root, download=True, **kwargs)
-    except Exception as e:  # offline, or a partial/corrupt archive
-        fail(f"could not download {dataset_cls.__name__} into {root} ({e}); place {files} there by hand and rerun")
-
-
-class BadImage(Exception):
-    """An image file that does not decode; the loaders turn it into a one-line error."""
-
-
-def decode_image(path, root):
-    """ImageFolder's PIL loader (RGB, decoded once per sample for all its views); a file PIL cannot decode raises
-    BadImage naming it relative to --data."""
-    try:
-        with open(path, "rb") as f:
-            return Image.open(f).convert("RGB")
-    except (OSError, ValueError, SyntaxError) as e:  # truncated, not an image, corrupt headers
-        raise BadImage(f"cannot decode {os.path.relpath(path, root)} under --data ({e}); replace or delete it") from None
-
-
-def image_folder(root, split):
-    path = os.path.join(root or "", split)
-    if not os.path.isdir(path):
-        fail(f"no folder {path}: --dataset imagefolder expects DATA/train/<class>/*.jpg and DATA/val/<class>/*.jpg; "
-             "check --data or pick another --dataset")
-    try:
-        return torchvision.datasets.ImageFolder(path, loader=functools.partial(decode_image, root=root))
-    except (FileNotFoundError, RuntimeError) as e:
-        fail(f"{path} holds no images in class folders ({e})")
+def build_datasets(args, train_transform):
+    """Pretraining set (augmented, keyed by epoch) and the two probe sets (deterministic)."""
+    if args.dataset == "imagefolder" and not os.path.isdir(args.data):
+        fail(f"--data '{args.data}' does not exist; point it at a folder with train/ and val/ (the ImageNet layout)")
+    # a downloadable set: rank 0 downloads and extracts alone, then the others read its files. They wait in a barrier of
+    # their own on the CPU (gloo) with a long timeout: NCCL's 10 minutes can pass during a first download
+    downloads = is_distributed() and args.dataset != "imagefolder"
+    waiting = dist.new_group(backend="gloo", timeout=DOWNLOAD_TIMEOUT) if downloads else None
+    if waiting and rank() > 0:
+        dist.barrier(group=waiting)
+    root = args.data or "./data"
+    pretrain, probe_train, probe_test = base_datasets(args.dataset, root)
+    if waiting and rank() == 0:
+        dist.barrier(group=waiting)
+    if args.subset:  # evenly spaced, so a class-ordered folder keeps every class
+        pretrain, probe_train = (torch.utils.data.Subset(ds, range(0, len(ds), max(1, len(ds) // args.subset))
+                                                         [:args.subset]) for ds in (pretrain, probe_train))
+    for split, ds in (("training", pretrain), ("probe test", probe_test)):
+        if len(ds) == 0:
+            fail(f"the {split} split of {args.dataset} at {root} is empty")
+    test_tf = eval_transform(args.dataset, args.image_size)
+    return (Transformed(pretrain, train_transform, args.seed), Transformed(probe_train, test_tf),
+            Transformed(probe_test, test_tf))
 
 
 def base_datasets(name, root):
@@ -212,6 +315,79 @@ def base_datasets(name, root):
     return train, train, fashion_mnist(root, "test")
 
 
+def download(dataset_cls, root, files, **kwargs):
+    try:
+        return dataset_cls(root, download=True, **kwargs)
+    except Exception as e:  # offline, or a partial/corrupt archive
+        fail(f"could not download {dataset_cls.__name__} into {root} ({e}); place {files} there by hand and rerun")
+
+
+def image_folder(root, split):
+    path = os.path.join(root or "", split)
+    if not os.path.isdir(path):
+        fail(f"no folder {path}: --dataset imagefolder expects DATA/train/<class>/*.jpg and DATA/val/<class>/*.jpg; "
+             "check --data or pick another --dataset")
+    try:
+        return torchvision.datasets.ImageFolder(path, loader=functools.partial(decode_image, root=root))
+    except (FileNotFoundError, RuntimeError) as e:
+        fail(f"{path} holds no images in class folders ({e})")
+
+
+class BadImage(Exception):
+    """An image file that does not decode; the loaders turn it into a one-line error."""
+
+
+def decode_image(path, root):
+    """ImageFolder's PIL loader (RGB); an image PIL cannot decode raises BadImage, named relative to --data."""
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except (OSError, ValueError, SyntaxError) as e:  # truncated, not an image, corrupt headers
+        raise BadImage(f"cannot decode {os.path.relpath(path, root)} under --data ({e}); replace or delete it") from None
+
+
+def fashion_mnist(root, split):
+    """Zalando's idx .gz files from --data, torchvision's raw folder or Debian's package; else download."""
+    names = FASHION_FILES[split]
+    for folder in [root, os.path.join(root, "FashionMNIST", "raw"), DEBIAN_FASHION_MNIST]:
+        if all(os.path.isfile(os.path.join(folder, name)) for name in names):
+            return ArrayDataset(*(read_idx_gz(os.path.join(folder, name)) for name in names))
+    all_files = ", ".join(name for pair in FASHION_FILES.values() for name in pair)
+    ds = download(torchvision.datasets.FashionMNIST, root, all_files, train=split == "train")
+    return ArrayDataset(ds.data.numpy(), ds.targets.tolist())
+
+
+def read_idx_gz(path):
+    """An idx file (the MNIST format: a magic number ending in the rank, the sizes, uint8 data) -> numpy array."""
+    with gzip.open(path, "rb") as f:
+        raw = f.read()
+    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(raw[3]))
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * raw[3]).reshape(shape)
+
+
+class ArrayDataset(torch.utils.data.Dataset):
+    """uint8 images (N, H, W[, 3]) + labels -> (PIL RGB image, label)."""
+
+    def __init__(self, images, labels):
+        self.images, self.labels = images, [int(y) for y in labels]
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return TF.to_pil_image(self.images[i]).convert("RGB"), self.labels[i]
+
+
+def normalize(dataset):
+    return T.Normalize(*MEAN_STD[dataset])
+
+
+def eval_transform(dataset, image_size):
+    """Deterministic transform for probing: resize + center crop (256/224 ratio for large images)."""
+    resize = int(round(image_size * 256 / 224)) if image_size >= 128 else image_size
+    return T.Compose([T.Resize(resize), T.CenterCrop(image_size), T.ToTensor(), normalize(dataset)])
+
+
 class Transformed(torch.utils.data.Dataset):
     """(transform(image), label, index). A key (index, epoch) from EpochSampler seeds the augmentation with
     (seed, epoch, index): the same views whatever the number of workers, so --resume continues exactly."""
@@ -227,20 +403,72 @@ class Transformed(torch.utils.data.Dataset):
         image, label = self.base[index]
         if epoch is None:
             return self.transform(image), label, index
-        # torchvision's random transforms draw from torch's CPU generator: seed it for this sample, then
-        # give it back as it was, so that with --workers 0 the training step's randomness stays its own
+        # torchvision's random transforms draw from torch's CPU generator: seed it for this sample, then give it back
+        # as it was, so that with --workers 0 the training step's randomness stays its own
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(hash((self.seed, epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF)
             return self.transform(image), label, index
 
 
-# ---- Augmentation: geometry in the data workers, photometric ops batched on the device ----------------
-# The workers decode each image once, apply its geometry (crops and flips, PIL) to every view, and draw every parameter
-# of the photometric ops from the per-sample seed (torchvision's get_params, so the same distributions); they hand
-# uint8 tensors over. The device applies colour jitter, grayscale and blur to the whole batch, each sample with its own
-# parameters, and normalises. With --no-device-augment the workers apply the same ops with PIL, as the official loaders.
-# Each op has draw() (in the worker), pil(image, q) (the CPU path) and batch(x, q): x (B, 3, H, W) floats in [0, 1], the
-# parameters q (B, params); on CPU, batch() overwrites x (Augmentation owns it), to save a copy per op.
+def dataset_labels(ds):
+    """Labels of a dataset from build_datasets, in index order, without loading an image (-1: unlabelled)."""
+    if isinstance(ds, Transformed):
+        return dataset_labels(ds.base)
+    if isinstance(ds, torch.utils.data.Subset):
+        return dataset_labels(ds.dataset)[torch.tensor(list(ds.indices))]
+    return torch.as_tensor(np.asarray(ds.targets if hasattr(ds, "targets") else ds.labels), dtype=torch.long)
+
+
+def balanced_subset(labels, n):
+    """n / classes indices (at least one) spread evenly over each class's samples, sorted: the same on every rank."""
+    per_class, picked = max(1, n // len(labels.unique())), []
+    for c in labels.unique():
+        members = (labels == c).nonzero()[:, 0]
+        picked.append(members[torch.linspace(0, len(members) - 1, min(per_class, len(members))).round().long()])
+    return torch.cat(picked).sort().values.tolist()
+
+
+# Augmentation: the data workers decode each image once, apply its geometry (crops, flips: PIL) to every view and draw
+# every parameter of the photometric ops from the per-sample seed (torchvision's get_params: the same distributions);
+# they hand uint8 tensors over. The device then applies the colour ops to the whole batch, each sample with its own
+# parameters, and normalises; with on_device=False (--no-device-augment) the workers apply them with PIL instead, as
+# the official loaders. Each op has draw() (in the worker), pil(image, q) (the CPU path) and batch(x, q) (x: (B, 3, H,
+# W) floats in [0, 1], owned and overwritten on CPU; q: (B, params)), its tensor arithmetic in the appendix.
+class Augmentation:
+    """image -> (uint8 views (V, 3, S, S), their photometric ops' parameters (V, P)); to_device finishes a batch."""
+
+    def __init__(self, dataset, on_device=True, geometry=(), photometric=(), views=1):
+        self.geometry, self.photometric, self.views = T.Compose(geometry), list(photometric), views
+        self.on_device, self.dataset, self.mean_std = on_device, dataset, {}
+
+    def __call__(self, image):
+        images, params = [], []
+        for _ in range(self.views):
+            view, q = self.geometry(image), [op.draw() for op in self.photometric]
+            for op, qi in zip(self.photometric, q) if not self.on_device else ():  # the CPU path: PIL, same parameters
+                view = op.pil(view, qi)
+            images.append(TF.pil_to_tensor(view))
+            params.append(torch.cat(q) if q else torch.zeros(0))
+        return torch.stack(images), torch.stack(params)
+
+    def to_device(self, batch, device):
+        """(uint8 (B, V, 3, S, S), params (B, V, P)) -> (V B, 3, S, S) on the device, view-major, coloured, normalised."""
+        x, params = (t.to(device, non_blocking=True).transpose(0, 1).flatten(0, 1) for t in batch)
+        x = x.float().div_(255)
+        if self.on_device and self.photometric:  # on CPU 8 views at a time, so they stay in cache
+            sizes, chunk, parts = [op.params for op in self.photometric], 8 if device.type == "cpu" else len(x), []
+            for s in range(0, len(x), chunk):
+                y = x[s:s + chunk]
+                for op, q in zip(self.photometric, params[s:s + chunk].split(sizes, 1)):
+                    y = op.batch(y, q)
+                parts.append(y)
+            x = torch.cat(parts) if len(parts) > 1 else parts[0]
+        if device not in self.mean_std:  # copied to the device once, not every step (a copy waits for the GPU)
+            self.mean_std[device] = [torch.tensor(v, device=device)[:, None, None] for v in MEAN_STD[self.dataset]]
+        x = x.sub_(self.mean_std[device][0]).div_(self.mean_std[device][1])
+        return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
+
+
 class ColorJitter:
     """T.ColorJitter inside T.RandomApply(p): brightness, contrast, saturation and hue in a random order per sample.
     Parameters: [applied, order (4), b, c, s, h]."""
@@ -274,48 +502,6 @@ class ColorJitter:
         for slot in range(1, 4):  # and after it
             x = _where(x, (slot > hue_at) & (order[:, 0] >= 0), _blend_slot, order[:, slot], factors)
         return x
-
-
-def _where(x, applied, fn, *per_sample):
-    """fn(x, *per_sample) for the samples where `applied` (B,), x for the others. On CUDA all samples are computed and
-    torch.where picks (no host sync); on CPU only the applied ones (nothing to sync with, as PIL), written into x."""
-    if x.device.type != "cpu":
-        return torch.where(applied[:, None, None, None], fn(x, *per_sample), x)
-    index = applied.nonzero()[:, 0]
-    if len(index) == len(x):
-        return fn(x, *per_sample)
-    if len(index):
-        x.index_copy_(0, index, fn(x.index_select(0, index), *(v.index_select(0, index) for v in per_sample)))
-    return x
-
-
-def _grey(x):  # (B, 3, H, W) -> (B, 1, H, W), the ITU-R 601 luma of torchvision's rgb_to_grayscale
-    return (x[:, 0:1] * 0.2989).add_(x[:, 1:2], alpha=0.587).add_(x[:, 2:3], alpha=0.114)
-
-
-def _blend_slot(x, op, factors):
-    """factor * x + (1 - factor) * reference, clamped to [0, 1] (torchvision's _blend), per sample: op 0 brightness
-    blends with black, 1 contrast with the image's mean grey level, 2 saturation with its grey image."""
-    factor = factors.gather(1, op.clamp(min=0)[:, None])[:, 0, None, None, None]  # (B, 1, 1, 1)
-    grey = _grey(x)
-    contrast, saturation = (op[:, None, None, None] == 1) * (1 - factor), (op[:, None, None, None] == 2) * (1 - factor)
-    reference = torch.addcmul(grey.mean((1, 2, 3), keepdim=True) * contrast, grey, saturation)
-    return torch.addcmul(reference, x, factor).clamp_(0, 1)
-
-
-def _adjust_hue(x, h):
-    """Rotate each sample's hue by h (B,) of a turn in HSV, as torchvision's tensor adjust_hue (PIL's rounds the hue
-    to 8 bits, so it differs by about 1/255 of a channel); saturation and value stay."""
-    r, g, b = x.unbind(1)
-    v = torch.maximum(torch.maximum(r, g), b)
-    c = v - torch.minimum(torch.minimum(r, g), b)  # value and chroma (= v s)
-    # hue in sixths of a turn, from the sector of the largest channel; shifted by 6 h, plus 6 to stay positive
-    hue6 = torch.where(v == r, g - b, torch.where(v == g, (b - r).add_(c, alpha=2), (r - g).add_(c, alpha=4)))
-    hue6.div_(c.clamp_min(1e-12)).add_(6 * h[:, None, None] + 6)
-    # back to RGB: channel n (R 5, G 3, B 1) is v - c clamp(2 - |k - 2|, 0, 1), k = (n + hue6) mod 6; in place
-    k = hue6[:, None] + torch.arange(5.0, 0.0, -2.0, device=x.device)[None, :, None, None]  # (no host copy)
-    k.remainder_(6).sub_(2).abs_().neg_().add_(2).clamp_(0, 1)
-    return k.mul_(c[:, None]).neg_().add_(v[:, None])
 
 
 class RandomGrayscale:
@@ -364,44 +550,6 @@ class GaussianBlur:
         return F.conv2d(y, kernel[:, None, :, None], groups=B * C).view(B, C, H, W)
 
 
-class Augmentation:
-    """image -> `views` views: (uint8 (V, 3, S, S), photometric parameters (V, P)). `geometry`: torchvision
-    transforms on the PIL image (crop, flip); `photometric`: the ops above, in order. `to_device` finishes a batch."""
-
-    def __init__(self, args, geometry, photometric=(), views=1):
-        self.geometry, self.photometric, self.views = T.Compose(geometry), list(photometric), views
-        self.on_device, self.dataset, self.mean_std = getattr(args, "device_augment", True), args.dataset, {}
-
-    def __call__(self, image):
-        images, params = [], []
-        for _ in range(self.views):
-            view, q = self.geometry(image), [op.draw() for op in self.photometric]
-            for op, qi in zip(self.photometric, q) if not self.on_device else ():  # the CPU path: PIL, same parameters
-                view = op.pil(view, qi)
-            images.append(TF.pil_to_tensor(view))
-            params.append(torch.cat(q) if q else torch.zeros(0))
-        return torch.stack(images), torch.stack(params)
-
-    def to_device(self, batch, device):
-        """(uint8 (B, V, 3, S, S), parameters (B, V, P)) from the loader -> (V B, 3, S, S) float on the device, view by
-        view (view 0 of all samples, then view 1, ...), photometric ops applied (device path) and normalised."""
-        x, params = (t.to(device, non_blocking=True).transpose(0, 1).flatten(0, 1) for t in batch)
-        x = x.float().div_(255)
-        if self.on_device and self.photometric:  # on CPU 8 views at a time, so they stay in cache
-            sizes, chunk, parts = [op.params for op in self.photometric], 8 if device.type == "cpu" else len(x), []
-            for s in range(0, len(x), chunk):
-                y = x[s:s + chunk]
-                for op, q in zip(self.photometric, params[s:s + chunk].split(sizes, 1)):
-                    y = op.batch(y, q)
-                parts.append(y)
-            x = torch.cat(parts) if len(parts) > 1 else parts[0]
-        if device not in self.mean_std:  # copied to the device once, not every step (a copy waits for the GPU)
-            self.mean_std[device] = [torch.tensor(v, device=device)[:, None, None] for v in MEAN_STD[self.dataset]]
-        x = x.sub_(self.mean_std[device][0]).div_(self.mean_std[device][1])
-        return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
-
-
-# ---- Loaders ---------------------------------------------------------------------------
 class EpochSampler(torch.utils.data.distributed.DistributedSampler):
     """DistributedSampler that yields (index, epoch) keys and can start mid-epoch (for --resume)."""
 
@@ -416,43 +564,6 @@ class EpochSampler(torch.utils.data.distributed.DistributedSampler):
         return super().__len__() - self.start_step * self.batch_size
 
 
-DOWNLOAD_TIMEOUT = datetime.timedelta(hours=2)  # STL-10 is 2.6 GB
-
-
-def build_datasets(args, train_transform):
-    """Pretraining set (augmented, keyed by epoch) and the two probe sets (deterministic)."""
-    if args.dataset == "imagefolder" and not os.path.isdir(args.data):
-        fail(f"--data '{args.data}' does not exist; point it at a folder with train/ and val/ (the ImageNet layout)")
-    # a downloadable set: rank 0 downloads and extracts alone, then the others read its files. They wait in a barrier of
-    # their own on the CPU (gloo) with a long timeout: NCCL's 10 minutes can pass during a first download
-    downloads = is_distributed() and args.dataset != "imagefolder"
-    waiting = dist.new_group(backend="gloo", timeout=DOWNLOAD_TIMEOUT) if downloads else None
-    if waiting and rank() > 0:
-        dist.barrier(group=waiting)
-    root = args.data or "./data"
-    pretrain, probe_train, probe_test = base_datasets(args.dataset, root)
-    if waiting and rank() == 0:
-        dist.barrier(group=waiting)
-    if args.subset:  # evenly spaced, so a class-ordered folder keeps every class
-        pretrain, probe_train = (torch.utils.data.Subset(ds, range(0, len(ds), max(1, len(ds) // args.subset))
-                                                         [:args.subset]) for ds in (pretrain, probe_train))
-    for split, ds in (("training", pretrain), ("probe test", probe_test)):
-        if len(ds) == 0:
-            fail(f"the {split} split of {args.dataset} at {root} is empty")
-    test_tf = eval_transform(args.dataset, args.image_size)
-    return (Transformed(pretrain, train_transform, args.seed), Transformed(probe_train, test_tf),
-            Transformed(probe_test, test_tf))
-
-
-def dataset_labels(ds):
-    """Labels of a dataset from build_datasets, in index order, without loading an image (-1: unlabelled)."""
-    if isinstance(ds, Transformed):
-        return dataset_labels(ds.base)
-    if isinstance(ds, torch.utils.data.Subset):
-        return dataset_labels(ds.dataset)[torch.tensor(list(ds.indices))]
-    return torch.as_tensor(np.asarray(ds.targets if hasattr(ds, "targets") else ds.labels), dtype=torch.long)
-
-
 def _ignore_stop_signals(worker_id):
     """Data workers leave SIGTERM, SIGINT and SIGUSR1 to the main process, which finishes its step and checkpoints
     (a scheduler signals every process of the job; a worker dying first would end the run with a traceback)."""
@@ -462,8 +573,7 @@ def _ignore_stop_signals(worker_id):
 
 @atexit.register  # after multiprocessing's own exit hook was registered (torch imports it), so it runs before it
 def _end_data_workers():
-    """multiprocessing ends the data workers at exit with SIGTERM, which they ignore: shut the loaders' workers down
-    as DataLoader does (a sentinel, then join), and SIGKILL any that still lingers."""
+    """At exit: the loaders' workers (which ignore multiprocessing's SIGTERM) shut down as DataLoader does, or killed."""
     for loader in list(Loader.instances):
         if getattr(loader, "_iterator", None) is not None and hasattr(loader._iterator, "_shutdown_workers"):
             loader._iterator._shutdown_workers()
@@ -500,109 +610,23 @@ def train_loader(dataset, args):
 
 
 def eval_loader(dataset, args):
-    sampler = torch.utils.data.distributed.DistributedSampler(dataset, world(), rank(), shuffle=False)
-    return Loader(dataset, batch_size=max(1, args.batch_size // world()), sampler=sampler, num_workers=args.workers,
-                  pin_memory=torch.cuda.is_available())
+    """This rank's share of `dataset`, in order: every world-th sample from its rank, each sample on one rank only
+    (ImageNet, ResNet-50, 8 ranks: 1.28M x 2048 features in bf16 are 0.66 GB a GPU, not 10.5 GB in fp32 on every one)."""
+    return Loader(dataset, batch_size=max(1, args.batch_size // world()), sampler=range(rank(), len(dataset), world()),
+                  num_workers=args.workers, pin_memory=torch.cuda.is_available())
 
 
-# ---- Distributed start-up and gathers --------------------------------------------------
-def setup(args):
-    """torchrun's process group (NCCL on GPU, gloo on CPU; plain `python x.py` is one process), seeds, --out, and bf16
-    autocast by default on CUDA -> the device."""
-    cuda = torch.cuda.is_available()
-    if "RANK" in os.environ:  # torchrun
-        local_rank = int(os.environ["LOCAL_RANK"])
-        if cuda and local_rank >= torch.cuda.device_count():
-            fail(f"local rank {local_rank} has no GPU ({torch.cuda.device_count()} visible); lower --nproc_per_node")
-        if cuda:
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl" if cuda else "gloo")
-    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-    if args.batch_size % world():
-        fail(f"--batch-size {args.batch_size} is not divisible by the world size {world()}; "
-             f"use a multiple of {world()}")
-    args.amp = cuda if args.amp is None else args.amp
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    try:  # every rank, before any data is read: a run that cannot checkpoint must not start
-        os.makedirs(args.out, exist_ok=True)
-        tempfile.TemporaryFile(dir=args.out).close()
-    except OSError as e:
-        fail(f"cannot write to --out {args.out} ({e.strerror or e}); pick a folder this user can write")
-    if device.type == "cuda":
-        sys.excepthook = functools.partial(out_of_memory_line, args, sys.excepthook)
-    return device
+def probe_loaders(probe_sets, args):
+    """-> (final, monitor): the loaders of the final evaluation (every image) and of the --eval-every kNN monitor, which
+    with --monitor-subset reads a fixed, class-balanced part of each probe set (seconds on ImageNet, not a full pass)."""
+    final = [eval_loader(ds, args) for ds in probe_sets]
+    if not args.monitor_subset:
+        return final, final
+    return final, [eval_loader(torch.utils.data.Subset(ds, balanced_subset(dataset_labels(ds), args.monitor_subset)),
+                               args) for ds in probe_sets]
 
 
-def out_of_memory_line(args, hook, kind, error, traceback):
-    """sys.excepthook on CUDA: an out-of-memory error becomes one line (the per-GPU batch, what it needed, what to
-    change); any other error goes to `hook`."""
-    if not isinstance(error, torch.cuda.OutOfMemoryError):
-        return hook(kind, error, traceback)
-    tried = re.search(r"Tried to allocate ([\d.]+) ([KMG])iB", str(error))  # the allocation that failed
-    device = torch.cuda.current_device()
-    needed = torch.cuda.max_memory_allocated(device) / 2 ** 30 + (
-        float(tried[1]) * 1024.0 ** ("KMG".index(tried[2]) - 2) if tried else 0)
-    total = torch.cuda.get_device_properties(device).total_memory / 2 ** 30
-    print(f"error: CUDA out of memory at --batch-size {args.batch_size} ({args.batch_size // world()} per GPU): it "
-          f"needed about {needed:.1f} GiB of the GPU's {total:.1f} GiB; lower --batch-size (scale --lr as the file's "
-          "header says), use more GPUs, or a smaller --arch or --image-size", file=sys.stderr, flush=True)
-
-
-def is_distributed():
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def world():
-    return dist.get_world_size() if is_distributed() else 1
-
-
-def rank():
-    return dist.get_rank() if is_distributed() else 0
-
-
-def all_reduce(x, op="sum"):
-    """x reduced over the ranks: "sum", "mean", "max" or "min" (a copy; x itself in one process)."""
-    if not is_distributed():
-        return x
-    x = x.clone()
-    dist.all_reduce(x, op=getattr(dist.ReduceOp, "SUM" if op == "mean" else op.upper()))
-    return x / world() if op == "mean" else x
-
-
-@torch.no_grad()
-def gather(x):
-    """All-gather along dim 0, no gradient."""
-    if not is_distributed():
-        return x
-    x = x.contiguous()  # all_gather wants dense tensors of one layout (channels_last images become NCHW)
-    out = [torch.empty_like(x) for _ in range(world())]
-    dist.all_gather(out, x)
-    return torch.cat(out)
-
-
-class _GatherWithGrad(torch.autograd.Function):
-    forward = staticmethod(lambda ctx, x: gather(x))
-
-    @staticmethod
-    def backward(ctx, grad):  # every rank's loss used every slice: sum their gradients, take ours (lightly#1528)
-        grad, n = all_reduce(grad.contiguous()), len(grad) // world()
-        return grad[rank() * n:(rank() + 1) * n]
-
-
-def gather_with_grad(x):
-    """All-gather along dim 0; backward sends each rank the sum of all ranks' gradients for its slice."""
-    return _GatherWithGrad.apply(x) if is_distributed() else x
-
-
-def step_generator(seed, global_step, device):
-    """The training step's own random generator, seeded from (seed, step): a resumed run draws the same
-    numbers whatever --workers is, and nothing else (data loading included) draws from it."""
-    return torch.Generator(device).manual_seed(hash((seed, global_step)) & 0x7FFF_FFFF_FFFF_FFFF)
-
-
-# ---- Backbone --------------------------------------------------------------------------
+# ==== 4. Trunks. Reads no args: a file passes --arch and --image-size ================================================
 def build_backbone(arch, image_size, zero_init_residual=False, norm_layer=nn.BatchNorm2d):
     """torchvision ResNet (its Kaiming fan-out init) without fc -> (trunk, width). At <= 64 px the CIFAR stem
     (3x3 conv, stride 1, no max-pool) as SimCLR's CIFAR setup; zero_init_residual zeroes each block's last BN.
@@ -631,7 +655,8 @@ def build_backbone(arch, image_size, zero_init_residual=False, norm_layer=nn.Bat
     return net, width
 
 
-# ---- Checkpoints, progress lines, the monitor and the final evaluation ------------------
+# ==== 5. The run: checkpoints, resume, progress lines, divergence and stop handling. Reads args.out, resume, ==========
+# ==== eval_only, method, arch, image_size, batch_size, epochs, max_steps, save_every, print_freq, eval_every, baselines
 def save_atomic(obj, path):
     """torch.save to a temp file then rename: a crash mid-write never leaves a broken file."""
     tmp = f"{path}.tmp.{os.getpid()}"
@@ -643,56 +668,76 @@ def save_atomic(obj, path):
 
 
 def load_weights(module, state_dict, path):
-    """module.load_state_dict(state_dict), or one short line: how many keys are missing and unexpected (the first of
-    each), or the first shape that differs."""
+    """module.load_state_dict(state_dict), or one short line with torch's first complaint about it."""
     try:
-        missing, unexpected = module.load_state_dict(state_dict, strict=False)
-        problem = "; ".join(f"{len(keys)} {kind} keys, first {keys[0]}" for kind, keys in
-                            (("missing", missing), ("unexpected", unexpected)) if keys)
+        module.load_state_dict(state_dict)
     except (RuntimeError, TypeError, AttributeError) as e:
-        problem = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e))
-    if problem:
+        problem = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))
         fail(f"{path} does not fit this model ({problem[:160]}); pass the --arch, --image-size and model flags it was "
              "trained with")
 
 
+def read_checkpoint(args, trunk):
+    """The --resume file, checked: a training checkpoint written by this file with this --arch and --image-size (and,
+    stopped mid-epoch, the same ranks and batch) -> its dict; with --eval-only a backbone.pth is loaded into `trunk`
+    instead (-> None, as without --resume)."""
+    if not args.resume:
+        return None
+    if not os.path.isfile(args.resume):
+        fail(f"--resume {args.resume} does not exist")
+    try:
+        ckpt = torch.load(args.resume, map_location="cpu", weights_only=False)
+    except Exception as e:
+        fail(f"cannot read checkpoint {args.resume} ({type(e).__name__}); it is truncated or corrupt: resume from "
+             "another checkpoint or start afresh without --resume")
+    if not isinstance(ckpt, dict):
+        fail(f"{args.resume} holds no weights; pass OUT/checkpoint.pth or OUT/backbone.pth")
+    if "model" not in ckpt:
+        if not args.eval_only:
+            fail(f"{args.resume} is not a training checkpoint; pass OUT/checkpoint.pth (backbone.pth needs --eval-only)")
+        return load_weights(trunk, ckpt, args.resume)
+    written, ours = ckpt.get("args", {}), vars(args)
+    keys = [k for k in ("method", "arch", "image_size") if k in written]  # the method: since it was recorded
+    if any(written[k] != ours[k] for k in keys):
+        describe = lambda a: f"{a['method']}.py" * ("method" in keys) + f" --arch {a['arch']} --image-size {a['image_size']}"
+        fail(f"{args.resume} was written by {describe(written).strip()}, not {describe(ours).strip()}; resume it "
+             "with the file and flags that wrote it, or start afresh in another --out")
+    if ckpt["step_in_epoch"] and (ckpt["world_size"], written["batch_size"]) != (world(), args.batch_size):
+        fail(f"{args.resume} stopped mid-epoch with {ckpt['world_size']} ranks and --batch-size "
+             f"{written['batch_size']}; resume with the same")
+    return ckpt
+
+
+def log_metrics(out, **record):
+    """One JSON object per line in OUT/metrics.jsonl, from rank 0."""
+    if rank() == 0:
+        with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
 NEVER = 2 ** 62  # "no non-finite loss seen" for the divergence check
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)  # schedulers send one some seconds before a kill
-# Every STOP_CHECK_EVERY steps the ranks agree on whether one of them got a stop signal: one all-reduce of one number
-# and its host sync (0.7 ms with gloo on 2 CPU ranks, 0.07 ms a step), so all stop at the same step and none waits on
-# a collective the others left. At ImageNet speeds (0.2-1 s a step) 10 steps stay inside a scheduler's grace period.
-STOP_CHECK_EVERY = 10
-_stop = {"signal": 0, "handlers": {}}  # the stop signal received since Run.start (0: none), and the handlers it replaced
 
 
-def _on_stop_signal(signum, frame):  # a repeat changes nothing: torchrun passes a scheduler's signal on, so a rank
-    _stop["signal"] = _stop["signal"] or signum  # may get it twice
-
-
-def catch_stop_signals(on):
-    """During training (Run.start to the last step) a stop signal only sets _stop; off: the handlers as they were."""
-    if on and not _stop["handlers"] and threading.current_thread() is threading.main_thread():  # Python's rule
-        _stop["handlers"] = {s: signal.signal(s, _on_stop_signal) for s in STOP_SIGNALS}
-    elif not on:
-        for s, handler in _stop["handlers"].items():
-            signal.signal(s, handler)
-        _stop["handlers"] = {}
+def stop_if_diverged(first_bad_step, last_good, model=None, step=None):
+    """A non-finite loss (or a non-finite value in `model`, at `step`): one line naming it and the last good checkpoint."""
+    if model is not None:
+        finite = torch.stack([t.isfinite().all() for t in model.state_dict().values() if t.is_floating_point()]).all()
+        first_bad_step = torch.where(finite, first_bad_step, torch.clamp(first_bad_step, max=step))
+    first_bad = all_reduce(first_bad_step, "min").item()
+    if first_bad < NEVER:
+        good = f"the last good checkpoint is {last_good[0]} (step {last_good[1]})" if last_good else "no checkpoint was written"
+        fail(f"training diverged: non-finite loss or weights at step {first_bad}; {good}; lower --lr and --resume from it")
 
 
 class Run:
-    """The loop plumbing every method file shares, one call each: resume(), after_step() (progress line, metrics.jsonl,
-    checkpoints, the kNN monitor, the divergence stop) and final_evaluation(). `state` names what a checkpoint holds
-    (model=..., optimizer=...; method state lives in the model's buffers); `trunk` is what backbone.pth holds, and the
-    probes read `features` (default: the trunk)."""
+    """The loop plumbing every method file shares, one call each: resume(), start(), after_step() (progress line,
+    metrics.jsonl, checkpoints, the kNN monitor, the divergence and stop checks) and final_evaluation(). `state` names
+    what a checkpoint holds (model=..., optimizer=...; method state lives in the model's buffers); `trunk` is what
+    backbone.pth holds, and the probes read `features` (default: the trunk)."""
 
     def __init__(self, args, device, probe_sets, trunk, features=None, **state):
         self.args, self.device, self.trunk, self.features, self.state = args, device, trunk, features or trunk, state
-        self.probe_loaders = [eval_loader(ds, args) for ds in probe_sets]
-        # --monitor-subset: the --eval-every kNN reads a fixed, class-balanced part of each probe set (seconds on
-        # ImageNet, not a full pass); the final evaluation reads everything
-        self.monitor_loaders = [eval_loader(torch.utils.data.Subset(ds, balanced_subset(dataset_labels(ds),
-                                                                                        args.monitor_subset)), args)
-                                for ds in probe_sets] if args.monitor_subset else self.probe_loaders
+        self.probe_loaders, self.monitor_loaders = probe_loaders(probe_sets, args)
         # --baselines: the trunk as the method initialised it (before --resume), probed beside the trained one
         self.initial_trunk = copy.deepcopy(trunk.state_dict()) if args.baselines else None
         self.path, self.last_good, self.resumed = os.path.join(args.out, "checkpoint.pth"), None, False
@@ -701,36 +746,13 @@ class Run:
 
     def resume(self):
         """Load --resume (with --eval-only also a backbone.pth) -> (epoch, step in epoch) to start at."""
-        args = self.args
-        if not args.resume:
+        ckpt = read_checkpoint(self.args, self.trunk)
+        if ckpt is None:
             return 0, 0
-        if not os.path.isfile(args.resume):
-            fail(f"--resume {args.resume} does not exist")
-        try:
-            ckpt = torch.load(args.resume, map_location="cpu", weights_only=False)
-        except Exception as e:
-            fail(f"cannot read checkpoint {args.resume} ({type(e).__name__}); it is truncated or corrupt: resume from "
-                 "another checkpoint or start afresh without --resume")
-        if not isinstance(ckpt, dict):
-            fail(f"{args.resume} holds no weights; pass OUT/checkpoint.pth or OUT/backbone.pth")
-        if "model" not in ckpt:
-            if not args.eval_only:
-                fail(f"{args.resume} is not a training checkpoint; pass OUT/checkpoint.pth (backbone.pth needs --eval-only)")
-            load_weights(self.trunk, ckpt, args.resume)
-            return 0, 0
-        written, ours = ckpt.get("args", {}), vars(args)
-        keys = [k for k in ("method", "arch", "image_size") if k in written]  # the method: since it was recorded
-        if any(written[k] != ours[k] for k in keys):
-            describe = lambda a: f"{a['method']}.py" * ("method" in keys) + f" --arch {a['arch']} --image-size {a['image_size']}"
-            fail(f"{args.resume} was written by {describe(written).strip()}, not {describe(ours).strip()}; resume it "
-                 "with the file and flags that wrote it, or start afresh in another --out")
         for name, obj in self.state.items():
-            load_weights(obj, ckpt[name], args.resume) if name == "model" else obj.load_state_dict(ckpt[name])
-        if ckpt["step_in_epoch"] and (ckpt["world_size"], ckpt["args"]["batch_size"]) != (world(), args.batch_size):
-            fail(f"{args.resume} stopped mid-epoch with {ckpt['world_size']} ranks and --batch-size "
-                 f"{ckpt['args']['batch_size']}; resume with the same")
+            load_weights(obj, ckpt[name], self.args.resume) if name == "model" else obj.load_state_dict(ckpt[name])
         self.epochs_done, self.global_step, self.resumed = ckpt["epoch"], ckpt["global_step"], True
-        self.last_good = (args.resume, ckpt["global_step"])
+        self.last_good = (self.args.resume, ckpt["global_step"])
         return ckpt["epoch"], ckpt["step_in_epoch"]
 
     def start(self, steps_per_epoch, start_epoch, start_step):
@@ -740,7 +762,6 @@ class Run:
         self.steps_per_epoch, self.last_step = steps_per_epoch, min(total_steps, self.args.max_steps or total_steps)
         self.global_step = start_epoch * steps_per_epoch + start_step
         self.tick = (time.time(), self.global_step)
-        _stop["signal"] = 0
         catch_stop_signals(not self.done())
 
     def done(self):
@@ -752,59 +773,38 @@ class Run:
         self.first_bad_step = torch.minimum(self.first_bad_step, torch.where(loss.isfinite(), NEVER, self.global_step))
         end_of_epoch = step + 1 == self.steps_per_epoch
         if self.global_step % args.print_freq == 0 or end_of_epoch or self.done():
-            self.stop_if_diverged()
-            loss_value = all_reduce(loss, "mean").item()  # the only host sync, at print time
-            img_per_s = (self.global_step - self.tick[1]) * args.batch_size / max(time.time() - self.tick[0], 1e-9)
-            hours, rest = divmod(int((self.last_step - self.global_step) * args.batch_size / max(img_per_s, 1e-9)), 3600)
-            memory = {"peak_gib": torch.cuda.max_memory_allocated(self.device) / 2 ** 30} if self.device.type == "cuda" else {}
-            print0(f"epoch {epoch} step {step + 1}/{self.steps_per_epoch} loss {loss_value:.4f} lr {lr:.4g} "
-                   f"{img_per_s:.0f} img/s eta {hours}:{rest // 60:02d}:{rest % 60:02d}"
-                   + "".join(f" peak {v:.1f} GiB" for v in memory.values()))
-            self.log(epoch=epoch, step=self.global_step, loss=loss_value, lr=lr, img_per_s=img_per_s, **memory)
-            self.tick = (time.time(), self.global_step)
+            self.progress(epoch, step, loss, lr)
         saved = end_of_epoch or self.done() or (args.save_every and self.global_step % args.save_every == 0)
         if saved:
             self.save(epoch + 1 if end_of_epoch else epoch, 0 if end_of_epoch else step + 1)
-        if self.global_step % STOP_CHECK_EVERY == 0 or self.done():  # one process: no device copy, no host sync
-            stop = int(all_reduce(torch.tensor(_stop["signal"], device=self.device), "max").item()) if is_distributed() \
-                else _stop["signal"]
-            if stop:  # every rank, at this same step: checkpoint (rank 0 writes), say how to go on, exit non-zero
-                if not saved:
-                    self.save(epoch, step + 1)
-                if is_distributed():
-                    dist.barrier()  # no rank exits before the file is written: torchrun would end rank 0 with it
-                catch_stop_signals(False)
-                if rank() == 0:
-                    print(f"stopped by {signal.Signals(stop).name} at step {self.global_step}; continue with --resume "
-                          f"{self.path}", file=sys.stderr, flush=True)
-                raise SystemExit(128 + stop)
+        if self.global_step % STOP_CHECK_EVERY == 0 or self.done():  # every rank stops at this same step
+            stop_if_requested(self.device, self.global_step, self.path, lambda: saved or self.save(epoch, step + 1))
             if self.done():
                 catch_stop_signals(False)  # trained and checkpointed: a signal from here on just ends the process
         if end_of_epoch and args.eval_every and (epoch + 1) % args.eval_every == 0 and not self.done():
             monitor = evaluate(self.features, *self.monitor_loaders, self.device, args, linear=False, trunk=self.trunk)
-            self.log(epoch=epoch + 1, **monitor)
             best = monitor.get("best_stage_knn", "final")
             print0(f"epoch {epoch + 1} kNN top-1 {monitor['knn_top1']:.2f}" + (f", best stage {best} "
                    f"{monitor[best + '_knn_top1']:.2f}" if best != "final" else ""))
+            log_metrics(args.out, epoch=epoch + 1, **monitor)
             self.tick = (time.time(), self.global_step)  # evaluation time is not training throughput
         return self.done()
 
-    def stop_if_diverged(self, check_weights=False):
-        """One-line error naming the first non-finite step and the last good checkpoint (all ranks agree)."""
-        first_bad = self.first_bad_step
-        if check_weights:
-            finite = torch.stack([t.isfinite().all() for t in self.state["model"].state_dict().values()
-                                  if t.is_floating_point()]).all()
-            first_bad = torch.where(finite, first_bad, torch.clamp(first_bad, max=self.global_step))
-        first_bad = all_reduce(first_bad, "min").item()
-        if first_bad < NEVER:
-            good = (f"the last good checkpoint is {self.last_good[0]} (step {self.last_good[1]})" if self.last_good
-                    else "no checkpoint was written")
-            fail(f"training diverged: non-finite loss or weights at step {first_bad}; {good}; lower --lr and --resume from it")
+    def progress(self, epoch, step, loss, lr):
+        """The progress line and its metrics.jsonl record: the ranks' mean loss (the only host sync), img/s, ETA."""
+        stop_if_diverged(self.first_bad_step, self.last_good)
+        loss, batch = all_reduce(loss, "mean").item(), self.args.batch_size
+        img_per_s = (self.global_step - self.tick[1]) * batch / max(time.time() - self.tick[0], 1e-9)
+        hours, rest = divmod(int((self.last_step - self.global_step) * batch / max(img_per_s, 1e-9)), 3600)
+        memory = {"peak_gib": torch.cuda.max_memory_allocated(self.device) / 2 ** 30} if self.device.type == "cuda" else {}
+        print0(f"epoch {epoch} step {step + 1}/{self.steps_per_epoch} loss {loss:.4f} lr {lr:.4g} {img_per_s:.0f} "
+               f"img/s eta {hours}:{rest // 60:02d}:{rest % 60:02d}" + "".join(f" peak {v:.1f} GiB" for v in memory.values()))
+        log_metrics(self.args.out, epoch=epoch, step=self.global_step, loss=loss, lr=lr, img_per_s=img_per_s, **memory)
+        self.tick = (time.time(), self.global_step)
 
     def save(self, epoch, step_in_epoch):
         """Atomic checkpoint.pth + backbone.pth from rank 0; never of non-finite values."""
-        self.stop_if_diverged(check_weights=True)
+        stop_if_diverged(self.first_bad_step, self.last_good, self.state["model"], self.global_step)
         if rank() == 0:
             save_atomic({**{name: obj.state_dict() for name, obj in self.state.items()}, "epoch": epoch,
                          "step_in_epoch": step_in_epoch, "global_step": self.global_step, "world_size": world(),
@@ -813,53 +813,79 @@ class Run:
         self.last_good, self.epochs_done = (self.path, self.global_step), epoch
         self.tick = (time.time(), self.global_step)
 
-    def log(self, **record):  # one JSON object per line in OUT/metrics.jsonl
-        if rank() == 0:
-            with open(os.path.join(self.args.out, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(record) + "\n")
-
     def final_evaluation(self, extra=None):
-        """kNN + linear probe of the trunk, `extra()` (a method's own results), the replicas' weight difference and,
-        with --baselines, the same probes on the random-init trunk and (<= 64 px) the raw normalised pixels."""
+        """The probes, `extra()` (a method's own results), the baselines and the replicas' largest weight difference."""
         results = evaluate(self.features, *self.probe_loaders, self.device, self.args, trunk=self.trunk)
         results.update(extra() if extra else {})
         if self.initial_trunk is not None:
-            trained = copy.deepcopy(self.trunk.state_dict())
-            self.trunk.load_state_dict(self.initial_trunk)
-            results.update({f"random_init_{k}": v for k, v in evaluate(self.features, *self.probe_loaders, self.device,
-                                                                       self.args, trunk=self.trunk).items()})
-            self.trunk.load_state_dict(trained)
-            if self.args.image_size <= 64:
-                pixels = evaluate(nn.Flatten(), *self.probe_loaders, self.device, self.args)
-                results.update({f"raw_pixels_{k}": v for k, v in pixels.items()})
-        if world() > 1:  # largest |w - w_rank0| over all parameters and ranks: 0.0 when DDP kept the replicas in step
+            results.update(baselines(self.features, self.trunk, self.initial_trunk, self.probe_loaders, self.device, self.args))
+        if world() > 1:
             flat = torch.cat([p.detach().float().flatten() for p in self.state["model"].parameters()])
-            reference = flat.clone()
+            reference = flat.clone()  # |w - w_rank0| over all ranks: 0.0 when DDP kept the replicas in step
             dist.broadcast(reference, 0)
             results["rank_weight_max_diff"] = all_reduce((flat - reference).abs().max(), "max").item()
-        self.log(epoch=self.epochs_done, step=self.global_step, **results)
+        log_metrics(self.args.out, epoch=self.epochs_done, step=self.global_step, **results)
         print0(" ".join(f"{k} {v if isinstance(v, str) else f'{v:.4g}'}" for k, v in results.items()))
         return results
 
 
-def print0(*a):
-    if rank() == 0:
-        print(*a, flush=True)
-
-
-# ---- Probing: sharded features, weighted kNN, linear probe --------------------------------
-# Each rank keeps only the features of its own share of the probe sets (ImageNet, ResNet-50, 8 ranks: 1.28M x 2048
-# in bf16 is 0.66 GB per GPU, where every rank holding all of them in fp32 was 10.5 GB, twice during the gather).
+# ==== 6. Evaluation: features of the frozen trunk, kNN, linear probe. Reads args.probe_stages, probe_epochs, knn_k, ===
+# ==== knn_t, seed, amp, image_size =====================================================================================
+# Each rank keeps only the features of its own share of the probe sets (eval_loader), sharded through kNN and probe.
 KNN_MEMORY_BYTES = 2 ** 30  # the kNN's similarity block per rank, whatever the dataset size
+PROBE_MEMORY_BYTES = 4 * 2 ** 30  # per rank: the probe features held at once; stages beyond it take another pass
 FEATURE_DTYPE = {"cuda": torch.bfloat16}  # the cached features' dtype by device type (others: fp32)
+STAGES = ("stem", "layer1", "layer2", "layer3", "layer4", "final")
+
+
+def evaluate(features, probe_train_loader, probe_test_loader, device, args, linear=True, trunk=None):
+    """kNN (and optionally linear-probe) accuracy of frozen features; same result on every rank. Given the `trunk` and
+    --probe-stages, also of its stem and stages (StageFeatures; as many per pass over the probe sets as
+    PROBE_MEMORY_BYTES holds): knn_top1 etc. stay the final features', {stage}_knn_top1 etc. are each stage's, and
+    best_stage_knn (best_stage_linear) names the best."""
+    if is_distributed():  # BN running stats drift apart without SyncBN (CPU): use rank 0's, as DDP does
+        for buffer in features.buffers():
+            dist.broadcast(buffer, 0)
+    stages = ["stem", *trunk_stages(trunk), "final"] if args.probe_stages and trunk is not None else ["final"]
+    linear, results = linear and args.probe_epochs > 0, {}
+    rows = len(probe_train_loader.sampler) + len(probe_test_loader.sampler)
+    stage_bytes = rows * StageFeatures(features, trunk).budget * (2 if device.type == "cuda" else 4)
+    per_pass = max(1, int(PROBE_MEMORY_BYTES // max(1, stage_bytes)))
+    for first in range(0, len(stages), per_pass):
+        probe = StageFeatures(features, trunk if len(stages) > 1 else None, stages[first:first + per_pass])
+        (train_f, train_y, _), (test_f, test_y, _) = (extract_features(probe, loader, device, args.amp)
+                                                      for loader in (probe_train_loader, probe_test_loader))
+        probe.remove_hooks()
+        for s in probe.stages:
+            name = "" if s == "final" else f"{s}_"
+            results[f"{name}knn_top1"] = knn_classify(train_f[s], train_y, test_f[s], test_y, args.knn_k, args.knn_t)
+            if linear:
+                results[f"{name}linear_top1"], results[f"{name}linear_top5"] = linear_probe(
+                    train_f[s], train_y, test_f[s], test_y, args.probe_epochs, seed=args.seed)
+        del train_f, test_f
+    for kind in ("knn", "linear")[:1 + linear] if len(stages) > 1 else ():
+        score = {s: results[f"{'' if s == 'final' else s + '_'}{kind}_top1"] for s in stages}
+        results[f"best_stage_{kind}"] = max(score, key=score.get)
+    return results
+
+
+def baselines(features, trunk, initial_trunk, loaders, device, args):
+    """--baselines: the probes of the trunk at its initial weights and (<= 64 px) of the raw normalised pixels."""
+    trained = copy.deepcopy(trunk.state_dict())
+    trunk.load_state_dict(initial_trunk)
+    results = {f"random_init_{k}": v for k, v in evaluate(features, *loaders, device, args, trunk=trunk).items()}
+    trunk.load_state_dict(trained)
+    if args.image_size <= 64:
+        results.update({f"raw_pixels_{k}": v for k, v in evaluate(nn.Flatten(), *loaders, device, args).items()})
+    return results
 
 
 @torch.no_grad()
 def extract_features(trunk, loader, device, amp=False):
-    """Frozen trunk in eval mode over a deterministic DistributedSampler loader -> this rank's share only:
-    (features, labels, dataset indices), without the sampler's padding; features a dict when the trunk returns one
-    (StageFeatures). Features are bf16 on CUDA, half of fp32's memory with its range (fp16 tops out at 65,504, which a
-    trunk without normalisation can pass: CPC v1's), and fp32 on CPU, written into preallocated tensors."""
+    """Frozen trunk in eval mode over this rank's share (eval_loader) -> (features, labels, dataset indices); features a
+    dict when the trunk returns one (StageFeatures). Features are bf16 on CUDA, half of fp32's memory with its range
+    (fp16 tops out at 65,504, which a trunk without normalisation can pass: CPC v1's), and fp32 on CPU, written into
+    preallocated tensors."""
     was_training, feats, filled, n = trunk.training, None, 0, len(loader.sampler)
     trunk.eval()
     labels, indices = torch.empty(n, dtype=torch.long), torch.empty(n, dtype=torch.long)
@@ -876,15 +902,7 @@ def extract_features(trunk, loader, device, amp=False):
         labels[filled:filled + len(y)], indices[filled:filled + len(y)] = y, i
         filled += len(y)
     trunk.train(was_training)
-    # DistributedSampler repeats the first samples to even out the ranks: rank r's i-th sample sits at position
-    # r + i * world of the padded list, so the repeats are this rank's last positions past the dataset's end
-    keep = min(filled, max(0, -(-(len(loader.dataset) - loader.sampler.rank) // loader.sampler.num_replicas)))
-    feats = {k: v[:keep] for k, v in feats.items()}
-    return feats.get(None, feats), labels[:keep].to(device), indices[:keep].to(device)
-
-
-STAGES = ("stem", "layer1", "layer2", "layer3", "layer4", "final")
-PROBE_MEMORY_BYTES = 4 * 2 ** 30  # per rank: the probe features held at once; stages beyond it take another pass
+    return feats.get(None, feats), labels.to(device), indices.to(device)
 
 
 def trunk_stages(trunk):
@@ -1003,42 +1021,44 @@ def linear_probe(train_f, train_y, test_f, test_y, epochs=100, lr=0.1, batch_siz
     return (correct[0].item() * 100, correct[1].item() * 100)
 
 
-def balanced_subset(labels, n):
-    """Indices spread evenly over each class's samples, n / classes per class (at least one, so more than n when
-    n < classes), sorted: a function of the labels alone, so the same on every rank and every epoch."""
-    per_class, picked = max(1, n // len(labels.unique())), []
-    for c in labels.unique():
-        members = (labels == c).nonzero()[:, 0]
-        picked.append(members[torch.linspace(0, len(members) - 1, min(per_class, len(members))).round().long()])
-    return torch.cat(picked).sort().values.tolist()
+# ==== 7. Appendix: the device stage's colour ops (section 3's ColorJitter, RandomGrayscale and GaussianBlur) ======
+def _where(x, applied, fn, *per_sample):
+    """fn(x, *per_sample) for the samples where `applied` (B,), x for the others. On CUDA all samples are computed and
+    torch.where picks (no host sync); on CPU only the applied ones (nothing to sync with, as PIL), written into x."""
+    if x.device.type != "cpu":
+        return torch.where(applied[:, None, None, None], fn(x, *per_sample), x)
+    index = applied.nonzero()[:, 0]
+    if len(index) == len(x):
+        return fn(x, *per_sample)
+    if len(index):
+        x.index_copy_(0, index, fn(x.index_select(0, index), *(v.index_select(0, index) for v in per_sample)))
+    return x
 
 
-def evaluate(features, probe_train_loader, probe_test_loader, device, args, linear=True, trunk=None):
-    """kNN (and optionally linear-probe) accuracy of frozen features; same result on every rank. Given the `trunk` and
-    --probe-stages, also of its stem and stages (StageFeatures; as many per pass over the probe sets as
-    PROBE_MEMORY_BYTES holds): knn_top1 etc. stay the final features', {stage}_knn_top1 etc. are each stage's, and
-    best_stage_knn (best_stage_linear) names the best."""
-    if is_distributed():  # BN running stats drift apart without SyncBN (CPU): use rank 0's, as DDP does
-        for buffer in features.buffers():
-            dist.broadcast(buffer, 0)
-    stages = ["stem", *trunk_stages(trunk), "final"] if args.probe_stages and trunk is not None else ["final"]
-    linear, results = linear and args.probe_epochs > 0, {}
-    rows = len(probe_train_loader.sampler) + len(probe_test_loader.sampler)
-    stage_bytes = rows * StageFeatures(features, trunk).budget * (2 if device.type == "cuda" else 4)
-    per_pass = max(1, int(PROBE_MEMORY_BYTES // max(1, stage_bytes)))
-    for first in range(0, len(stages), per_pass):
-        probe = StageFeatures(features, trunk if len(stages) > 1 else None, stages[first:first + per_pass])
-        (train_f, train_y, _), (test_f, test_y, _) = (extract_features(probe, loader, device, args.amp)
-                                                      for loader in (probe_train_loader, probe_test_loader))
-        probe.remove_hooks()
-        for s in probe.stages:
-            name = "" if s == "final" else f"{s}_"
-            results[f"{name}knn_top1"] = knn_classify(train_f[s], train_y, test_f[s], test_y, args.knn_k, args.knn_t)
-            if linear:
-                results[f"{name}linear_top1"], results[f"{name}linear_top5"] = linear_probe(
-                    train_f[s], train_y, test_f[s], test_y, args.probe_epochs, seed=args.seed)
-        del train_f, test_f
-    for kind in ("knn", "linear")[:1 + linear] if len(stages) > 1 else ():
-        score = {s: results[f"{'' if s == 'final' else s + '_'}{kind}_top1"] for s in stages}
-        results[f"best_stage_{kind}"] = max(score, key=score.get)
-    return results
+def _grey(x):  # (B, 3, H, W) -> (B, 1, H, W), the ITU-R 601 luma of torchvision's rgb_to_grayscale
+    return (x[:, 0:1] * 0.2989).add_(x[:, 1:2], alpha=0.587).add_(x[:, 2:3], alpha=0.114)
+
+
+def _blend_slot(x, op, factors):
+    """factor * x + (1 - factor) * reference, clamped to [0, 1] (torchvision's _blend), per sample: op 0 brightness
+    blends with black, 1 contrast with the image's mean grey level, 2 saturation with its grey image."""
+    factor = factors.gather(1, op.clamp(min=0)[:, None])[:, 0, None, None, None]  # (B, 1, 1, 1)
+    grey = _grey(x)
+    contrast, saturation = (op[:, None, None, None] == 1) * (1 - factor), (op[:, None, None, None] == 2) * (1 - factor)
+    reference = torch.addcmul(grey.mean((1, 2, 3), keepdim=True) * contrast, grey, saturation)
+    return torch.addcmul(reference, x, factor).clamp_(0, 1)
+
+
+def _adjust_hue(x, h):
+    """Rotate each sample's hue by h (B,) of a turn in HSV, as torchvision's tensor adjust_hue (PIL's rounds the hue
+    to 8 bits, so it differs by about 1/255 of a channel); saturation and value stay."""
+    r, g, b = x.unbind(1)
+    v = torch.maximum(torch.maximum(r, g), b)
+    c = v - torch.minimum(torch.minimum(r, g), b)  # value and chroma (= v s)
+    # hue in sixths of a turn, from the sector of the largest channel; shifted by 6 h, plus 6 to stay positive
+    hue6 = torch.where(v == r, g - b, torch.where(v == g, (b - r).add_(c, alpha=2), (r - g).add_(c, alpha=4)))
+    hue6.div_(c.clamp_min(1e-12)).add_(6 * h[:, None, None] + 6)
+    # back to RGB: channel n (R 5, G 3, B 1) is v - c clamp(2 - |k - 2|, 0, 1), k = (n + hue6) mod 6; in place
+    k = hue6[:, None] + torch.arange(5.0, 0.0, -2.0, device=x.device)[None, :, None, None]  # (no host copy)
+    k.remainder_(6).sub_(2).abs_().neg_().add_(2).clamp_(0, 1)
+    return k.mul_(c[:, None]).neg_().add_(v[:, None])

@@ -50,7 +50,7 @@ def parse_args(argv=None):
 # ALGO LOGIC: augmentation, one view per image, as the official main.py; the workers crop and flip, the colour ops
 # run batched on the device (common.Augmentation; the flip commutes with them)
 def instdisc_augmentation(args):
-    return common.Augmentation(args, geometry=[
+    return common.Augmentation(args.dataset, args.device_augment, geometry=[
         T.RandomResizedCrop(args.image_size, scale=(0.2, 1.0)),
         T.RandomHorizontalFlip(),
     ], photometric=[

@@ -58,7 +58,7 @@ def moco_augmentation(args):
         # official blurs with PIL's radius sigma; the device needs a kernel: 10% of the side as SimCLR.
         # The official CIFAR demo has no blur, so it is off at <= 64 px
         blur = [] if size <= 64 else [common.GaussianBlur(2 * (size // 20) + 1, sigma=(0.1, 2.0), p=0.5)]
-        return common.Augmentation(args, views=2, geometry=[  # the query and its positive key
+        return common.Augmentation(args.dataset, args.device_augment, views=2, geometry=[  # the query and its positive key
             T.RandomResizedCrop(size, scale=(0.2, 1.0)),
             T.RandomHorizontalFlip(),
         ], photometric=[
@@ -66,7 +66,7 @@ def moco_augmentation(args):
             common.RandomGrayscale(p=0.2),
             *blur,
         ])
-    return common.Augmentation(args, views=2, geometry=[  # MoCo v1 (as the InstDisc code)
+    return common.Augmentation(args.dataset, args.device_augment, views=2, geometry=[  # MoCo v1 (as the InstDisc code)
         T.RandomResizedCrop(size, scale=(0.2, 1.0)),
         T.RandomHorizontalFlip(),
     ], photometric=[

@@ -46,7 +46,7 @@ def rotation_augmentation(args):
         crop = [T.Resize(size), T.RandomCrop(size, padding=size // 8)]  # 4 px zero padding at 32, scaled
     else:  # official ImageNet config (random_sized_crop): a random-sized crop, square, torchvision's defaults
         crop = [T.RandomResizedCrop(size)]
-    return common.Augmentation(args, geometry=[*crop, T.RandomHorizontalFlip()])  # uint8, normalised on the device
+    return common.Augmentation(args.dataset, geometry=[*crop, T.RandomHorizontalFlip()])  # uint8, normalised on the device
 
 
 def rotate_batch(x):

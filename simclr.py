@@ -42,7 +42,7 @@ def simclr_augmentation(args):
     s, size = args.color_jitter_strength, args.image_size
     # blur kernel is 10% of the side (odd); the CIFAR recipe drops blur for small images
     blur = [] if size <= 64 else [common.GaussianBlur(2 * (size // 20) + 1, sigma=(0.1, 2.0), p=0.5)]
-    return common.Augmentation(args, views=2, geometry=[
+    return common.Augmentation(args.dataset, args.device_augment, views=2, geometry=[
         # official: bicubic resize, up to 100 crop tries (torchvision tries 10, then centre-crops)
         T.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC),
         T.RandomHorizontalFlip(),

@@ -2394,6 +2394,7 @@ def test_one_process_stop_check_reads_no_device_value(monkeypatch):
     run = common.Run.__new__(common.Run)
     run.args = argparse.Namespace(print_freq=1000, save_every=0, eval_every=0, batch_size=16)
     run.steps_per_epoch, run.last_step, run.global_step = 100, 100, common.STOP_CHECK_EVERY - 1
+    run.path = "checkpoint.pth"  # named in the stop line only
     sim = SimulatedCuda()
     with FakeTensorMode(allow_non_fake_inputs=True), sim:
         run.device, run.first_bad_step = torch.device("cuda", 0), torch.tensor(common.NEVER).to("cuda")
