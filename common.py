@@ -1,15 +1,13 @@
-"""Shared plumbing of the sslref method files, in the order a run meets it; nothing method-specific. Sections:
+"""Shared plumbing of the sslref method files, in the order a run meets it; nothing method-specific.
 
-1. Flags and one-line errors  add_common_args, parse, fail, positive_int and the other flag types
-2. Processes                  setup, world, rank, print0, all_reduce, gather, gather_with_grad, step_generator,
-                              stop signals (one ends the run at a checkpoint)
-3. Data                       build_datasets, Transformed, Augmentation (ColorJitter, RandomGrayscale, GaussianBlur),
-                              train_loader, eval_loader, dataset_labels, MEAN_STD, normalize
-4. Trunks                     build_backbone
-5. The run                    Run: resume(), start(), after_step(), done(), final_evaluation()
-6. Evaluation                 evaluate (kNN, linear probe, per-stage probes), extract_features, knn_classify,
-                              linear_probe, StageFeatures, STAGES
-7. Appendix                   the tensor arithmetic of the device colour ops
+1. Flags and one-line errors: add_common_args, parse, fail, positive_int and the other flag types
+2. Processes: setup, world, rank, print0, all_reduce, gather, gather_with_grad, step_generator, stop signals
+3. Data: build_datasets, Transformed, Augmentation (ColorJitter, RandomGrayscale, GaussianBlur), train_loader,
+   eval_loader, dataset_labels, MEAN_STD, normalize
+4. Trunks: build_backbone
+5. The run: Run (resume, start, after_step, done, final_evaluation), checkpoints, divergence and stop handling
+6. Evaluation: evaluate (kNN, linear probe, per-stage probes), extract_features, knn_classify, linear_probe
+7. Appendix: the tensor arithmetic of the device colour ops
 
 A method file calls them in that order: add_common_args, parse, setup, build_datasets (with its Augmentation),
 build_backbone, train_loader, Run; per step Augmentation.to_device, step_generator, Run.after_step; at the end
@@ -251,8 +249,8 @@ def stop_if_requested(device, step, checkpoint, save):
         raise SystemExit(128 + signum)
 
 
-# ==== 3. Data: datasets, views and augmentation, loaders. Reads args.dataset, data, image_size, subset, seed, =========
-# batch_size, workers, monitor_subset
+# ==== 3. Data: datasets, views, loaders. Reads args.dataset, data, image_size, subset, seed, batch_size, workers, ===
+# monitor_subset
 MEAN_STD = {  # per-channel statistics used by Normalize
     "imagefolder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     "stl10": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
@@ -655,8 +653,8 @@ def build_backbone(arch, image_size, zero_init_residual=False, norm_layer=nn.Bat
     return net, width
 
 
-# ==== 5. The run: checkpoints, resume, progress lines, divergence and stop handling. Reads args.out, resume, ==========
-# ==== eval_only, method, arch, image_size, batch_size, epochs, max_steps, save_every, print_freq, eval_every, baselines
+# ==== 5. The run: checkpoints, resume, progress, divergence, stops. Reads args.out, resume, eval_only, epochs, ====
+# max_steps, save_every, print_freq, eval_every, baselines, batch_size (checkpoints record all of args)
 def save_atomic(obj, path):
     """torch.save to a temp file then rename: a crash mid-write never leaves a broken file."""
     tmp = f"{path}.tmp.{os.getpid()}"
@@ -829,8 +827,8 @@ class Run:
         return results
 
 
-# ==== 6. Evaluation: features of the frozen trunk, kNN, linear probe. Reads args.probe_stages, probe_epochs, knn_k, ===
-# ==== knn_t, seed, amp, image_size =====================================================================================
+# ==== 6. Evaluation: frozen features, kNN, linear probe. Reads args.probe_stages, probe_epochs, knn_k, knn_t, seed, ==
+# amp, image_size
 # Each rank keeps only the features of its own share of the probe sets (eval_loader), sharded through kNN and probe.
 KNN_MEMORY_BYTES = 2 ** 30  # the kNN's similarity block per rank, whatever the dataset size
 PROBE_MEMORY_BYTES = 4 * 2 ** 30  # per rank: the probe features held at once; stages beyond it take another pass

@@ -60,16 +60,19 @@ class _Built(Exception):
     pass
 
 
-def trunk_prefix(method, data, monkeypatch, tmp_path):
-    """Where the method's model keeps `model.trunk` in checkpoint["model"], read off the model its main() builds."""
+def trunk_prefix(method, data, monkeypatch, tmp_path, known={}):
+    """Where the method's model keeps `model.trunk` in checkpoint["model"], read off the model its main() builds
+    (once per method: `known` keeps it)."""
     def built(run, args, device, probe_sets, trunk, features=None, **state):
         raise _Built(next(name for name, m in state["model"].named_modules() if m is trunk) + ".")
     module, extra = METHODS[method]
-    with monkeypatch.context() as patch:
-        patch.setattr(common.Run, "__init__", built)
-        with pytest.raises(_Built) as prefix:
-            module.main(TINY + extra + ["--data", data, "--batch-size", "16", "--out", str(tmp_path / "prefix")])
-    return prefix.value.args[0]
+    if method not in known:
+        with monkeypatch.context() as patch:
+            patch.setattr(common.Run, "__init__", built)
+            with pytest.raises(_Built) as prefix:
+                module.main(TINY + extra + ["--data", data, "--batch-size", "16", "--out", str(tmp_path / "prefix")])
+        known[method] = prefix.value.args[0]
+    return known[method]
 
 
 @pytest.fixture(scope="session")
@@ -141,6 +144,12 @@ def real_data(test):
     return pytest.mark.slow(pytest.mark.skipif(not installed, reason="apt-get install dataset-fashion-mnist")(test))
 
 
+def with_random_init(module, argv):
+    """One run with --baselines -> (its results, its trunk's at initialisation: --eval-only's, without a second run)."""
+    trained = module.main(argv + ["--baselines"])
+    return trained, {k[len("random_init_"):]: v for k, v in trained.items() if k.startswith("random_init_")}
+
+
 FASHION = ["--dataset", "fashion-mnist", "--arch", "resnet-tiny", "--subset", "10000", "--workers", "2",
            "--probe-epochs", "0", "--print-freq", "20", "--seed", "0"]
 
@@ -174,32 +183,68 @@ def step_losses(out):
 TWO_STEPS = ["--batch-size", "16", "--max-steps", "2", "--probe-epochs", "0", "--eval-every", "0"]
 
 
+@pytest.fixture(scope="module")
+def two_steps(tiny_imagefolder, tmp_path_factory):
+    """two_steps(method, "amp" or "fp32") -> the step losses of the method's TWO_STEPS run in that precision, run once
+    for the tests that compare against it."""
+    done = {}
+
+    def losses(method, precision):
+        if (method, precision) not in done:
+            module, extra = METHODS[method]
+            out = tmp_path_factory.mktemp(f"{method}_{precision}")
+            amp = "--amp" if precision == "amp" else "--no-amp"
+            module.main(TINY + extra + TWO_STEPS + ["--data", tiny_imagefolder, amp, "--out", str(out)])
+            done[method, precision] = step_losses(out)
+        return done[method, precision]
+    return losses
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
-def test_two_steps_under_bf16_autocast(method, tiny_imagefolder, tmp_path):
+def test_two_steps_under_bf16_autocast(method, two_steps):
     """The CUDA default (bf16 autocast) exercised on CPU: dtypes meet, and the loss is fp32's to bf16's precision."""
-    module, extra = METHODS[method]
-    args = TINY + extra + TWO_STEPS + ["--data", tiny_imagefolder]
-    module.main(args + ["--amp", "--out", str(tmp_path / "bf16")])
-    module.main(args + ["--no-amp", "--out", str(tmp_path / "fp32")])
-    bf16, fp32 = step_losses(tmp_path / "bf16"), step_losses(tmp_path / "fp32")
+    bf16, fp32 = two_steps(method, "amp"), two_steps(method, "fp32")
     assert len(bf16) == 2 and all(math.isfinite(v) for v in bf16)
     assert bf16[0] != fp32[0] and bf16[0] == pytest.approx(fp32[0], rel=0.05)  # autocast was on, and close
 
 
+COMPILE_EVERY_METHOD = """
+import json, sys, traceback, torch
+outcome = {}
+for method, argv in json.loads(sys.argv[1]).items():
+    torch._dynamo.reset()  # each file compiled afresh, as in a process of its own
+    try:
+        __import__(method).main(argv)
+        outcome[method] = "ok"
+    except BaseException:
+        outcome[method] = traceback.format_exc()[-3000:]
+print(json.dumps(outcome))
+"""
+
+
+@pytest.fixture(scope="module")
+def compiled_runs(tiny_imagefolder, tmp_path_factory):
+    """Every method file's TWO_STEPS under bf16 with --compile (inductor), all in one python process of their own as
+    users run them (one start-up and import for all) -> {method: (outcome, step losses)}."""
+    root = tmp_path_factory.mktemp("compiled")
+    argv = {m: TINY + extra + TWO_STEPS + ["--data", tiny_imagefolder, "--amp", "--compile", "--out", str(root / m)]
+            for m, (_, extra) in METHODS.items()}
+    done = subprocess.run([sys.executable, "-c", COMPILE_EVERY_METHOD, json.dumps(argv)], cwd=HERE, capture_output=True,
+                          text=True, timeout=1800)
+    assert done.returncode == 0, done.stderr[-3000:]
+    outcome = json.loads(done.stdout.splitlines()[-1])
+    return {m: (outcome[m], step_losses(root / m) if outcome[m] == "ok" else []) for m in METHODS}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
-def test_two_steps_compiled(method, tiny_imagefolder, tmp_path):
-    """--compile (inductor) under bf16, in its own process as users run it: graph breaks that fail, dtype errors
+def test_two_steps_compiled(method, compiled_runs, two_steps):
+    """--compile (inductor) under bf16, in a process of its own as users run it: graph breaks that fail, dtype errors
     in generated code; the first loss is eager bf16's up to fused rounding."""
-    module, extra = METHODS[method]
-    args = TINY + extra + TWO_STEPS + ["--data", tiny_imagefolder, "--amp"]
-    module.main(args + ["--out", str(tmp_path / "eager")])
-    done = subprocess.run([sys.executable, f"{method}.py", *args, "--compile", "--out", str(tmp_path / "compiled")],
-                          cwd=HERE, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    compiled, eager = step_losses(tmp_path / "compiled"), step_losses(tmp_path / "eager")
-    assert len(compiled) == 2 and compiled[0] == pytest.approx(eager[0], rel=0.05)
+    outcome, compiled = compiled_runs[method]
+    assert outcome == "ok", outcome
+    assert len(compiled) == 2 and compiled[0] == pytest.approx(two_steps(method, "amp")[0], rel=0.05)
 
 
 # ---------------------------------------------------------------------------------------
@@ -441,20 +486,38 @@ def kill_after_mid_epoch_save(argv, out):
         proc.kill()
 
 
+@pytest.fixture(scope="module")
+def straight_run(tiny_imagefolder, tmp_path_factory):
+    """straight_run(method, variant) -> the --out of the method's uninterrupted 8-step run (2 workers) of the resume
+    test, run once: the resume test's reference and the truncated-checkpoint test's good checkpoint."""
+    done = {}
+
+    def out(method, variant=()):
+        key = (method, *variant)
+        if key not in done:
+            module, extra = METHODS[method]
+            done[key] = str(tmp_path_factory.mktemp(f"{method}_straight"))
+            module.main(TINY + extra + list(variant) + RESUME_FLAGS + ["--data", tiny_imagefolder, "--out", done[key],
+                                                                         "--workers", "2", "--max-steps", "8"])
+        return done[key]
+    return out
+
+
+# --epochs 50 fixes the lr schedule; --max-steps 8 ends the runs after 2 epochs of 4 steps
+RESUME_FLAGS = ["--batch-size", "16", "--epochs", "50", "--probe-epochs", "0", "--eval-every", "0"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method, variant", [(m, []) for m in METHODS] + [
     ("cpc", ["--v2"]),  # four directions, 64-d targets, per-patch RandAugment and elastic warps
     ("context_encoder", ["--adv-weight", "0"])])  # dropout on the channel-wise FC, from the step generator
-def test_resume_reaches_the_same_weights(method, variant, tiny_imagefolder, tmp_path, monkeypatch):
+def test_resume_reaches_the_same_weights(method, variant, tiny_imagefolder, tmp_path, monkeypatch, straight_run):
     """Straight run (2 workers) == stop at an epoch end + resume == kill -9 after a mid-epoch --save-every
     checkpoint + resume (0 workers): the same weights and method state, bit for bit."""
     module, extra = METHODS[method]
     extra = extra + variant
-    # --epochs 50 fixes the lr schedule; --max-steps 8 ends the runs after 2 epochs of 4 steps
-    args = TINY + extra + ["--data", tiny_imagefolder, "--batch-size", "16", "--epochs", "50", "--probe-epochs", "0",
-                           "--eval-every", "0"]
-    straight, stopped, killed = (str(tmp_path / name) for name in ("straight", "stopped", "killed"))
-    module.main(args + ["--out", straight, "--workers", "2", "--max-steps", "8"])
+    args = TINY + extra + RESUME_FLAGS + ["--data", tiny_imagefolder]
+    straight, stopped, killed = straight_run(method, variant), str(tmp_path / "stopped"), str(tmp_path / "killed")
     module.main(args + ["--out", stopped, "--max-steps", "4"])
     assert load_state(stopped)["epoch"] == 1
     module.main(args + ["--out", stopped, "--max-steps", "8", "--resume", os.path.join(stopped, "checkpoint.pth")])
@@ -510,30 +573,28 @@ def test_bad_flags_stop_at_parse_time(method, flag, value, capsys):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
-def test_truncated_checkpoint(method, tiny_imagefolder, tmp_path):
+def test_truncated_checkpoint(method, tiny_imagefolder, tmp_path, straight_run):
     module, extra = METHODS[method]
-    out = str(tmp_path / "run")
     args = TINY + extra + ["--data", tiny_imagefolder, "--batch-size", "16", "--epochs", "1", "--max-steps", "1",
-                           "--probe-epochs", "0", "--out", out]
-    module.main(args)
-    path = os.path.join(out, "checkpoint.pth")
-    data = open(path, "rb").read()
+                           "--probe-epochs", "0", "--out", str(tmp_path / "run")]
+    good = os.path.join(straight_run(method), "checkpoint.pth")  # the resume test's 8 steps
+    path = str(tmp_path / "checkpoint.pth")
+    data = open(good, "rb").read()
     with open(path, "wb") as f:
         f.write(data[: len(data) // 2])
     expect_error(args + ["--resume", path], "truncated or corrupt", module=module)
-    module.main(args)  # a good checkpoint again, resumed with another architecture
-    expect_error(args + ["--resume", path, "--arch", "resnet18"], f"was written by {method}.py --arch resnet-tiny "
+    # a good checkpoint, resumed with another architecture
+    expect_error(args + ["--resume", good, "--arch", "resnet18"], f"was written by {method}.py --arch resnet-tiny "
                  f"--image-size 32, not {method}.py --arch resnet18 --image-size 32", module=module)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method, print_freq", [("simclr", "1"), ("moco", "100"), ("instdisc", "1"), ("rotation", "100"),
-                                                ("jigsaw", "1"), ("context_encoder", "1"), ("cpc", "100"),
-                                                ("denoising_autoencoder", "100"), ("relative_position", "1"),
-                                                ("colorization", "1")])
-def test_divergence_stops_and_keeps_the_good_checkpoint(method, print_freq, tiny_imagefolder, tmp_path):
+@pytest.mark.parametrize("method", METHODS)
+def test_divergence_stops_and_keeps_the_good_checkpoint(method, tiny_imagefolder, tmp_path):
     """A good epoch, then a huge lr: the run stops with one line naming the step and the last good checkpoint,
-    whose file is untouched. print-freq 1 catches it at the progress line, 100 at the next --save-every save."""
+    whose file is untouched. print-freq 1 catches it at the progress line, 100 (these four) at the next --save-every
+    save."""
+    print_freq = "100" if method in ("moco", "rotation", "cpc", "denoising_autoencoder") else "1"
     module, extra = METHODS[method]
     out = str(tmp_path / "run")
     path = os.path.join(out, "checkpoint.pth")
@@ -614,9 +675,9 @@ def test_simclr_sqrt_lr_scaling(tiny_imagefolder, tmp_path):
 @real_data
 def test_simclr_beats_random_init_on_fashion_mnist(tmp_path):
     args = FASHION + ["--batch-size", "256"]
-    random_init = simclr.main(args + ["--eval-only", "--out", str(tmp_path / "random")])
-    trained = simclr.main(args + ["--epochs", "5", "--lr", "2.0", "--temperature", "0.1", "--warmup-epochs", "0.5",
-                                  "--color-jitter-strength", "0.5", "--out", str(tmp_path / "simclr")])
+    trained, random_init = with_random_init(simclr, args + ["--epochs", "5", "--lr", "2.0", "--temperature", "0.1",
+                                                            "--warmup-epochs", "0.5", "--color-jitter-strength", "0.5",
+                                                            "--out", str(tmp_path / "simclr")])
     print(f"kNN top-1: random init {random_init['knn_top1']:.2f}, SimCLR {trained['knn_top1']:.2f}")
     assert trained["knn_top1"] >= random_init["knn_top1"] + 5
     # and above what a random init reaches without zero-init residual BN (measured here: 66-68)
@@ -816,9 +877,9 @@ def test_moco_v2_beats_random_init_on_fashion_mnist(tmp_path):
     # the demo's K 4096, m 0.99, T 0.1 and lr per 256; batch 128 gives this short run 2x the momentum updates
     # (measured here, 5 epochs: batch 256 gave kNN 73.4, batch 128 74.7, against 67.8 at random init)
     args = FASHION + ["--batch-size", "128"]
-    random_init = moco.main(args + ["--eval-only", "--out", str(tmp_path / "random")])
-    trained = moco.main(args + ["--epochs", "5", "--mlp", "--aug-plus", "--cos", "--lr", "0.06", "--moco-k", "4096",
-                                "--moco-m", "0.99", "--moco-t", "0.1", "--out", str(tmp_path / "moco")])
+    trained, random_init = with_random_init(moco, args + ["--epochs", "5", "--mlp", "--aug-plus", "--cos", "--lr", "0.06",
+                                                          "--moco-k", "4096", "--moco-m", "0.99", "--moco-t", "0.1",
+                                                          "--out", str(tmp_path / "moco")])
     print(f"kNN top-1: random init {random_init['knn_top1']:.2f}, MoCo v2 {trained['knn_top1']:.2f}")
     assert trained["knn_top1"] >= random_init["knn_top1"] + 5
 
@@ -952,9 +1013,8 @@ def test_instdisc_beats_random_init_on_fashion_mnist(tmp_path):
     # each bank row is refreshed 30 times in the budget (measured here: kNN 62.5 and bank kNN 48.1 against 54.0
     # at random init; NCE with K 4096 on 10,000 images for 5 epochs fell to 40.5: K/n is far from ImageNet's)
     args = FASHION + ["--subset", "2000", "--batch-size", "128"]
-    random_init = instdisc.main(args + ["--eval-only", "--out", str(tmp_path / "random")])
-    trained = instdisc.main(args + ["--epochs", "30", "--lr", "0.06", "--nce-k", "0", "--nce-t", "0.1",
-                                    "--out", str(tmp_path / "instdisc")])
+    trained, random_init = with_random_init(instdisc, args + ["--epochs", "30", "--lr", "0.06", "--nce-k", "0",
+                                                              "--nce-t", "0.1", "--out", str(tmp_path / "instdisc")])
     print(f"kNN top-1: random init {random_init['knn_top1']:.2f}, InstDisc {trained['knn_top1']:.2f} "
           f"(memory-bank kNN {trained['knn_bank_top1']:.2f})")
     assert trained["knn_top1"] >= random_init["knn_top1"] + 5
@@ -1147,12 +1207,11 @@ def test_cpc_geometry_and_skip_errors(tiny_imagefolder, tmp_path):
 @real_data
 def test_cpc_beats_random_init_on_fashion_mnist(tmp_path):
     # v1 as is (the pre-activation trunk cut after layer3, no normalisation, steps 2..6, greyscale, patch jitter) with
-    # Adam at 2e-3, not v1's 2e-4: a 3-epoch run of 4,000 images is 187 steps (measured here: loss 7.71 -> 6.70,
-    # kNN 58.3 against 40.3 at random init)
+    # Adam at 2e-3, not v1's 2e-4: a 2-epoch run of 4,000 images is 125 steps (measured here: loss 7.71 -> 6.85,
+    # kNN 57.0 against 40.3 at random init; 3 epochs: 6.70 and 58.3)
     args = FASHION + ["--subset", "4000", "--batch-size", "64"]
-    random_init = cpc.main(args + ["--eval-only", "--out", str(tmp_path / "random")])
     out = str(tmp_path / "cpc")
-    trained = cpc.main(args + ["--epochs", "3", "--lr", "2e-3", "--out", out])
+    trained, random_init = with_random_init(cpc, args + ["--epochs", "2", "--lr", "2e-3", "--out", out])
     losses = [m["loss"] for m in read_metrics(out) if "loss" in m]
     print(f"InfoNCE {losses[0]:.2f} -> {losses[-1]:.2f} (log of the 64 x 49 candidates: {np.log(64 * 49):.2f}); "
           f"kNN top-1 on the grid-mean z: random init {random_init['knn_top1']:.2f}, CPC {trained['knn_top1']:.2f}")
@@ -1207,8 +1266,8 @@ def test_rotation_labels_match_the_rotation_applied():
 def test_rotation_beats_random_init_on_fashion_mnist(tmp_path):
     # the official CIFAR recipe (batch 128 at lr 0.1, Nesterov momentum 0.9, wd 5e-4), 2 epochs of 10,000 images
     args = FASHION + ["--batch-size", "128"]
-    random_init = rotation.main(args + ["--eval-only", "--out", str(tmp_path / "random")])
-    trained = rotation.main(args + ["--epochs", "2", "--lr", "0.2", "--schedule", "--out", str(tmp_path / "rotation")])
+    trained, random_init = with_random_init(rotation, args + ["--epochs", "2", "--lr", "0.2", "--schedule",
+                                                              "--out", str(tmp_path / "rotation")])
     print(f"kNN top-1: random init {random_init['knn_top1']:.2f}, RotNet {trained['knn_top1']:.2f}")
     assert trained["knn_top1"] >= random_init["knn_top1"] + 4
 
@@ -1216,16 +1275,28 @@ def test_rotation_beats_random_init_on_fashion_mnist(tmp_path):
 # ---------------------------------------------------------------------------------------
 # Jigsaw: permutation set, tiles, puzzle, real data
 # ---------------------------------------------------------------------------------------
+class CountOps(TorchDispatchMode):
+    """Counts the aten ops run inside it, by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
 @pytest.fixture(scope="module")
 def default_permutations():
-    start = time.time()
-    perms = jigsaw.maximal_hamming_permutations(1000, 0)
-    return perms, time.time() - start
+    with CountOps() as ops:
+        perms = jigsaw.maximal_hamming_permutations(1000, 0)
+    return perms, ops.counts
 
 
 def test_jigsaw_permutation_set_is_greedy_unique_and_deterministic(default_permutations):
-    perms, seconds = default_permutations
-    assert seconds < 30  # vectorised over the 9! candidates (about 5 s on 2 cores)
+    perms, ops = default_permutations
+    assert ops["ne.Tensor"] == 1000 and ops["argmax.default"] == 1000  # vectorised: one pass over the 9! candidates a pick
     assert perms.shape == (1000, 9) and all(sorted(p) == list(range(9)) for p in perms.tolist())
     assert len({tuple(p) for p in perms.tolist()}) == 1000
     assert torch.equal(jigsaw.maximal_hamming_permutations(30, 0), perms[:30])  # same seed, same set
@@ -1310,8 +1381,8 @@ def test_jigsaw_puzzle_shows_normalised_tiles_of_the_cells_its_label_names(monke
 def test_jigsaw_geometry_follows_the_paper_and_names_the_smallest_size(tiny_imagefolder, tmp_path):
     assert jigsaw.puzzle_geometry(224) == (225, 75, 64, 2)  # Fig. 3: 225 crop, 75 cells, 64 tiles
     assert jigsaw.puzzle_geometry(11)[2] < jigsaw.puzzle_geometry(11)[1]
-    expect_error(TINY + ["--data", tiny_imagefolder, "--image-size", "10", "--out", str(tmp_path)],
-                 "--image-size 10", "jigsaw needs --image-size >= 11", module=jigsaw)
+    expect_error(TINY + ["--data", tiny_imagefolder, "--image-size", "10", "--num-permutations", "24", "--out",
+                         str(tmp_path)], "--image-size 10", "jigsaw needs --image-size >= 11", module=jigsaw)
 
 
 def test_jigsaw_dropout_comes_from_the_step_generator():
@@ -1361,9 +1432,8 @@ def test_jigsaw_solves_held_out_puzzles_on_fashion_mnist(tmp_path):
     against 67.8; 100 classes, kNN 67.1 / linear 76.2 against 67.8 / 78.1; at 48 px with 14 px tiles, kNN 61.0 /
     linear 75.6 against 61.1 / 78.4). So this test checks the puzzle, and prints the probe against random init."""
     args = FASHION + ["--batch-size", "128"]
-    random_init = jigsaw.main(args + ["--eval-only", "--out", str(tmp_path / "random")])
     out = str(tmp_path / "jigsaw")
-    trained = jigsaw.main(args + ["--epochs", "3", "--lr", "0.05", "--schedule", "--out", out])
+    trained, random_init = with_random_init(jigsaw, args + ["--epochs", "3", "--lr", "0.05", "--schedule", "--out", out])
     accuracy = held_out_puzzle_accuracy(out)
     losses = [m["loss"] for m in read_metrics(out) if "loss" in m]
     print(f"held-out puzzle top-1 {accuracy:.1f}% (chance 0.1%); training loss {losses[0]:.2f} -> {losses[-1]:.2f}; "
@@ -1490,9 +1560,8 @@ def test_context_encoder_learns_to_inpaint_on_fashion_mnist(tmp_path):
     # random-region holes, the joint loss (0.999 L2 + 0.001 adversarial), batch 64, Adam 2e-4 / 2e-3 as official;
     # 2 epochs of 10,000 images (measured here: kNN 70.5 / linear 80.7 against 67.8 / 78.1 at random init)
     args = FASHION + ["--batch-size", "64", "--probe-epochs", "30"]
-    random_init = context_encoder.main(args + ["--eval-only", "--out", str(tmp_path / "random")])
     out = str(tmp_path / "context_encoder")
-    trained = context_encoder.main(args + ["--epochs", "2", "--out", out])
+    trained, random_init = with_random_init(context_encoder, args + ["--epochs", "2", "--out", out])
     losses = [m["loss"] for m in read_metrics(out) if "loss" in m]
     print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f}; kNN / linear top-1: random init {random_init['knn_top1']:.2f} / "
           f"{random_init['linear_top1']:.2f}, Context Encoder {trained['knn_top1']:.2f} / {trained['linear_top1']:.2f}")
@@ -1678,9 +1747,8 @@ def reconstruction_errors(out, n=1000):
 def test_dae_denoises_held_out_fashion_mnist(tmp_path):
     # masking noise at nu 0.25, Adam 1e-3, batch 128, 2 epochs of 10,000 images
     args = FASHION + ["--batch-size", "128", "--probe-epochs", "30"]
-    random_init = denoising_autoencoder.main(args + ["--eval-only", "--out", str(tmp_path / "random")])
     out = str(tmp_path / "dae")
-    trained = denoising_autoencoder.main(args + ["--epochs", "2", "--out", out])
+    trained, random_init = with_random_init(denoising_autoencoder, args + ["--epochs", "2", "--out", out])
     dae_error, identity_error = reconstruction_errors(out)
     print(f"held-out squared error: DAE {dae_error:.4f}, identity {identity_error:.4f}; kNN / linear top-1: random "
           f"init {random_init['knn_top1']:.2f} / {random_init['linear_top1']:.2f}, DAE {trained['knn_top1']:.2f} / "
@@ -1898,17 +1966,16 @@ def held_out_position_accuracy(out, n=1000):
 
 @real_data
 def test_relative_position_solves_held_out_pairs_on_fashion_mnist(tmp_path):
-    # the short-run recipe of the file's header, 3 epochs of 10,000 images
+    # the short-run recipe of the file's header, 2 epochs of 10,000 images
     args = FASHION + ["--batch-size", "128", "--probe-epochs", "30"]
-    random_init = relative_position.main(args + ["--eval-only", "--out", str(tmp_path / "random")])
     out = str(tmp_path / "relative_position")
-    trained = relative_position.main(args + ["--epochs", "3", "--lr", "0.1", "--fc-dim", "1024", "--warmup-epochs", "0",
-                                             "--schedule", "--out", out])
+    trained, random_init = with_random_init(relative_position, args + ["--epochs", "2", "--lr", "0.1", "--fc-dim", "1024",
+                                                                       "--warmup-epochs", "0", "--schedule", "--out", out])
     accuracy = held_out_position_accuracy(out)
     print(f"held-out relative position top-1 {accuracy:.1f}% (chance 12.5%); kNN / linear top-1: random init "
           f"{random_init['knn_top1']:.2f} / {random_init['linear_top1']:.2f}, relative position "
           f"{trained['knn_top1']:.2f} / {trained['linear_top1']:.2f}")
-    assert accuracy >= 30  # measured 48.5
+    assert accuracy >= 30  # measured 45.1 (48.5 after 3 epochs)
     assert trained["knn_top1"] >= random_init["knn_top1"] - 3  # the trunk was not wrecked on the way
 
 
@@ -2061,9 +2128,8 @@ def test_colorization_predicts_held_out_colours_far_better_than_the_mean(tmp_pat
     write_colour_textures(data)
     args = TINY + ["--data", data, "--batch-size", "64", "--lr", "1e-3", "--workers", "2", "--print-freq", "24",
                    "--probe-epochs", "10"]
-    random_init = colorization.main(args + ["--eval-only", "--out", str(tmp_path / "random")])
     out = str(tmp_path / "colorization")
-    trained = colorization.main(args + ["--epochs", "3", "--out", out])
+    trained, random_init = with_random_init(colorization, args + ["--epochs", "3", "--out", out])
     ckpt = load_state(out)
     model = colorization.Colorizer("resnet-tiny", 32, ckpt["model"]["lookup.bins"])
     model.load_state_dict(ckpt["model"])
