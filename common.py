@@ -670,7 +670,8 @@ def load_weights(module, state_dict, path):
     try:
         module.load_state_dict(state_dict)
     except (RuntimeError, TypeError, AttributeError) as e:
-        problem = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))
+        said = [line.strip() for line in str(e).splitlines()[1:] if line.strip()] or [str(e)]
+        problem = next((line for line in said if line.startswith("size mismatch")), said[0])  # the shape, if one differs
         fail(f"{path} does not fit this model ({problem[:160]}); pass the --arch, --image-size and model flags it was "
              "trained with")
 

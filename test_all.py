@@ -144,12 +144,6 @@ def real_data(test):
     return pytest.mark.slow(pytest.mark.skipif(not installed, reason="apt-get install dataset-fashion-mnist")(test))
 
 
-def with_random_init(module, argv):
-    """One run with --baselines -> (its results, its trunk's at initialisation: --eval-only's, without a second run)."""
-    trained = module.main(argv + ["--baselines"])
-    return trained, {k[len("random_init_"):]: v for k, v in trained.items() if k.startswith("random_init_")}
-
-
 FASHION = ["--dataset", "fashion-mnist", "--arch", "resnet-tiny", "--subset", "10000", "--workers", "2",
            "--probe-epochs", "0", "--print-freq", "20", "--seed", "0"]
 
@@ -675,9 +669,9 @@ def test_simclr_sqrt_lr_scaling(tiny_imagefolder, tmp_path):
 @real_data
 def test_simclr_beats_random_init_on_fashion_mnist(tmp_path):
     args = FASHION + ["--batch-size", "256"]
-    trained, random_init = with_random_init(simclr, args + ["--epochs", "5", "--lr", "2.0", "--temperature", "0.1",
-                                                            "--warmup-epochs", "0.5", "--color-jitter-strength", "0.5",
-                                                            "--out", str(tmp_path / "simclr")])
+    random_init = simclr.main(args + ["--eval-only", "--out", str(tmp_path / "random")])
+    trained = simclr.main(args + ["--epochs", "5", "--lr", "2.0", "--temperature", "0.1", "--warmup-epochs", "0.5",
+                                  "--color-jitter-strength", "0.5", "--out", str(tmp_path / "simclr")])
     print(f"kNN top-1: random init {random_init['knn_top1']:.2f}, SimCLR {trained['knn_top1']:.2f}")
     assert trained["knn_top1"] >= random_init["knn_top1"] + 5
     # and above what a random init reaches without zero-init residual BN (measured here: 66-68)
@@ -877,9 +871,9 @@ def test_moco_v2_beats_random_init_on_fashion_mnist(tmp_path):
     # the demo's K 4096, m 0.99, T 0.1 and lr per 256; batch 128 gives this short run 2x the momentum updates
     # (measured here, 5 epochs: batch 256 gave kNN 73.4, batch 128 74.7, against 67.8 at random init)
     args = FASHION + ["--batch-size", "128"]
-    trained, random_init = with_random_init(moco, args + ["--epochs", "5", "--mlp", "--aug-plus", "--cos", "--lr", "0.06",
-                                                          "--moco-k", "4096", "--moco-m", "0.99", "--moco-t", "0.1",
-                                                          "--out", str(tmp_path / "moco")])
+    random_init = moco.main(args + ["--eval-only", "--out", str(tmp_path / "random")])
+    trained = moco.main(args + ["--epochs", "5", "--mlp", "--aug-plus", "--cos", "--lr", "0.06", "--moco-k", "4096",
+                                "--moco-m", "0.99", "--moco-t", "0.1", "--out", str(tmp_path / "moco")])
     print(f"kNN top-1: random init {random_init['knn_top1']:.2f}, MoCo v2 {trained['knn_top1']:.2f}")
     assert trained["knn_top1"] >= random_init["knn_top1"] + 5
 
@@ -1013,8 +1007,9 @@ def test_instdisc_beats_random_init_on_fashion_mnist(tmp_path):
     # each bank row is refreshed 30 times in the budget (measured here: kNN 62.5 and bank kNN 48.1 against 54.0
     # at random init; NCE with K 4096 on 10,000 images for 5 epochs fell to 40.5: K/n is far from ImageNet's)
     args = FASHION + ["--subset", "2000", "--batch-size", "128"]
-    trained, random_init = with_random_init(instdisc, args + ["--epochs", "30", "--lr", "0.06", "--nce-k", "0",
-                                                              "--nce-t", "0.1", "--out", str(tmp_path / "instdisc")])
+    random_init = instdisc.main(args + ["--eval-only", "--out", str(tmp_path / "random")])
+    trained = instdisc.main(args + ["--epochs", "30", "--lr", "0.06", "--nce-k", "0", "--nce-t", "0.1",
+                                    "--out", str(tmp_path / "instdisc")])
     print(f"kNN top-1: random init {random_init['knn_top1']:.2f}, InstDisc {trained['knn_top1']:.2f} "
           f"(memory-bank kNN {trained['knn_bank_top1']:.2f})")
     assert trained["knn_top1"] >= random_init["knn_top1"] + 5
@@ -1211,7 +1206,8 @@ def test_cpc_beats_random_init_on_fashion_mnist(tmp_path):
     # kNN 57.0 against 40.3 at random init; 3 epochs: 6.70 and 58.3)
     args = FASHION + ["--subset", "4000", "--batch-size", "64"]
     out = str(tmp_path / "cpc")
-    trained, random_init = with_random_init(cpc, args + ["--epochs", "2", "--lr", "2e-3", "--out", out])
+    random_init = cpc.main(args + ["--eval-only", "--out", str(tmp_path / "random")])
+    trained = cpc.main(args + ["--epochs", "2", "--lr", "2e-3", "--out", out])
     losses = [m["loss"] for m in read_metrics(out) if "loss" in m]
     print(f"InfoNCE {losses[0]:.2f} -> {losses[-1]:.2f} (log of the 64 x 49 candidates: {np.log(64 * 49):.2f}); "
           f"kNN top-1 on the grid-mean z: random init {random_init['knn_top1']:.2f}, CPC {trained['knn_top1']:.2f}")
@@ -1266,8 +1262,8 @@ def test_rotation_labels_match_the_rotation_applied():
 def test_rotation_beats_random_init_on_fashion_mnist(tmp_path):
     # the official CIFAR recipe (batch 128 at lr 0.1, Nesterov momentum 0.9, wd 5e-4), 2 epochs of 10,000 images
     args = FASHION + ["--batch-size", "128"]
-    trained, random_init = with_random_init(rotation, args + ["--epochs", "2", "--lr", "0.2", "--schedule",
-                                                              "--out", str(tmp_path / "rotation")])
+    random_init = rotation.main(args + ["--eval-only", "--out", str(tmp_path / "random")])
+    trained = rotation.main(args + ["--epochs", "2", "--lr", "0.2", "--schedule", "--out", str(tmp_path / "rotation")])
     print(f"kNN top-1: random init {random_init['knn_top1']:.2f}, RotNet {trained['knn_top1']:.2f}")
     assert trained["knn_top1"] >= random_init["knn_top1"] + 4
 
@@ -1433,7 +1429,8 @@ def test_jigsaw_solves_held_out_puzzles_on_fashion_mnist(tmp_path):
     linear 75.6 against 61.1 / 78.4). So this test checks the puzzle, and prints the probe against random init."""
     args = FASHION + ["--batch-size", "128"]
     out = str(tmp_path / "jigsaw")
-    trained, random_init = with_random_init(jigsaw, args + ["--epochs", "3", "--lr", "0.05", "--schedule", "--out", out])
+    random_init = jigsaw.main(args + ["--eval-only", "--out", str(tmp_path / "random")])
+    trained = jigsaw.main(args + ["--epochs", "3", "--lr", "0.05", "--schedule", "--out", out])
     accuracy = held_out_puzzle_accuracy(out)
     losses = [m["loss"] for m in read_metrics(out) if "loss" in m]
     print(f"held-out puzzle top-1 {accuracy:.1f}% (chance 0.1%); training loss {losses[0]:.2f} -> {losses[-1]:.2f}; "
@@ -1561,7 +1558,8 @@ def test_context_encoder_learns_to_inpaint_on_fashion_mnist(tmp_path):
     # 2 epochs of 10,000 images (measured here: kNN 70.5 / linear 80.7 against 67.8 / 78.1 at random init)
     args = FASHION + ["--batch-size", "64", "--probe-epochs", "30"]
     out = str(tmp_path / "context_encoder")
-    trained, random_init = with_random_init(context_encoder, args + ["--epochs", "2", "--out", out])
+    random_init = context_encoder.main(args + ["--eval-only", "--out", str(tmp_path / "random")])
+    trained = context_encoder.main(args + ["--epochs", "2", "--out", out])
     losses = [m["loss"] for m in read_metrics(out) if "loss" in m]
     print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f}; kNN / linear top-1: random init {random_init['knn_top1']:.2f} / "
           f"{random_init['linear_top1']:.2f}, Context Encoder {trained['knn_top1']:.2f} / {trained['linear_top1']:.2f}")
@@ -1748,7 +1746,8 @@ def test_dae_denoises_held_out_fashion_mnist(tmp_path):
     # masking noise at nu 0.25, Adam 1e-3, batch 128, 2 epochs of 10,000 images
     args = FASHION + ["--batch-size", "128", "--probe-epochs", "30"]
     out = str(tmp_path / "dae")
-    trained, random_init = with_random_init(denoising_autoencoder, args + ["--epochs", "2", "--out", out])
+    random_init = denoising_autoencoder.main(args + ["--eval-only", "--out", str(tmp_path / "random")])
+    trained = denoising_autoencoder.main(args + ["--epochs", "2", "--out", out])
     dae_error, identity_error = reconstruction_errors(out)
     print(f"held-out squared error: DAE {dae_error:.4f}, identity {identity_error:.4f}; kNN / linear top-1: random "
           f"init {random_init['knn_top1']:.2f} / {random_init['linear_top1']:.2f}, DAE {trained['knn_top1']:.2f} / "
@@ -1969,8 +1968,9 @@ def test_relative_position_solves_held_out_pairs_on_fashion_mnist(tmp_path):
     # the short-run recipe of the file's header, 2 epochs of 10,000 images
     args = FASHION + ["--batch-size", "128", "--probe-epochs", "30"]
     out = str(tmp_path / "relative_position")
-    trained, random_init = with_random_init(relative_position, args + ["--epochs", "2", "--lr", "0.1", "--fc-dim", "1024",
-                                                                       "--warmup-epochs", "0", "--schedule", "--out", out])
+    random_init = relative_position.main(args + ["--eval-only", "--out", str(tmp_path / "random")])
+    trained = relative_position.main(args + ["--epochs", "2", "--lr", "0.1", "--fc-dim", "1024", "--warmup-epochs", "0",
+                                             "--schedule", "--out", out])
     accuracy = held_out_position_accuracy(out)
     print(f"held-out relative position top-1 {accuracy:.1f}% (chance 12.5%); kNN / linear top-1: random init "
           f"{random_init['knn_top1']:.2f} / {random_init['linear_top1']:.2f}, relative position "
@@ -2129,7 +2129,8 @@ def test_colorization_predicts_held_out_colours_far_better_than_the_mean(tmp_pat
     args = TINY + ["--data", data, "--batch-size", "64", "--lr", "1e-3", "--workers", "2", "--print-freq", "24",
                    "--probe-epochs", "10"]
     out = str(tmp_path / "colorization")
-    trained, random_init = with_random_init(colorization, args + ["--epochs", "3", "--out", out])
+    random_init = colorization.main(args + ["--eval-only", "--out", str(tmp_path / "random")])
+    trained = colorization.main(args + ["--epochs", "3", "--out", out])
     ckpt = load_state(out)
     model = colorization.Colorizer("resnet-tiny", 32, ckpt["model"]["lookup.bins"])
     model.load_state_dict(ckpt["model"])
