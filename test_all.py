@@ -234,8 +234,8 @@ def compiled_runs(tiny_imagefolder, tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_two_steps_compiled(method, compiled_runs, two_steps):
-    """--compile (inductor) under bf16, in a process of its own as users run it: graph breaks that fail, dtype errors
-    in generated code; the first loss is eager bf16's up to fused rounding."""
+    """--compile (inductor) under bf16, in a python process apart from the tests, as users run it: graph breaks that
+    fail, dtype errors in generated code; the first loss is eager bf16's up to fused rounding."""
     outcome, compiled = compiled_runs[method]
     assert outcome == "ok", outcome
     assert len(compiled) == 2 and compiled[0] == pytest.approx(two_steps(method, "amp")[0], rel=0.05)
@@ -336,13 +336,11 @@ def _graph_backward(real_backward):
 
 
 class _Batches(list):
-    """A few real batches standing for a probe loader (extract_features reads its sampler and dataset sizes)."""
+    """A few real batches standing for a probe loader (extract_features reads its sampler's length)."""
 
     def __init__(self, batches):
         super().__init__(batches)
-        n = sum(len(b[1]) for b in batches)
-        self.dataset = range(n)
-        self.sampler = type("Sampler", (), {"rank": 0, "num_replicas": 1, "__len__": lambda s: n})()
+        self.sampler = range(sum(len(b[1]) for b in batches))
 
 
 def run_on_simulated_cuda(module, argv, monkeypatch, steps=2):
