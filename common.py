@@ -2,16 +2,18 @@
 
 1. Flags and one-line errors: add_common_args, parse, fail, positive_int and the other flag types
 2. Processes: setup, world, rank, print0, all_reduce, gather, gather_with_grad, step_generator, stop signals
-3. Data: build_datasets, Transformed, Augmentation (ColorJitter, RandomGrayscale, GaussianBlur), train_loader,
-   eval_loader, dataset_labels, MEAN_STD, normalize
+3. Data: build_datasets, Transformed, Augmentation of Views (ColorJitter, RandomGrayscale, GaussianBlur, Solarize),
+   train_loader, eval_loader, dataset_labels, MEAN_STD, normalize
 4. Trunks: build_backbone
-5. The run: Run (resume, start, after_step, done, final_evaluation), checkpoints, divergence and stop handling
-6. Evaluation: evaluate (kNN, linear probe, per-stage probes), extract_features, knn_classify, linear_probe
-7. Appendix: the tensor arithmetic of the device colour ops
+5. Optimisation: LARS and its parameter groups, cosine_lr, cosine_momentum
+6. The run: Run (resume, start, after_step, done, final_evaluation), checkpoints, divergence and stop handling,
+   log_metrics (metrics.jsonl, TensorBoard), plot_curves (curves.png)
+7. Evaluation: evaluate (kNN, linear probe, per-stage probes), extract_features, knn_classify, linear_probe
+8. Appendix: the tensor arithmetic of the device colour ops
 
 A method file calls them in that order: add_common_args, parse, setup, build_datasets (with its Augmentation),
-build_backbone, train_loader, Run; per step Augmentation.to_device, step_generator, Run.after_step; at the end
-Run.final_evaluation. Each section's heading names the `args` fields it reads."""
+build_backbone, its optimizer, train_loader, Run; per step the schedules, Augmentation.to_device, step_generator,
+Run.after_step; at the end Run.final_evaluation. Each section's heading names the `args` fields it reads."""
 import argparse
 import atexit
 import copy
@@ -71,18 +73,27 @@ nonneg_float = _checked(float, lambda v: 0 <= v < math.inf, "a finite number >= 
 unit_float = _checked(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help names every flag's default; a default that other flags decide (None) is described in the flag's help."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def add_common_args(p, method, arch="resnet50", epochs=100, batch_size=256, lr=0.1, wd=0.0, device_augment=False,
-                    lr_help="base lr per 256 images; peak = lr * batch / 256", out=None):
+                    lr_help="base lr per 256 images; peak = lr * batch / 256", out=None,
+                    arch_help="torchvision ResNet name, or resnet-tiny for CPU runs", wd_help="weight decay"):
     """The shared flags, with the file's defaults; `method` (cpc for cpc.py) is recorded in checkpoints."""
     p.set_defaults(method=method)
+    p.formatter_class = HelpFormatter
     a = p.add_argument
     a("--dataset", default="imagefolder", choices=list(DEFAULT_IMAGE_SIZE), help="dataset kind")
-    a("--data", default="", help="dataset folder (imagefolder: DATA/train and DATA/val)")
-    a("--arch", default=arch, help="torchvision ResNet name, or resnet-tiny for CPU runs")
+    a("--data", default="", help="dataset folder (imagefolder: DATA/train and DATA/val; downloads: ./data when empty)")
+    a("--arch", default=arch, help=arch_help)
     a("--epochs", type=positive_int, default=epochs, help="pretraining epochs")
     a("--batch-size", type=positive_int, default=batch_size, help="GLOBAL batch size, split over ranks")
     a("--lr", type=nonneg_float, default=lr, help=lr_help)
-    a("--wd", type=nonneg_float, default=wd, help="weight decay")
+    a("--wd", type=nonneg_float, default=wd, help=wd_help)
     a("--workers", type=nonneg_int, default=min(8, os.cpu_count() or 1), help="data-loading workers per rank")
     if device_augment:
         a("--device-augment", action=argparse.BooleanOptionalAction, default=True,
@@ -107,11 +118,18 @@ def add_common_args(p, method, arch="resnet50", epochs=100, batch_size=256, lr=0
     a("--print-freq", type=positive_int, default=50, help="progress line every N steps")
     a("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on CUDA)")
     a("--compile", action="store_true", help="torch.compile the model")
+    a("--tensorboard", action="store_true",
+      help="also write metrics.jsonl's numbers as TensorBoard event files to OUT/tensorboard (pip install tensorboard)")
 
 
 def parse(p, argv):
     args = p.parse_args(argv)
     args.image_size = args.image_size or DEFAULT_IMAGE_SIZE[args.dataset]
+    if args.tensorboard:  # an optional package: without it the run stops here, not after training
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # noqa: F401 (1.5 s: only runs with the flag pay it)
+        except ImportError:
+            fail("--tensorboard needs the tensorboard package; pip install tensorboard, or drop --tensorboard")
     return args
 
 
@@ -174,6 +192,11 @@ def print0(*a):
         print(*a, flush=True)
 
 
+def hms(seconds):
+    hours, rest = divmod(int(seconds), 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
+
+
 def all_reduce(x, op="sum"):
     """x reduced over the ranks: "sum", "mean", "max" or "min" (a copy; x itself in one process)."""
     if not is_distributed():
@@ -214,30 +237,48 @@ def step_generator(seed, global_step, device):
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)  # schedulers send one some seconds before a kill
-# Every STOP_CHECK_EVERY steps the ranks agree on whether one of them got a stop signal: one all-reduce of one number
-# and its host sync (0.7 ms with gloo on 2 CPU ranks, 0.07 ms a step), so all stop at the same step and none waits on
-# a collective the others left. At ImageNet speeds (0.2-1 s a step) 10 steps stay inside a scheduler's grace period.
-STOP_CHECK_EVERY = 10
-_stop = {"signal": 0, "handlers": {}}  # the stop signal received while catching (0: none), and the handlers replaced
+# A stop signal is acknowledged at once and acted on at the end of a step. One process reads its own flag after every
+# step (no device value, no sync). Ranks must stop at the same step, so they agree at checks: one all-reduce of two
+# numbers (a rank's signal, the seconds since the last check) and its host sync (0.7 ms with gloo on 2 CPU ranks),
+# which also sets the steps to the next check: every STOP_CHECK_EVERY steps, or sooner so that checks come about
+# STOP_CHECK_SECONDS apart when steps are slow (every step once a step takes longer).
+STOP_CHECK_EVERY, STOP_CHECK_SECONDS = 10, 2.0
+_stop = {"signal": 0, "handlers": {}, "step": 0, "every": 1}  # the signal received (0: none), the handlers replaced,
+# and for the acknowledgement the step in progress and the steps between checks
+
+
+def _on_stop_signal(signum, frame):
+    """A stop signal while training: noted (a repeat changes nothing: torchrun passes a scheduler's signal on, so a rank
+    may get it twice) and acknowledged on rank 0 (os.write: a print could land inside another print)."""
+    if not _stop["signal"]:
+        _stop["signal"], name = signum, signal.Signals(signum).name
+        said = f"stop requested by {name}; checkpointing at the end of step {_stop['step']}, then exiting" if not \
+            is_distributed() else (f"stop requested by {name} in step {_stop['step']}; the ranks agree on it at their next "
+                                   f"check (every {_stop['every']} steps), then checkpoint and exit")
+        if rank() == 0:
+            os.write(2, (said + "\n").encode())
 
 
 def catch_stop_signals(on):
-    """On (training): a stop signal only sets _stop (a repeat changes nothing: torchrun passes a scheduler's signal on,
-    so a rank may get it twice); off: the handlers as they were."""
+    """On (training): a stop signal only sets _stop; off: the handlers as they were."""
     if on and not _stop["handlers"] and threading.current_thread() is threading.main_thread():  # Python's rule
-        _stop["signal"], on_signal = 0, lambda signum, frame: _stop.update(signal=_stop["signal"] or signum)
-        _stop["handlers"] = {s: signal.signal(s, on_signal) for s in STOP_SIGNALS}
+        _stop.update(signal=0, every=1)
+        _stop["handlers"] = {s: signal.signal(s, _on_stop_signal) for s in STOP_SIGNALS}
     elif not on:
         for s, handler in _stop["handlers"].items():
             signal.signal(s, handler)
         _stop["handlers"] = {}
 
 
-def stop_if_requested(device, step, checkpoint, save):
+def stop_if_requested(device, step, checkpoint, save, steps_since, seconds_since):
     """If a rank got a stop signal, every rank at this same step: save() (rank 0 writes `checkpoint`), say how to go on,
-    exit with 128 + the signal. One process reads its own flag: no device copy, no host sync."""
-    signum = int(all_reduce(torch.tensor(_stop["signal"], device=device), "max").item()) if is_distributed() \
-        else _stop["signal"]
+    exit with 128 + the signal. -> steps to the next check, the same on every rank."""
+    if is_distributed():
+        agreed = all_reduce(torch.tensor([_stop["signal"], seconds_since], device=device), "max").tolist()
+        signum, seconds_per_step = int(agreed[0]), agreed[1] / steps_since
+        _stop["every"] = max(1, min(STOP_CHECK_EVERY, int(STOP_CHECK_SECONDS / max(seconds_per_step, 1e-9))))
+    else:
+        signum = _stop["signal"]
     if signum:
         save()
         if is_distributed():
@@ -247,6 +288,7 @@ def stop_if_requested(device, step, checkpoint, save):
             print(f"stopped by {signal.Signals(signum).name} at step {step}; continue with --resume {checkpoint}",
                   file=sys.stderr, flush=True)
         raise SystemExit(128 + signum)
+    return _stop["every"]
 
 
 # ==== 3. Data: datasets, views, loaders. Reads args.dataset, data, image_size, subset, seed, batch_size, workers, ===
@@ -426,38 +468,55 @@ def balanced_subset(labels, n):
     return torch.cat(picked).sort().values.tolist()
 
 
-# Augmentation: the data workers decode each image once, apply its geometry (crops, flips: PIL) to every view and draw
-# every parameter of the photometric ops from the per-sample seed (torchvision's get_params: the same distributions);
-# they hand uint8 tensors over. The device then applies the colour ops to the whole batch, each sample with its own
+# Augmentation: the data workers decode each image once, apply each view's geometry (crops, flips: PIL) and draw every
+# parameter of its photometric ops from the per-sample seed (torchvision's get_params: the same distributions); they
+# hand uint8 tensors over. The device then applies the colour ops to the whole batch, each sample with its own
 # parameters, and normalises; with on_device=False (--no-device-augment) the workers apply them with PIL instead, as
 # the official loaders. Each op has draw() (in the worker), pil(image, q) (the CPU path) and batch(x, q) (x: (B, 3, H,
-# W) floats in [0, 1], owned and overwritten on CPU; q: (B, params)), its tensor arithmetic in the appendix.
-class Augmentation:
-    """image -> (uint8 views (V, 3, S, S), their photometric ops' parameters (V, P)); to_device finishes a batch."""
+# W) floats in [0, 1], owned and overwritten on CPU; q: (B, params)), its tensor arithmetic in the appendix. Views are
+# declared in groups (Views): the views of a group share their ops and size (BYOL's two views: a group each, their
+# blur and solarize probabilities differing; multi-crop: 2 global and N local views, a group per size).
+class Views:
+    """`count` views drawn alike: `geometry` (PIL transforms ending at the group's size) then `photometric` ops."""
 
-    def __init__(self, dataset, on_device=True, geometry=(), photometric=(), views=1):
-        self.geometry, self.photometric, self.views = T.Compose(geometry), list(photometric), views
-        self.on_device, self.dataset, self.mean_std = on_device, dataset, {}
+    def __init__(self, count, geometry, photometric=()):
+        self.count, self.geometry, self.photometric = count, T.Compose(geometry), list(photometric)
+        self.sizes = [op.params for op in self.photometric]
+
+
+class Augmentation:
+    """image -> per group (uint8 views (V, 3, S, S), their photometric ops' parameters (V, P)); to_device finishes a
+    batch of them."""
+
+    def __init__(self, dataset, on_device=True, groups=()):
+        self.groups, self.on_device, self.dataset, self.mean_std = list(groups), on_device, dataset, {}
 
     def __call__(self, image):
-        images, params = [], []
-        for _ in range(self.views):
-            view, q = self.geometry(image), [op.draw() for op in self.photometric]
-            for op, qi in zip(self.photometric, q) if not self.on_device else ():  # the CPU path: PIL, same parameters
-                view = op.pil(view, qi)
-            images.append(TF.pil_to_tensor(view))
-            params.append(torch.cat(q) if q else torch.zeros(0))
-        return torch.stack(images), torch.stack(params)
+        out = []
+        for group in self.groups:
+            images, params = [], []
+            for _ in range(group.count):
+                view, q = group.geometry(image), [op.draw() for op in group.photometric]
+                for op, qi in zip(group.photometric, q) if not self.on_device else ():  # the CPU path: PIL, same draws
+                    view = op.pil(view, qi)
+                images.append(TF.pil_to_tensor(view))
+                params.append(torch.cat(q) if q else torch.zeros(0))
+            out.append((torch.stack(images), torch.stack(params)))
+        return out
 
     def to_device(self, batch, device):
-        """(uint8 (B, V, 3, S, S), params (B, V, P)) -> (V B, 3, S, S) on the device, view-major, coloured, normalised."""
-        x, params = (t.to(device, non_blocking=True).transpose(0, 1).flatten(0, 1) for t in batch)
+        """Per group (uint8 (B, V, 3, S, S), params (B, V, P)) -> per group (V B, 3, S, S) on the device, view-major,
+        coloured, normalised."""
+        return [self.finish(group, *batch_group, device) for group, batch_group in zip(self.groups, batch)]
+
+    def finish(self, group, x, params, device):
+        x, params = (t.to(device, non_blocking=True).transpose(0, 1).flatten(0, 1) for t in (x, params))
         x = x.float().div_(255)
-        if self.on_device and self.photometric:  # on CPU 8 views at a time, so they stay in cache
-            sizes, chunk, parts = [op.params for op in self.photometric], 8 if device.type == "cpu" else len(x), []
+        if self.on_device and group.photometric:  # on CPU 8 views at a time, so they stay in cache
+            chunk, parts = 8 if device.type == "cpu" else len(x), []
             for s in range(0, len(x), chunk):
                 y = x[s:s + chunk]
-                for op, q in zip(self.photometric, params[s:s + chunk].split(sizes, 1)):
+                for op, q in zip(group.photometric, params[s:s + chunk].split(group.sizes, 1)):
                     y = op.batch(y, q)
                 parts.append(y)
             x = torch.cat(parts) if len(parts) > 1 else parts[0]
@@ -546,6 +605,24 @@ class GaussianBlur:
         y = F.pad(x.reshape(1, B * C, H, W), (r, r, r, r), mode="reflect")
         y = F.conv2d(y, kernel[:, None, None], groups=B * C)
         return F.conv2d(y, kernel[:, None, :, None], groups=B * C).view(B, C, H, W)
+
+
+class Solarize:
+    """Solarize inside T.RandomApply(p): a channel value at or above `threshold` becomes 1 - value (BYOL's 0.5 of [0,
+    1], PIL's 128 of 255: the same uint8 pixels). Parameters: [applied]."""
+    params = 1
+
+    def __init__(self, p, threshold=0.5):
+        self.p, self.threshold = p, threshold
+
+    def draw(self):
+        return torch.tensor([float(torch.rand(1) < self.p)])
+
+    def pil(self, image, q):
+        return TF.solarize(image, math.ceil(self.threshold * 255)) if q[0] else image
+
+    def batch(self, x, q):
+        return _where(x, q[:, 0] > 0, lambda x: torch.where(x >= self.threshold, 1 - x, x))
 
 
 class EpochSampler(torch.utils.data.distributed.DistributedSampler):
@@ -653,8 +730,61 @@ def build_backbone(arch, image_size, zero_init_residual=False, norm_layer=nn.Bat
     return net, width
 
 
-# ==== 5. The run: checkpoints, resume, progress, divergence, stops. Reads args.out, resume, eval_only, epochs, ====
-# max_steps, save_every, print_freq, eval_every, baselines, batch_size (checkpoints record all of args)
+# ==== 5. Optimisation: LARS, per-step schedules. Reads no args: a file passes its recipe's numbers ====================
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and a layer-wise trust ratio eta ||w|| / ||g + wd w|| (You et al. 2017), weight decay added to
+    the gradient first; groups with exclude=True get neither (they still get momentum and the lr). lr_in_momentum: the
+    lr scales the update before it enters the momentum buffer (v = m v + lr u, w -= v: SimCLR's TF momentum
+    optimizer), else after it (v = m v + u, w -= lr v: BYOL's optax chain); they differ while the lr changes."""
+
+    def __init__(self, params, lr, weight_decay, momentum=0.9, eta=0.001, lr_in_momentum=False):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta, exclude=False))
+        self.lr_in_momentum = lr_in_momentum
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                update = p.grad
+                if not group["exclude"]:
+                    update = update.add(p, alpha=group["weight_decay"])
+                    w_norm, u_norm = p.norm(), update.norm()
+                    update = update * torch.where((w_norm > 0) & (u_norm > 0), group["eta"] * w_norm / u_norm, 1.0)
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+                buf = self.state[p]["momentum_buffer"]
+                if self.lr_in_momentum:
+                    p.sub_(buf.mul_(group["momentum"]).add_(update, alpha=group["lr"]))
+                else:
+                    p.sub_(buf.mul_(group["momentum"]).add_(update), alpha=group["lr"])
+
+
+def lars_groups(model, excluded=lambda p: p.ndim <= 1):
+    """The trainable parameters in two LARS groups: those `excluded` from weight decay and adaptation (by default the
+    one-dimensional ones, every bias and norm scale: SimCLR's, BYOL's, Barlow Twins' and VICReg's rule) and the rest."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if not excluded(p)]},
+            {"params": [p for p in params if excluded(p)], "exclude": True}]
+
+
+def cosine_lr(step, total_steps, warmup_steps, peak, end=0.0):
+    """Per step: linear warm-up from 0 to `peak` over warmup_steps, then a cosine from `peak` down to `end`."""
+    if step < warmup_steps:
+        return peak * step / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return end + (peak - end) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def cosine_momentum(step, total_steps, m0):
+    """A target network's momentum at step k of K: 1 - (1 - m0) (cos(pi k / K) + 1) / 2, from m0 to 1 (BYOL Sec. 3.2)."""
+    return 1 - (1 - m0) * (math.cos(math.pi * min(step, total_steps) / total_steps) + 1) / 2
+
+
+# ==== 6. The run: checkpoints, resume, progress, divergence, stops. Reads args.out, resume, eval_only, epochs, ====
+# max_steps, save_every, print_freq, eval_every, baselines, batch_size, tensorboard; method, arch, image_size
+# (backbone.pth's recipe; checkpoints record all of args)
 def save_atomic(obj, path):
     """torch.save to a temp file then rename: a crash mid-write never leaves a broken file."""
     tmp = f"{path}.tmp.{os.getpid()}"
@@ -707,11 +837,43 @@ def read_checkpoint(args, trunk):
     return ckpt
 
 
-def log_metrics(out, **record):
-    """One JSON object per line in OUT/metrics.jsonl, from rank 0."""
+def log_metrics(out, tensorboard=None, **record):
+    """One JSON object per line in OUT/metrics.jsonl, from rank 0; with `tensorboard` (rank 0's SummaryWriter) also its
+    numbers at its step: a progress record's under train/, an evaluation's under eval/."""
     if rank() == 0:
         with open(os.path.join(out, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
+    if tensorboard is not None:
+        group = "train" if "loss" in record else "eval"
+        for k, v in record.items():
+            if k not in ("epoch", "step") and isinstance(v, (int, float)) and not isinstance(v, bool):
+                tensorboard.add_scalar(f"{group}/{k}", v, record["step"])
+        tensorboard.flush()  # on disk now (a few records a minute): a run killed later keeps what it logged
+
+
+def plot_curves(out):
+    """OUT/curves.png from the whole OUT/metrics.jsonl (a resumed run's too), when matplotlib is installed: the loss and
+    lr against step, the kNN top-1 against epoch, the last evaluation's figures in the title."""
+    try:  # a Figure without pyplot renders with Agg and leaves the caller's backend and figures alone
+        from matplotlib.figure import Figure
+    except ImportError:
+        return
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    train, knn, final = [r for r in records if "loss" in r], [r for r in records if "knn_top1" in r], records[-1]
+    fig = Figure(figsize=(10, 3.8))
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.14, top=0.86, wspace=0.5)  # tight_layout would double the cost
+    loss_ax, knn_ax = fig.subplots(1, 2)
+    loss_ax.plot([r["step"] for r in train], [r["loss"] for r in train], color="tab:blue")
+    loss_ax.set(xlabel="step", ylabel="loss")
+    lr_ax = loss_ax.twinx()
+    lr_ax.plot([r["step"] for r in train], [r["lr"] for r in train], "--", color="tab:orange")
+    lr_ax.set_ylabel("lr (dashed)")
+    knn_ax.plot([r["epoch"] for r in knn], [r["knn_top1"] for r in knn], "o-", color="tab:green")
+    knn_ax.set(xlabel="epoch", ylabel="kNN top-1, %")
+    figures = [f"{k} {final[k]:.2f}" for k in ("knn_top1", "linear_top1") if k in final]
+    fig.suptitle(f"{os.path.basename(os.path.normpath(out))}: step {final.get('step', 0)}, " + ", ".join(figures))
+    fig.savefig(os.path.join(out, "curves.png"), dpi=100)
 
 
 NEVER = 2 ** 62  # "no non-finite loss seen" for the divergence check
@@ -732,10 +894,14 @@ class Run:
     """The loop plumbing every method file shares, one call each: resume(), start(), after_step() (progress line,
     metrics.jsonl, checkpoints, the kNN monitor, the divergence and stop checks) and final_evaluation(). `state` names
     what a checkpoint holds (model=..., optimizer=...; method state lives in the model's buffers); `trunk` is what
-    backbone.pth holds, and the probes read `features` (default: the trunk)."""
+    backbone.pth holds, and the probes read `features` (default: the trunk). backbone.pth also records what rebuilds
+    the trunk (hubconf.py): the method, --arch and --image-size (build_backbone's arguments), and `trunk_recipe`, the
+    arguments of a file's own trunk builder beyond those (CPC's norm and stacks)."""
+    tensorboard = None  # --tensorboard: rank 0's SummaryWriter, from resume() to the end of final_evaluation()
 
-    def __init__(self, args, device, probe_sets, trunk, features=None, **state):
+    def __init__(self, args, device, probe_sets, trunk, features=None, trunk_recipe=None, **state):
         self.args, self.device, self.trunk, self.features, self.state = args, device, trunk, features or trunk, state
+        self.recipe = {"method": args.method, "arch": args.arch, "image_size": args.image_size, **(trunk_recipe or {})}
         self.probe_loaders, self.monitor_loaders = probe_loaders(probe_sets, args)
         # --baselines: the trunk as the method initialised it (before --resume), probed beside the trained one
         self.initial_trunk = copy.deepcopy(trunk.state_dict()) if args.baselines else None
@@ -744,23 +910,37 @@ class Run:
         self.first_bad_step = torch.tensor(NEVER, device=device)  # on the device: no host sync per step
 
     def resume(self):
-        """Load --resume (with --eval-only also a backbone.pth) -> (epoch, step in epoch) to start at."""
+        """Load --resume (with --eval-only also a backbone.pth) -> (epoch, step in epoch) to start at. With
+        --tensorboard rank 0 opens its writer here: resumed, it hides what an ended run logged after the checkpoint
+        (after a kill -9 those steps are trained and logged again)."""
         ckpt = read_checkpoint(self.args, self.trunk)
-        if ckpt is None:
-            return 0, 0
-        for name, obj in self.state.items():
-            load_weights(obj, ckpt[name], self.args.resume) if name == "model" else obj.load_state_dict(ckpt[name])
-        self.epochs_done, self.global_step, self.resumed = ckpt["epoch"], ckpt["global_step"], True
-        self.last_good = (self.args.resume, ckpt["global_step"])
-        return ckpt["epoch"], ckpt["step_in_epoch"]
+        if ckpt is not None:
+            for name, obj in self.state.items():
+                load_weights(obj, ckpt[name], self.args.resume) if name == "model" else obj.load_state_dict(ckpt[name])
+            self.epochs_done, self.global_step, self.resumed = ckpt["epoch"], ckpt["global_step"], True
+            self.last_good = (self.args.resume, ckpt["global_step"])
+        if self.args.tensorboard and rank() == 0:
+            from torch.utils.tensorboard import SummaryWriter  # parse() checked that it imports
+            self.tensorboard = SummaryWriter(os.path.join(self.args.out, "tensorboard"),
+                                             purge_step=self.global_step + 1 if self.resumed else None)
+        return (ckpt["epoch"], ckpt["step_in_epoch"]) if ckpt else (0, 0)
 
-    def start(self, steps_per_epoch, start_epoch, start_step):
+    def start(self, steps_per_epoch, start_epoch, start_step, peak_lr):
         """Count steps from where --resume left off; the run ends at --epochs or --max-steps, whichever is first.
-        From here to the last step SIGTERM, SIGINT and SIGUSR1 stop the run at a checkpoint (after_step)."""
-        total_steps = self.args.epochs * steps_per_epoch
-        self.steps_per_epoch, self.last_step = steps_per_epoch, min(total_steps, self.args.max_steps or total_steps)
+        Prints the run's effective configuration. From here to the last step SIGTERM, SIGINT and SIGUSR1 stop the run
+        at a checkpoint (after_step)."""
+        args, total_steps = self.args, self.args.epochs * steps_per_epoch
+        self.steps_per_epoch, self.last_step = steps_per_epoch, min(total_steps, args.max_steps or total_steps)
         self.global_step = start_epoch * steps_per_epoch + start_step
-        self.tick = (time.time(), self.global_step)
+        self.tick = self.check_tick = (time.time(), self.global_step)
+        self.next_check, self.first_step, self.cpu_clock = self.global_step + 1, self.global_step, None
+        _stop["step"] = self.global_step + 1
+        stem = "CIFAR stem: 3x3 conv, no max-pool" if args.image_size <= 64 else "ImageNet stem"
+        ends = f", --max-steps {args.max_steps}" if self.last_step < total_steps else ""
+        print0(f"{args.method}: --arch {args.arch} ({stem}) at {args.image_size} px, batch {args.batch_size} "
+               f"({args.batch_size // world()} on each of {world()} {self.device.type} ranks), peak lr {peak_lr:.4g}, "
+               f"{args.epochs} epochs of {steps_per_epoch} steps{ends}, {'bf16' if args.amp else 'fp32'}"
+               + (", compiled" if args.compile else "") + (f"; from step {self.global_step}" if self.global_step else ""))
         catch_stop_signals(not self.done())
 
     def done(self):
@@ -769,6 +949,7 @@ class Run:
     def after_step(self, epoch, step, loss, lr):
         """Call after each optimizer step with this rank's loss (a tensor). Returns True at the last step."""
         args, self.global_step, loss = self.args, self.global_step + 1, loss.detach().float()
+        _stop["step"] = self.global_step  # the step a stop signal is acknowledged in, until it is checked
         self.first_bad_step = torch.minimum(self.first_bad_step, torch.where(loss.isfinite(), NEVER, self.global_step))
         end_of_epoch = step + 1 == self.steps_per_epoch
         if self.global_step % args.print_freq == 0 or end_of_epoch or self.done():
@@ -776,29 +957,47 @@ class Run:
         saved = end_of_epoch or self.done() or (args.save_every and self.global_step % args.save_every == 0)
         if saved:
             self.save(epoch + 1 if end_of_epoch else epoch, 0 if end_of_epoch else step + 1)
-        if self.global_step % STOP_CHECK_EVERY == 0 or self.done():  # every rank stops at this same step
-            stop_if_requested(self.device, self.global_step, self.path, lambda: saved or self.save(epoch, step + 1))
+        if self.device.type == "cpu" and self.global_step - self.first_step <= 2:
+            self.warn_if_slow()
+        if self.global_step >= self.next_check or self.done():  # every rank checks at this same step
+            now, (then, then_step) = time.time(), self.check_tick
+            self.next_check = self.global_step + stop_if_requested(self.device, self.global_step, self.path, lambda:
+                                                                   saved or self.save(epoch, step + 1),
+                                                                   self.global_step - then_step, now - then)
+            self.check_tick = (now, self.global_step)
             if self.done():
                 catch_stop_signals(False)  # trained and checkpointed: a signal from here on just ends the process
+        _stop["step"] = self.global_step + 1  # past the check: a signal from here on is the next step's
         if end_of_epoch and args.eval_every and (epoch + 1) % args.eval_every == 0 and not self.done():
             monitor = evaluate(self.features, *self.monitor_loaders, self.device, args, linear=False, trunk=self.trunk)
             best = monitor.get("best_stage_knn", "final")
             print0(f"epoch {epoch + 1} kNN top-1 {monitor['knn_top1']:.2f}" + (f", best stage {best} "
                    f"{monitor[best + '_knn_top1']:.2f}" if best != "final" else ""))
-            log_metrics(args.out, epoch=epoch + 1, **monitor)
+            log_metrics(args.out, self.tensorboard, epoch=epoch + 1, step=self.global_step, **monitor)
             self.tick = (time.time(), self.global_step)  # evaluation time is not training throughput
         return self.done()
+
+    def warn_if_slow(self):
+        """On CPU, timed by the second step (the first also starts the workers): one line if an epoch takes an hour."""
+        now, args = time.time(), self.args
+        if self.global_step - self.first_step == 2 and (now - self.cpu_clock) * self.steps_per_epoch > 3600:
+            stem = ", whose CIFAR stem keeps full resolution through layer1," if args.image_size <= 64 else ""
+            print0(f"warning: one epoch of --arch {args.arch} at {args.image_size} px{stem} takes about "
+                   f"{(now - self.cpu_clock) * self.steps_per_epoch / 3600:.1f} hours on this CPU; for a CPU run use "
+                   + "--arch resnet-tiny, " * (args.arch != "resnet-tiny") + "a smaller --image-size or --subset, or a GPU")
+        self.cpu_clock = now
 
     def progress(self, epoch, step, loss, lr):
         """The progress line and its metrics.jsonl record: the ranks' mean loss (the only host sync), img/s, ETA."""
         stop_if_diverged(self.first_bad_step, self.last_good)
         loss, batch = all_reduce(loss, "mean").item(), self.args.batch_size
         img_per_s = (self.global_step - self.tick[1]) * batch / max(time.time() - self.tick[0], 1e-9)
-        hours, rest = divmod(int((self.last_step - self.global_step) * batch / max(img_per_s, 1e-9)), 3600)
         memory = {"peak_gib": torch.cuda.max_memory_allocated(self.device) / 2 ** 30} if self.device.type == "cuda" else {}
         print0(f"epoch {epoch} step {step + 1}/{self.steps_per_epoch} loss {loss:.4f} lr {lr:.4g} {img_per_s:.0f} "
-               f"img/s eta {hours}:{rest // 60:02d}:{rest % 60:02d}" + "".join(f" peak {v:.1f} GiB" for v in memory.values()))
-        log_metrics(self.args.out, epoch=epoch, step=self.global_step, loss=loss, lr=lr, img_per_s=img_per_s, **memory)
+               f"img/s eta {hms((self.last_step - self.global_step) * batch / max(img_per_s, 1e-9))}"
+               + "".join(f" peak {v:.1f} GiB" for v in memory.values()))
+        log_metrics(self.args.out, self.tensorboard, epoch=epoch, step=self.global_step, loss=loss, lr=lr,
+                    img_per_s=img_per_s, **memory)
         self.tick = (time.time(), self.global_step)
 
     def save(self, epoch, step_in_epoch):
@@ -808,12 +1007,17 @@ class Run:
             save_atomic({**{name: obj.state_dict() for name, obj in self.state.items()}, "epoch": epoch,
                          "step_in_epoch": step_in_epoch, "global_step": self.global_step, "world_size": world(),
                          "args": vars(self.args)}, self.path)
-            save_atomic(self.trunk.state_dict(), os.path.join(self.args.out, "backbone.pth"))
+            backbone = self.trunk.state_dict()  # torchvision's keys; the recipe in torch's own per-state-dict metadata,
+            backbone._metadata[""]["sslref"] = self.recipe  # which load_state_dict ignores and torch.load keeps
+            save_atomic(backbone, os.path.join(self.args.out, "backbone.pth"))
         self.last_good, self.epochs_done = (self.path, self.global_step), epoch
         self.tick = (time.time(), self.global_step)
 
     def final_evaluation(self, extra=None):
-        """The probes, `extra()` (a method's own results), the baselines and the replicas' largest weight difference."""
+        """The probes, `extra()` (a method's own results), the baselines and the replicas' largest weight difference;
+        logged, then the TensorBoard writer closed and curves.png drawn."""
+        print0("final evaluation of the " + ("trained trunk" if not self.args.eval_only else "trunk of --resume"
+                                             if self.args.resume else "random-init trunk (--eval-only)"))
         results = evaluate(self.features, *self.probe_loaders, self.device, self.args, trunk=self.trunk)
         results.update(extra() if extra else {})
         if self.initial_trunk is not None:
@@ -823,18 +1027,42 @@ class Run:
             reference = flat.clone()  # |w - w_rank0| over all ranks: 0.0 when DDP kept the replicas in step
             dist.broadcast(reference, 0)
             results["rank_weight_max_diff"] = all_reduce((flat - reference).abs().max(), "max").item()
-        log_metrics(self.args.out, epoch=self.epochs_done, step=self.global_step, **results)
+        log_metrics(self.args.out, self.tensorboard, epoch=self.epochs_done, step=self.global_step, **results)
         print0(" ".join(f"{k} {v if isinstance(v, str) else f'{v:.4g}'}" for k, v in results.items()))
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        if rank() == 0:
+            plot_curves(self.args.out)
         return results
 
 
-# ==== 6. Evaluation: frozen features, kNN, linear probe. Reads args.probe_stages, probe_epochs, knn_k, knn_t, seed, ==
-# amp, image_size
+# ==== 7. Evaluation: frozen features, kNN, linear probe. Reads args.probe_stages, probe_epochs, knn_k, knn_t, seed, ==
+# amp, image_size, print_freq
 # Each rank keeps only the features of its own share of the probe sets (eval_loader), sharded through kNN and probe.
 KNN_MEMORY_BYTES = 2 ** 30  # the kNN's similarity block per rank, whatever the dataset size
 PROBE_MEMORY_BYTES = 4 * 2 ** 30  # per rank: the probe features held at once; stages beyond it take another pass
 FEATURE_DTYPE = {"cuda": torch.bfloat16}  # the cached features' dtype by device type (others: fp32)
 STAGES = ("stem", "layer1", "layer2", "layer3", "layer4", "final")
+
+
+class Progress:
+    """From rank 0, every `every` of `total` items (every=0: never), at most one line each `seconds`: what, how far,
+    the ETA; at the last item the time it took. On CUDA the printing rank first waits for the device, so the times
+    are the GPU's (one sync a line)."""
+    seconds = 5.0
+
+    def __init__(self, what, total, every, device):
+        self.what, self.total, self.every, self.device = what, total, every, device
+        self.start = self.said = time.time()
+
+    def __call__(self, done):
+        last = done == self.total
+        if self.every and rank() == 0 and (last or done % self.every == 0 and time.time() - self.said >= self.seconds):
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.said, elapsed = time.time(), time.time() - self.start
+            print(f"  {self.what} {done}/{self.total} " + (f"in {hms(elapsed)}" if last else
+                                                           f"eta {hms(elapsed / done * (self.total - done))}"), flush=True)
 
 
 def evaluate(features, probe_train_loader, probe_test_loader, device, args, linear=True, trunk=None):
@@ -847,20 +1075,24 @@ def evaluate(features, probe_train_loader, probe_test_loader, device, args, line
             dist.broadcast(buffer, 0)
     stages = ["stem", *trunk_stages(trunk), "final"] if args.probe_stages and trunk is not None else ["final"]
     linear, results = linear and args.probe_epochs > 0, {}
+    progress = lambda what: lambda total: Progress(what, total, args.print_freq, device)  # lines as often as training's
     rows = len(probe_train_loader.sampler) + len(probe_test_loader.sampler)
     stage_bytes = rows * StageFeatures(features, trunk).budget * (2 if device.type == "cuda" else 4)
     per_pass = max(1, int(PROBE_MEMORY_BYTES // max(1, stage_bytes)))
     for first in range(0, len(stages), per_pass):
         probe = StageFeatures(features, trunk if len(stages) > 1 else None, stages[first:first + per_pass])
-        (train_f, train_y, _), (test_f, test_y, _) = (extract_features(probe, loader, device, args.amp)
-                                                      for loader in (probe_train_loader, probe_test_loader))
+        (train_f, train_y, _), (test_f, test_y, _) = (
+            extract_features(probe, loader, device, args.amp, progress(f"{split} features, batch"))
+            for split, loader in (("probe train", probe_train_loader), ("probe test", probe_test_loader)))
         probe.remove_hooks()
         for s in probe.stages:
-            name = "" if s == "final" else f"{s}_"
-            results[f"{name}knn_top1"] = knn_classify(train_f[s], train_y, test_f[s], test_y, args.knn_k, args.knn_t)
+            name, of = ("", "") if s == "final" else (f"{s}_", f" ({s})")
+            results[f"{name}knn_top1"] = knn_classify(train_f[s], train_y, test_f[s], test_y, args.knn_k, args.knn_t,
+                                                      progress=progress(f"kNN{of}, query block"))
             if linear:
                 results[f"{name}linear_top1"], results[f"{name}linear_top5"] = linear_probe(
-                    train_f[s], train_y, test_f[s], test_y, args.probe_epochs, seed=args.seed)
+                    train_f[s], train_y, test_f[s], test_y, args.probe_epochs, seed=args.seed,
+                    progress=progress(f"linear probe{of}, step"))
         del train_f, test_f
     for kind in ("knn", "linear")[:1 + linear] if len(stages) > 1 else ():
         score = {s: results[f"{'' if s == 'final' else s + '_'}{kind}_top1"] for s in stages}
@@ -870,25 +1102,29 @@ def evaluate(features, probe_train_loader, probe_test_loader, device, args, line
 
 def baselines(features, trunk, initial_trunk, loaders, device, args):
     """--baselines: the probes of the trunk at its initial weights and (<= 64 px) of the raw normalised pixels."""
+    print0("baseline 1 of 2: the trunk at its initialisation" if args.image_size <= 64 else
+           "baseline: the trunk at its initialisation")
     trained = copy.deepcopy(trunk.state_dict())
     trunk.load_state_dict(initial_trunk)
     results = {f"random_init_{k}": v for k, v in evaluate(features, *loaders, device, args, trunk=trunk).items()}
     trunk.load_state_dict(trained)
     if args.image_size <= 64:
+        print0("baseline 2 of 2: the raw normalised pixels")
         results.update({f"raw_pixels_{k}": v for k, v in evaluate(nn.Flatten(), *loaders, device, args).items()})
     return results
 
 
 @torch.no_grad()
-def extract_features(trunk, loader, device, amp=False):
+def extract_features(trunk, loader, device, amp=False, progress=None):
     """Frozen trunk in eval mode over this rank's share (eval_loader) -> (features, labels, dataset indices); features a
     dict when the trunk returns one (StageFeatures). Features are bf16 on CUDA, half of fp32's memory with its range
     (fp16 tops out at 65,504, which a trunk without normalisation can pass: CPC v1's), and fp32 on CPU, written into
-    preallocated tensors."""
+    preallocated tensors. progress(total batches) gives a function of the batches done that prints lines (Progress)."""
     was_training, feats, filled, n = trunk.training, None, 0, len(loader.sampler)
     trunk.eval()
     labels, indices = torch.empty(n, dtype=torch.long), torch.empty(n, dtype=torch.long)
-    for x, y, i in loader:
+    tick = progress(len(loader)) if progress else None
+    for batch, (x, y, i) in enumerate(loader, 1):
         x = x.to(device, non_blocking=True)
         with torch.autocast(device.type, torch.bfloat16, enabled=amp):
             f = trunk(x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x)
@@ -900,6 +1136,8 @@ def extract_features(trunk, loader, device, amp=False):
             feats[k][filled:filled + len(v)] = v
         labels[filled:filled + len(y)], indices[filled:filled + len(y)] = y, i
         filled += len(y)
+        if tick:
+            tick(batch)
     trunk.train(was_training)
     return feats.get(None, feats), labels.to(device), indices.to(device)
 
@@ -945,7 +1183,7 @@ def _pad_rows(x, rows, value=0):
 
 
 @torch.no_grad()
-def knn_classify(train_f, train_y, test_f, test_y, k=200, t=0.1, memory_bytes=None):
+def knn_classify(train_f, train_y, test_f, test_y, k=200, t=0.1, memory_bytes=None, progress=None):
     """Weighted kNN of Wu et al. 2018 (InstDisc): the k most cosine-similar train rows vote with exp(sim / t). Sharded,
     each rank passing its share of both sets, in two stages: every rank scores all ranks' queries against its own train
     rows and keeps its top-k, and the top-k of those gathered is the global top-k. -> top-1 in percent, on every rank.
@@ -961,7 +1199,7 @@ def knn_classify(train_f, train_y, test_f, test_y, k=200, t=0.1, memory_bytes=No
     test_f = _pad_rows(F.normalize(test_f.float(), dim=1).to(train_f.dtype), max_test)
     test_y = _pad_rows(test_y, max_test, -1)  # -1: a padding query, not counted
     chunk = max(1, (memory_bytes or KNN_MEMORY_BYTES) // (8 * world() * max(1, max_train)))  # fp32 scores + top-k
-    correct = torch.zeros((), device=device)
+    correct, tick = torch.zeros((), device=device), progress(-(-max_test // chunk)) if progress else None
     for s in range(0, max_test, chunk):
         queries, labels = gather(test_f[s:s + chunk]), gather(test_y[s:s + chunk])  # every rank's chunk
         sim = ((queries @ train_f.T).float() / train_norm).nan_to_num_(nan=-math.inf)  # (queries, my train rows)
@@ -972,10 +1210,12 @@ def knn_classify(train_f, train_y, test_f, test_y, k=200, t=0.1, memory_bytes=No
         votes = torch.zeros(len(queries), num_classes, device=device)
         votes.scatter_add_(1, top_y.gather(1, top), (top_sim / t).exp())
         correct += ((votes.argmax(1) == labels) & (labels >= 0)).sum()
+        if tick:
+            tick(s // chunk + 1)
     return 100.0 * correct.item() / n_test
 
 
-def linear_probe(train_f, train_y, test_f, test_y, epochs=100, lr=0.1, batch_size=256, seed=0):
+def linear_probe(train_f, train_y, test_f, test_y, epochs=100, lr=0.1, batch_size=256, seed=0, progress=None):
     """Linear classifier on cached frozen features -> (top-1, top-5) in percent. Standardised inputs (as MAE's
     parameter-free BN), weights N(0, 0.01), bias 0, SGD momentum 0.9, cosine lr, no weight decay. Sharded as DDP: each
     rank steps through its own rows, batch_size / world at a time, and the gradients are averaged across ranks."""
@@ -997,7 +1237,8 @@ def linear_probe(train_f, train_y, test_f, test_y, epochs=100, lr=0.1, batch_siz
     steps = max(1, -(-int(all_reduce(torch.tensor(len(train_f), device=device), "max")) // local_batch))
     opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, epochs * steps))
-    for _ in range(epochs):
+    tick = progress(epochs * steps) if progress else None
+    for epoch in range(epochs):
         perm = torch.randperm(len(train_f), generator=g).to(device)
         for s in range(steps):
             b = perm[s * local_batch:(s + 1) * local_batch]  # short or empty on a rank whose rows ran out
@@ -1010,6 +1251,8 @@ def linear_probe(train_f, train_y, test_f, test_y, epochs=100, lr=0.1, batch_siz
                     p.grad.copy_(grad.view_as(p))
             opt.step()
             sched.step()
+            if tick:
+                tick(epoch * steps + s + 1)
     correct = torch.zeros(2, device=device)
     with torch.no_grad():
         for s in range(0, len(test_f), 65536):
@@ -1020,7 +1263,7 @@ def linear_probe(train_f, train_y, test_f, test_y, epochs=100, lr=0.1, batch_siz
     return (correct[0].item() * 100, correct[1].item() * 100)
 
 
-# ==== 7. Appendix: the device stage's colour ops (section 3's ColorJitter, RandomGrayscale and GaussianBlur) ======
+# ==== 8. Appendix: the device stage's colour ops (section 3's ColorJitter, RandomGrayscale, GaussianBlur, Solarize) =
 def _where(x, applied, fn, *per_sample):
     """fn(x, *per_sample) for the samples where `applied` (B,), x for the others. On CUDA all samples are computed and
     torch.where picks (no host sync); on CPU only the applied ones (nothing to sync with, as PIL), written into x."""

@@ -33,7 +33,7 @@ def parse_args(argv=None):
     common.add_common_args(p, "context_encoder", arch="resnet50", epochs=25, batch_size=64, lr=None, wd=0.0,
                            lr_help="Adam lr, not scaled with the batch: of the discriminator with the adversarial term "
                                    "(official 2e-4); with --adv-weight 0 of the encoder-decoder (paper Sec. 5.2: 1e-3 for "
-                                   "the centre mask, 1e-4 for random ones)")
+                                   "the centre mask, 1e-4 for random ones); default: that recipe's value")
     # ALGO LOGIC: context encoder hyper-parameters (official train.lua)
     p.add_argument("--mask", default="random-region", choices=["center", "random-block", "random-region"],
                    help="hole shape (paper Sec. 3.3: random-region for feature learning)")
@@ -44,7 +44,7 @@ def parse_args(argv=None):
     p.add_argument("--gen-lr-ratio", type=common.positive_float, default=10.0, help="encoder-decoder lr / --lr with the adversarial term (official 10)")
     p.add_argument("--dropout", type=common.unit_float, default=None,
                    help="dropout on the channel-wise FC layer (paper Sec. 5.2: 0.5 with --adv-weight 0; official "
-                        "train.lua, with the adversarial term: none)")
+                        "train.lua, with the adversarial term: none; default: 0.5 with --adv-weight 0, else 0)")
     args = common.parse(p, argv)
     adversarial = args.adv_weight > 0
     if args.lr is None:
@@ -312,7 +312,7 @@ def main(argv=None):
     if args.compile:
         generator, discriminator, judge = torch.compile(generator), torch.compile(discriminator), torch.compile(judge)
     steps_per_epoch = len(sampler) // sampler.batch_size
-    run.start(steps_per_epoch, start_epoch, start_step)
+    run.start(steps_per_epoch, start_epoch, start_step, peak_lr=lr_g)
     adversarial = args.adv_weight > 0
 
     # ALGO LOGIC: training loop

@@ -45,33 +45,38 @@ def parse_args(argv=None):
     # ALGO LOGIC: the flags every method file shares (common.add_common_args), with this file's recipe as defaults;
     # v1 Sec. 3.2: Adam at 2e-4, 32 GPUs x 16 images, ResNet-v2-101; no weight decay and no epoch count stated (100 is ours)
     common.add_common_args(p, "cpc", arch=None, epochs=100, batch_size=512, lr=2e-4, wd=0.0,
-                           lr_help="Adam lr (v1 Sec. 3.2: 2e-4; not scaled with the batch)")
+                           lr_help="Adam lr (v1 Sec. 3.2: 2e-4; not scaled with the batch)",
+                           arch_help="torchvision ResNet name, resnet161 (v2's), or resnet-tiny for CPU runs (default: "
+                                     "resnet101, with --v2 resnet161)")
     # ALGO LOGIC: CPC hyper-parameters; None = v1's value, or v2's with --v2
     p.add_argument("--v2", action="store_true", help="CPC v2: --arch resnet161 (v1: resnet101) and the defaults below switch to v2's (each flag names both)")
     p.add_argument("--stacks", type=int, default=3, choices=range(1, 5),
                    help="residual stages of the pre-activation trunk kept (v1, v2: 3, 'the third residual block')")
     p.add_argument("--norm", default=None, choices=["none", "batch", "layer"],
                    help="trunk normalisation (v1 Sec. 3.2: 'We did not use Batch-Norm' -> none; v2: layer; batch lets "
-                        "patches share statistics, which v2 found the model exploits: for comparison only)")
+                        "patches share statistics, which v2 found the model exploits: for comparison only; default: none, with --v2 layer)")
     p.add_argument("--skip-rows", type=common.nonneg_int, default=None,
-                   help="rows skipped below the context (v1 Fig. 4: 1, targets from z_{t+2}; v2 pseudo-code: 2)")
+                   help="rows skipped below the context (v1 Fig. 4: 1, targets from z_{t+2}; v2 pseudo-code: 2; default: 1, with "
+                        "--v2 2)")
     p.add_argument("--pred-steps", type=common.positive_int, default=None,
-                   help="K: rows predicted after the skipped ones (v1: 5, 'up to five rows'; v2 pseudo-code: 1)")
+                   help="K: rows predicted after the skipped ones (v1: 5, 'up to five rows'; v2 pseudo-code: 1; default: 5, "
+                        "with --v2 1)")
     p.add_argument("--directions", type=int, default=None, choices=[1, DIRECTIONS],
-                   help="prediction directions (v1: 1, top-down; v2 Sec. 4.2: 4)")
+                   help="prediction directions (v1: 1, top-down; v2 Sec. 4.2: 4; default: 1, with --v2 4)")
     p.add_argument("--target-dim", type=common.nonneg_int, default=None,
-                   help="targets: a 1x1 conv of z to this width (v2 pseudo-code: 64); 0: z itself (v1 Eq. 3)")
+                   help="targets: a 1x1 conv of z to this width (v2 pseudo-code: 64); 0: z itself (v1 Eq. 3; default: 0, "
+                        "with --v2 64)")
     p.add_argument("--emb-scale", type=common.positive_float, default=0.1,
                    help="predictions W_k c scaled by this (v2 pseudo-code: 0.1; v1 states none: ours, so the first "
                         "scores are O(1))")
     p.add_argument("--patch-aug", action=argparse.BooleanOptionalAction, default=None,
-                   help="per-patch RandAugment (2 ops) and elastic warps (v2 Sec. 4.2 'PA'; v1: no)")
+                   help="per-patch RandAugment (2 ops) and elastic warps (v2 Sec. 4.2 'PA'; v1: no; default: off, with --v2 on)")
     p.add_argument("--context-blocks", type=common.positive_int, default=5,
                    help="residual blocks of each context network (v2 pseudo-code: 5)")
     p.add_argument("--grad-checkpoint", action=argparse.BooleanOptionalAction, default=None,
                    help="recompute each trunk block in backward instead of keeping its activations (torch.utils."
                         "checkpoint; about a third more compute): v2's ResNet-161 needs 1.5 GiB an image without it, "
-                        "so on by default with --v2 (v1: off, 152 MiB an image)")
+                        "so on by default with --v2 (v1: off, 152 MiB an image; default: off, with --v2 on)")
     args = common.parse(p, argv)
     v1 = dict(arch="resnet101", norm="none", skip_rows=1, pred_steps=5, directions=1, target_dim=0, patch_aug=False,
               grad_checkpoint=False)
@@ -363,9 +368,9 @@ def main(argv=None):
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.wd)  # v1 Sec. 3.2
 
-    # TRY NOT TO MODIFY: checkpoints, resume, evaluation-only
+    # TRY NOT TO MODIFY: checkpoints, resume, evaluation-only; backbone.pth records build_trunk's arguments (hubconf.py)
     run = common.Run(args, device, probe_sets, model.trunk, features=GridMean(model, args), model=model,
-                     optimizer=optimizer)
+                     optimizer=optimizer, trunk_recipe=dict(norm=args.norm, stacks=args.stacks))
     start_epoch, start_step = run.resume()
     if args.eval_only:
         return run.final_evaluation()
@@ -379,7 +384,7 @@ def main(argv=None):
     if args.compile:
         ddp_model = torch.compile(ddp_model)
     steps_per_epoch = len(sampler) // sampler.batch_size
-    run.start(steps_per_epoch, start_epoch, start_step)
+    run.start(steps_per_epoch, start_epoch, start_step, peak_lr=args.lr)
 
     # ALGO LOGIC: training loop
     for epoch in range(start_epoch, args.epochs):

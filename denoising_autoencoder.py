@@ -213,7 +213,7 @@ def main(argv=None):
         return run.final_evaluation()
     loader, sampler = common.train_loader(pretrain_set, args)
     steps_per_epoch = len(sampler) // sampler.batch_size
-    run.start(steps_per_epoch, start_epoch, start_step)
+    run.start(steps_per_epoch, start_epoch, start_step, peak_lr=args.lr)
     wrapped, phase = None, None
 
     # ALGO LOGIC: training loop

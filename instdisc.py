@@ -50,13 +50,13 @@ def parse_args(argv=None):
 # ALGO LOGIC: augmentation, one view per image, as the official main.py; the workers crop and flip, the colour ops
 # run batched on the device (common.Augmentation; the flip commutes with them)
 def instdisc_augmentation(args):
-    return common.Augmentation(args.dataset, args.device_augment, geometry=[
+    return common.Augmentation(args.dataset, args.device_augment, [common.Views(1, geometry=[
         T.RandomResizedCrop(args.image_size, scale=(0.2, 1.0)),
         T.RandomHorizontalFlip(),
     ], photometric=[
         common.RandomGrayscale(p=0.2),
         common.ColorJitter(0.4, 0.4, 0.4, 0.4),
-    ])
+    ])])
 
 
 # ALGO LOGIC: model and memory bank (Sec. 3.1)
@@ -212,7 +212,7 @@ def main(argv=None):
     if args.compile:
         ddp_model = torch.compile(ddp_model)
     steps_per_epoch = len(sampler) // sampler.batch_size
-    run.start(steps_per_epoch, start_epoch, start_step)
+    run.start(steps_per_epoch, start_epoch, start_step, peak_lr=learning_rate(0, args))
 
     # ALGO LOGIC: training loop
     for epoch in range(start_epoch, args.epochs):
@@ -225,7 +225,7 @@ def main(argv=None):
             group["lr"] = lr
         model.train()
         for step, (view, _, y) in enumerate(loader, start=sampler.start_step):  # y: the images' own indices
-            x, y = augmentation.to_device(view, device), y.to(device, non_blocking=True)
+            (x,), y = augmentation.to_device(view, device), y.to(device, non_blocking=True)
             with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
                 v = ddp_model(x)  # (b, D) unit vectors, fp32
             loss = instdisc_loss(model, v, y, args, common.step_generator(args.seed, run.global_step, device))

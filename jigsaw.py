@@ -183,7 +183,7 @@ def main(argv=None):
     if args.compile:
         ddp_model = torch.compile(ddp_model)
     steps_per_epoch = len(sampler) // sampler.batch_size
-    run.start(steps_per_epoch, start_epoch, start_step)
+    run.start(steps_per_epoch, start_epoch, start_step, peak_lr=learning_rate(0, args))
 
     # ALGO LOGIC: training loop
     for epoch in range(start_epoch, args.epochs):

@@ -58,21 +58,21 @@ def moco_augmentation(args):
         # official blurs with PIL's radius sigma; the device needs a kernel: 10% of the side as SimCLR.
         # The official CIFAR demo has no blur, so it is off at <= 64 px
         blur = [] if size <= 64 else [common.GaussianBlur(2 * (size // 20) + 1, sigma=(0.1, 2.0), p=0.5)]
-        return common.Augmentation(args.dataset, args.device_augment, views=2, geometry=[  # the query and its positive key
+        return common.Augmentation(args.dataset, args.device_augment, [common.Views(2, geometry=[  # query and key
             T.RandomResizedCrop(size, scale=(0.2, 1.0)),
             T.RandomHorizontalFlip(),
         ], photometric=[
             common.ColorJitter(0.4, 0.4, 0.4, 0.1, p=0.8),
             common.RandomGrayscale(p=0.2),
             *blur,
-        ])
-    return common.Augmentation(args.dataset, args.device_augment, views=2, geometry=[  # MoCo v1 (as the InstDisc code)
+        ])])
+    return common.Augmentation(args.dataset, args.device_augment, [common.Views(2, geometry=[  # MoCo v1 (InstDisc's)
         T.RandomResizedCrop(size, scale=(0.2, 1.0)),
         T.RandomHorizontalFlip(),
     ], photometric=[
         common.RandomGrayscale(p=0.2),
         common.ColorJitter(0.4, 0.4, 0.4, 0.4),
-    ])
+    ])])
 
 
 # ALGO LOGIC: model
@@ -226,7 +226,7 @@ def main(argv=None):
     if args.compile:
         ddp_model = torch.compile(ddp_model)
     steps_per_epoch = len(sampler) // sampler.batch_size
-    run.start(steps_per_epoch, start_epoch, start_step)
+    run.start(steps_per_epoch, start_epoch, start_step, peak_lr=learning_rate(0, args))
 
     # ALGO LOGIC: training loop (Algorithm 1)
     for epoch in range(start_epoch, args.epochs):
@@ -239,7 +239,7 @@ def main(argv=None):
             group["lr"] = lr
         model.train()
         for step, (views, _, _) in enumerate(loader, start=sampler.start_step):
-            im_q, im_k = augmentation.to_device(views, device).chunk(2)  # colour ops, normalisation
+            im_q, im_k = augmentation.to_device(views, device)[0].chunk(2)  # colour ops, normalisation
             generator = common.step_generator(args.seed, run.global_step, device)  # the shuffle's permutation
             with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
                 q, k = ddp_model(im_q, im_k, generator)

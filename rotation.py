@@ -46,7 +46,7 @@ def rotation_augmentation(args):
         crop = [T.Resize(size), T.RandomCrop(size, padding=size // 8)]  # 4 px zero padding at 32, scaled
     else:  # official ImageNet config (random_sized_crop): a random-sized crop, square, torchvision's defaults
         crop = [T.RandomResizedCrop(size)]
-    return common.Augmentation(args.dataset, geometry=[*crop, T.RandomHorizontalFlip()])  # uint8, normalised on the device
+    return common.Augmentation(args.dataset, groups=[common.Views(1, [*crop, T.RandomHorizontalFlip()])])  # uint8 out
 
 
 def rotate_batch(x):
@@ -103,7 +103,7 @@ def main(argv=None):
     if args.compile:
         ddp_model = torch.compile(ddp_model)
     steps_per_epoch = len(sampler) // sampler.batch_size
-    run.start(steps_per_epoch, start_epoch, start_step)
+    run.start(steps_per_epoch, start_epoch, start_step, peak_lr=learning_rate(0, args))
 
     # ALGO LOGIC: training loop
     for epoch in range(start_epoch, args.epochs):
@@ -117,7 +117,7 @@ def main(argv=None):
         model.train()
         for step, (view, _, _) in enumerate(loader, start=sampler.start_step):
             # all four rotations of an image in the same batch (Sec. 3.1, implementation details), one BN batch
-            x, rotation = rotate_batch(augmentation.to_device(view, device))  # (4b, C, S, S), (4b,)
+            x, rotation = rotate_batch(augmentation.to_device(view, device)[0])  # (4b, C, S, S), (4b,)
             if device.type == "cuda":
                 x = x.to(memory_format=torch.channels_last)
             with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):

@@ -42,7 +42,7 @@ def simclr_augmentation(args):
     s, size = args.color_jitter_strength, args.image_size
     # blur kernel is 10% of the side (odd); the CIFAR recipe drops blur for small images
     blur = [] if size <= 64 else [common.GaussianBlur(2 * (size // 20) + 1, sigma=(0.1, 2.0), p=0.5)]
-    return common.Augmentation(args.dataset, args.device_augment, views=2, geometry=[
+    return common.Augmentation(args.dataset, args.device_augment, [common.Views(2, geometry=[
         # official: bicubic resize, up to 100 crop tries (torchvision tries 10, then centre-crops)
         T.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC),
         T.RandomHorizontalFlip(),
@@ -51,7 +51,7 @@ def simclr_augmentation(args):
         common.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s, p=0.8),
         common.RandomGrayscale(p=0.2),
         *blur,
-    ])  # normalised on the device: official feeds [0, 1] pixels; mean/std scaling is a BN-neutral habit
+    ])])  # normalised on the device: official feeds [0, 1] pixels; mean/std scaling is a BN-neutral habit
 
 
 # ALGO LOGIC: model. h = f(x) is the ResNet trunk, z = g(h) the projection head (Sec. 2.1)
@@ -91,47 +91,6 @@ def nt_xent_loss(z1, z2, temperature):
     return F.cross_entropy(logits, positive_idx)
 
 
-# ALGO LOGIC: LARS (You et al. 2017) as in the official lars_optimizer.py
-class LARS(torch.optim.Optimizer):
-    """SGD with classic momentum (lr inside the buffer) and a layer-wise trust ratio
-    eta * ||w|| / ||g + wd * w||. Groups with `exclude=True` get neither weight decay nor adaptation."""
-
-    def __init__(self, params, lr, weight_decay, momentum=0.9, eta=0.001):
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta, exclude=False))
-
-    @torch.no_grad()
-    def step(self):
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                update = p.grad
-                if not group["exclude"]:
-                    update = update.add(p, alpha=group["weight_decay"])
-                    w_norm, u_norm = p.norm(), update.norm()
-                    trust = torch.where((w_norm > 0) & (u_norm > 0), group["eta"] * w_norm / u_norm, 1.0)
-                    update = update * trust
-                if "momentum_buffer" not in self.state[p]:
-                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
-                buf = self.state[p]["momentum_buffer"]
-                buf.mul_(group["momentum"]).add_(update, alpha=group["lr"])
-                p.sub_(buf)
-
-
-def lars_param_groups(model):
-    # biases and BN parameters (all the 1-d ones) skip weight decay and adaptation (official default)
-    params = [p for p in model.parameters() if p.requires_grad]
-    return [{"params": [p for p in params if p.ndim > 1]},
-            {"params": [p for p in params if p.ndim <= 1], "exclude": True}]
-
-
-def learning_rate(step, total_steps, warmup_steps, peak_lr):
-    """Linear warm-up then cosine decay to 0, per step (official learning_rate_schedule)."""
-    if step < warmup_steps:
-        return peak_lr * step / warmup_steps
-    return peak_lr * 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, total_steps - warmup_steps)))
-
-
 def main(argv=None):
     # TRY NOT TO MODIFY: distributed start-up, seeds, --out, data
     args = parse_args(argv)
@@ -147,7 +106,9 @@ def main(argv=None):
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     elif common.world() > 1:
         common.print0("note: SyncBatchNorm needs CUDA; on CPU each rank normalises its own batch")
-    optimizer = LARS(lars_param_groups(model), lr=0.0, weight_decay=args.wd)
+    # LARS as the official lars_optimizer.py: biases and BN parameters (the 1-d ones) skip weight decay and adaptation,
+    # and the lr enters the momentum buffer (TF's MomentumOptimizer)
+    optimizer = common.LARS(common.lars_groups(model), lr=0.0, weight_decay=args.wd, lr_in_momentum=True)
 
     # TRY NOT TO MODIFY: checkpoints, resume, evaluation-only
     run = common.Run(args, device, probe_sets, model.trunk, model=model, optimizer=optimizer)
@@ -162,10 +123,10 @@ def main(argv=None):
     if args.compile:
         ddp_model = torch.compile(ddp_model)
     steps_per_epoch = len(sampler) // sampler.batch_size
-    run.start(steps_per_epoch, start_epoch, start_step)
     total_steps, warmup_steps = args.epochs * steps_per_epoch, round(args.warmup_epochs * steps_per_epoch)
     # official learning_rate_scaling: 'linear' (the default) or 'sqrt', which App. B.1 finds better for small batches
     peak_lr = args.lr * (args.batch_size / 256 if args.lr_scaling == "linear" else math.sqrt(args.batch_size))
+    run.start(steps_per_epoch, start_epoch, start_step, peak_lr)
 
     # ALGO LOGIC: training loop
     for epoch in range(start_epoch, args.epochs):
@@ -175,11 +136,11 @@ def main(argv=None):
         sampler.start_step = start_step if epoch == start_epoch else 0  # skip what a resumed run already did
         model.train()
         for step, (views, _, _) in enumerate(loader, start=sampler.start_step):
-            lr = learning_rate(run.global_step, total_steps, warmup_steps, peak_lr)
+            lr = common.cosine_lr(run.global_step, total_steps, warmup_steps, peak_lr)  # official learning_rate_schedule
             for group in optimizer.param_groups:
                 group["lr"] = lr
             # both views in one forward (view 1 of every image, then view 2), so BN normalises them together (official)
-            x = augmentation.to_device(views, device)
+            (x,) = augmentation.to_device(views, device)  # one group of two views
             with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
                 z1, z2 = ddp_model(x).chunk(2)
             # official objective sums the two directions (2x Eq. 1); under LARS this scale sets

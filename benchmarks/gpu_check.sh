@@ -5,8 +5,8 @@
 # What it runs, in order; each part ends by its share of the budget, and what a part leaves goes to the next:
 #   0. one line: torch, torchvision, the GPU, its memory (nvidia-smi);
 #   1. (by 15%) the tests that need CUDA (pytest -m cuda), then the bf16 tests (pytest -k bf16);
-#   2. (by 62%) every method file (each top-level *.py but common.py, test_all.py, conftest.py; a new file joins as
-#      it is): 100 steps of ResNet-18, batch 256, on Fashion-MNIST, under torchrun --nproc_per_node=1 (NCCL, bf16):
+#   2. (by 62%) every method file (each top-level *.py but common.py, test_all.py, conftest.py, hubconf.py; a new
+#      file joins as it is): 100 steps of ResNet-18, batch 256, on Fashion-MNIST, under torchrun --nproc_per_node=1 (NCCL, bf16):
 #      img/s of the last progress line, peak GPU memory, kNN top-1, from its metrics.jsonl. Colorization needs
 #      colour: it runs on 224 px JPEGs the script writes (batch 64, 2 epochs of 3200 files);
 #   3. (by 87%) at 224 px: MoCo v2 ResNet-50 end to end (pipeline.py --train-steps: fed by 16 workers, against the same
@@ -46,7 +46,7 @@ fi
 declare -A EXTRA=([moco]="--mlp --aug-plus --moco-t 0.2 --cos --moco-k 4096" [instdisc]="--nce-k 4096")
 declare -A NEEDS_COLOUR=([colorization]=1)  # runs on the JPEGs (Fashion-MNIST is grey)
 ORDER="simclr moco instdisc cpc rotation jigsaw context_encoder denoising_autoencoder relative_position colorization"
-FILES=" $(ls ./*.py | sed -n 's|^\./\(.*\)\.py$|\1|p' | grep -vxE 'common|test_all|conftest' | tr '\n' ' ')"
+FILES=" $(ls ./*.py | sed -n 's|^\./\(.*\)\.py$|\1|p' | grep -vxE 'common|test_all|conftest|hubconf' | tr '\n' ' ')"
 METHODS=$(for m in $ORDER $FILES; do [[ $FILES == *" $m "* ]] && echo "$m"; done | awk '!seen[$0]++' | tr '\n' ' ')
 rm -rf "$WORK" && mkdir -p "$OUT" "$WORK/logs" "$WORK/runs" "$WORK/tmp" && export TMPDIR="$WORK/tmp"
 rm -f "$OUT/summary.md" && : > "$OUT/tests.log" && : > "$OUT/runs.log" && : > "$WORK/status.tsv"

@@ -126,7 +126,7 @@ def device_stage_ms(aug, batch, device, repeats=3):
         aug.to_device(batch, device)
         speed.sync(device)
         times.append(time.perf_counter() - start)
-    return 1000 * min(times[1:]) / len(batch[0])
+    return 1000 * min(times[1:]) / len(batch[0][0])  # the first group's views: (B, V, 3, S, S)
 
 
 def loader_rate(dataset, args, device, aug):
