@@ -31,7 +31,7 @@ sys.path.insert(0, ROOT)
 import common  # noqa: E402
 
 METHODS = ["simclr", "moco", "instdisc", "cpc", "rotation", "jigsaw", "context_encoder", "denoising_autoencoder",
-           "relative_position"]
+           "relative_position", "byol", "simsiam"]
 
 # Each method's short-run recipe; the method file's header gives its source.
 RECIPES = {
@@ -55,6 +55,11 @@ RECIPES = {
     "denoising_autoencoder": ["--batch-size", "128"],
     # mmselfsup's lr per 256 at batch 128, no warm-up or drops; fc6-fc8 1024 wide (4096: 17x the trunk's MACs here)
     "relative_position": ["--batch-size", "128", "--lr", "0.1", "--fc-dim", "1024", "--warmup-epochs", "0", "--schedule"],
+    # the header's quick run: LARS at base lr 2.0 (the table's 0.2-0.45 is for 100+ epochs at batch 4096), EMA from
+    # 0.99 (the 100-epoch row) as the step count is small, half an epoch of warm-up
+    "byol": ["--batch-size", "256", "--lr", "2.0", "--ema", "0.99", "--warmup-epochs", "0.5"],
+    # the header's quick run: SGD at base lr 0.3 (the paper's CIFAR recipe uses 0.03 at batch 512 for 800 epochs)
+    "simsiam": ["--batch-size", "256", "--lr", "0.3"],
 }
 
 # The `cpu` protocol gives every method the same wall-clock budget of pretraining on 2 CPU cores, about 4 minutes:
@@ -67,7 +72,8 @@ PROTOCOLS = {
     "cpu": {"flags": ["--arch", "resnet-tiny", "--subset", "10000", "--workers", "2", "--probe-stages",
                       "--eval-every", "1", "--monitor-subset", "2000"],
             "epochs": {"simclr": 13, "moco": 20, "instdisc": 27, "cpc": 3, "rotation": 8, "jigsaw": 6,
-                       "context_encoder": 7, "denoising_autoencoder": 19, "relative_position": 7, "supervised": 32},
+                       "context_encoder": 7, "denoising_autoencoder": 19, "relative_position": 7, "byol": 7, "simsiam": 10,
+                       "supervised": 32},
             "noise": {"methods": ["simclr", "rotation"], "seeds": [1, 2]}},  # seed 0 is the table's run
     # one H100/H200: all 60,000 images, the same number of epochs for every method, the table in about 5 minutes
     "gpu": {"flags": ["--arch", "resnet18", "--workers", str(min(16, os.cpu_count() or 1)), "--probe-stages"],
@@ -262,6 +268,10 @@ def write_tables(everything, out):
             lines.append(f"| {row['method']} | {s['best_knn'][0]} {fmt(s['best_knn'][1])} | {s['best_linear'][0]} "
                          f"{fmt(s['best_linear'][1])} | {fmt(s['knn'])} | {fmt(s['linear'])} | {vs} | {row['epochs']} | "
                          f"{row['pretrain_seconds'] / 60:.1f} min | `{row['recipe']}` |")
+        spread = [f"{r['method']} {r['results']['z_std']:.4f}" for r in rows if "z_std" in r["results"]]
+        if spread:  # the methods without negatives report SimSiam's collapse check (Sec. 4.1) at the end of training
+            lines += ["", "Collapse check, the per-dimension std of the L2-normalised projection (1/sqrt(d) when spread "
+                      "out, 0 when collapsed): " + ", ".join(spread) + "."]
         band = noise_band(table["rows"])
         lines += ([""] + ["Noise band (the same recipe with other seeds):"] + band if band else []) + [""]
         if any("stem_knn_top1" in r["results"] for r in rows):
