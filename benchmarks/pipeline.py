@@ -38,6 +38,8 @@ CONFIGS = {
     "moco v2": ("moco", "moco_augmentation", ["--aug-plus", "--mlp", "--moco-t", "0.2", "--cos"]),
     "instdisc": ("instdisc", "instdisc_augmentation", []),
     "rotation": ("rotation", "rotation_augmentation", []),
+    "byol": ("byol", "byol_augmentation", []),  # two groups: blur and solarize drawn per view
+    "simsiam": ("simsiam", "simsiam_augmentation", []),
 }
 
 

@@ -12,6 +12,10 @@ For each method it reports, in images per second:
 - ratio: step / trunk (1.0 = nothing beyond the backbone);
 - data: a data worker's stage alone on one CPU thread, on in-memory images (the colour ops of SimCLR, MoCo and
   InstDisc run on the device, inside the step); benchmarks/pipeline.py measures JPEGs at 224 px.
+
+With --peers (pip install lightly), BYOL and SimSiam are also timed as lightly builds them: its heads, loss and
+momentum update (its examples' training step), on a trunk of the same kind, the same batch and the same device colour
+stage, with the file's optimizer; "vs lightly" is the file's step img/s over lightly's.
 """
 import argparse
 import contextlib
@@ -22,6 +26,7 @@ import tempfile
 import time
 
 import torch
+import torch.nn as nn
 import torchvision
 from torch.utils.data import default_collate
 
@@ -30,7 +35,8 @@ sys.path.insert(0, ROOT)
 import common  # noqa: E402
 
 METHODS = ["simclr", "moco", "instdisc", "cpc", "rotation", "jigsaw", "context_encoder", "denoising_autoencoder",
-           "relative_position", "colorization"]
+           "relative_position", "colorization", "byol", "simsiam"]
+PEERS = ["byol", "simsiam"]  # timed against lightly's with --peers
 METHOD_FLAGS = {"instdisc": ["--nce-k", "4096"], "moco": ["--mlp", "--aug-plus"]}  # MoCo v2; lemniscate's K
 
 
@@ -44,6 +50,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--data-images", type=int, default=64, help="images through the augmentation pipeline")
     p.add_argument("--compile", action="store_true", help="pass --compile to the methods (the trunk is compiled too)")
+    p.add_argument("--peers", action="store_true", help="also time lightly's BYOL and SimSiam (pip install lightly)")
     return p.parse_args(argv)
 
 
@@ -114,6 +121,7 @@ def measure_method(name, args, device, method_flags=None):
 
     def train_loader(dataset, margs):
         batch = to_device(default_collate([dataset[(i, 0)] for i in range(margs.batch_size)]), device)
+        state["batch"] = batch
         fixed = FixedBatch(batch, total, margs.batch_size)
         return fixed, fixed
 
@@ -178,6 +186,60 @@ def measure_trunk(state, args, device, amp):
     return args.batch_size * args.steps / (time.perf_counter() - start)
 
 
+def measure_lightly(name, args, device, amp, state):
+    """lightly's BYOL or SimSiam step (lightly's examples: heads, NegativeCosineSimilarity, update_momentum before the
+    forward) on the batch the file's own step used, through the file's device colour stage, with the file's optimizer
+    (LARS for BYOL, SGD for SimSiam) -> img/s."""
+    from lightly.loss import NegativeCosineSimilarity
+    from lightly.models.modules import heads
+    from lightly.models.utils import deactivate_requires_grad, update_momentum
+    torch.manual_seed(0)
+    trunk, width = common.build_backbone(args.arch, args.image_size, zero_init_residual=True)
+    if name == "byol":  # the widths of the official code, which byol.py uses
+        online = nn.Sequential(trunk, heads.BYOLProjectionHead(width, 4096, 256))
+        predictor = heads.BYOLPredictionHead(256, 4096, 256)
+        target = copy.deepcopy(online)
+        deactivate_requires_grad(target)
+        trained = nn.ModuleList([online, predictor])
+        optimizer = common.LARS(common.lars_groups(trained), lr=0.1, weight_decay=1e-6)
+    else:  # hidden width = the trunk's, as the official builder and simsiam.py (lightly's default is 2048 for all)
+        online = nn.Sequential(trunk, heads.SimSiamProjectionHead(width, width, 2048))
+        predictor, target = heads.SimSiamPredictionHead(2048, 512, 2048), None
+        trained = nn.ModuleList([online, predictor])
+        optimizer = torch.optim.SGD(trained.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    models = [m for m in (online, predictor, target) if m is not None]
+    for m in models:
+        m.to(device).train()
+        if device.type == "cuda":
+            m.to(memory_format=torch.channels_last)
+    criterion, (views, _, _), augmentation = NegativeCosineSimilarity(), state["batch"], state["dataset"].transform
+
+    def step():
+        x = augmentation.to_device(views, device)
+        x0, x1 = x if len(x) == 2 else x[0].chunk(2)
+        if target is not None:
+            update_momentum(online, target, m=0.99)
+        with torch.autocast(device.type, torch.bfloat16, enabled=amp):
+            z0, z1 = online(x0), online(x1)
+            p0, p1 = predictor(z0), predictor(z1)
+            if target is not None:
+                with torch.no_grad():
+                    z0, z1 = target(x0), target(x1)
+            loss = 0.5 * (criterion(p0, z1.detach()) + criterion(p1, z0.detach()))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    for _ in range(args.warmup):
+        step()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    sync(device)
+    return args.batch_size * args.steps / (time.perf_counter() - start)
+
+
 def measure_data(dataset, n):
     """The augmentation pipeline on one thread, as one data worker runs it."""
     threads = torch.get_num_threads()
@@ -219,6 +281,14 @@ def main(argv=None):
                      "ratio": step_img_s / trunk_img_s, "data_img_s": data_img_s, "trunk_inputs": describe(state["calls"])})
         print(f"| {name} | {step_img_s:.0f} | {trunk_img_s:.0f} | {step_img_s / trunk_img_s:.2f} | {data_img_s:.0f} | "
               f"{rows[-1]['trunk_inputs']} |", flush=True)
+        if args.peers and name in PEERS:
+            rows[-1]["lightly_img_s"] = measure_lightly(name, args, device, amp, state)
+    peers = [r for r in rows if "lightly_img_s" in r]
+    if peers:
+        print("\n| method | step img/s | lightly's step img/s | vs lightly |\n|---|---|---|---|")
+        for r in peers:
+            print(f"| {r['method']} | {r['step_img_s']:.0f} | {r['lightly_img_s']:.0f} | "
+                  f"{r['step_img_s'] / r['lightly_img_s']:.2f} |")
     return rows
 
 
