@@ -2933,6 +2933,35 @@ def test_linear_probe_learns_separable_and_not_random_labels():
     assert top1 < 40  # chance is 20%
 
 
+def test_linear_probe_with_lars_steps_as_apex_larc_and_learns_given_the_steps(tiny_imagefolder, tmp_path, monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(32, 5, generator=g)
+    f = torch.randn(1000, 32, generator=g) * 3 + 2
+    y = (f @ w).argmax(1)
+    # batch 4096 takes all 800 rows in one step an epoch: 1000 steps (its trust ratio grows the weights ~1% a step)
+    top1, _ = common.linear_probe(f[:800], y[:800], f[800:], y[800:], epochs=1000, lars=True)
+    assert top1 > 90
+    steps, lars_step = [], common.LARS.step  # the first step by hand: apex's LARC with clip off (main_lincls)
+
+    def recorded(opt):
+        (weight, bias), lr = opt.param_groups[0]["params"], opt.param_groups[0]["lr"]
+        before = [(p.detach().clone(), p.grad.clone()) for p in (weight, bias)]
+        lars_step(opt)
+        steps.append((before, lr, weight.detach().clone(), bias.detach().clone()))
+    monkeypatch.setattr(common.LARS, "step", recorded)
+    common.linear_probe(f[:800], y[:800], f[800:], y[800:], epochs=1, lars=True)
+    [((w0, gw), (b0, gb)), lr, w1, b1] = steps[0]
+    assert lr == pytest.approx(1.6) and (b0 == 0).all()
+    torch.testing.assert_close(w1, w0 - lr * 0.001 * w0.norm() / gw.norm() * gw)  # the trust ratio scales the gradient
+    torch.testing.assert_close(b1, -lr * gb)  # a zero-norm parameter is not scaled (apex: only when both norms > 0)
+    monkeypatch.undo()  # SimCLR trains with LARS: its own step back
+    seen = []  # and --probe-lars reaches the probe from a method file
+    monkeypatch.setattr(common, "linear_probe", lambda *a, **k: seen.append(k["lars"]) or (50.0, 100.0))
+    simclr.main(TINY + ["--data", tiny_imagefolder, "--batch-size", "16", "--max-steps", "1", "--probe-lars",
+                        "--out", str(tmp_path)])
+    assert seen == [True]
+
+
 def probe_data():
     """Features in general position (no two cosine similarities equal), sizes that do not divide by 2 ranks, and
     labels unrelated to the features, so that every vote counts: 61 train rows, 37 test rows, 4 classes."""
