@@ -120,6 +120,8 @@ def main(argv=None):
     # TRY NOT TO MODIFY: distributed start-up, seeds, --out, data
     args = parse_args(argv)
     device = common.setup(args)
+    if args.batch_size // common.world() < 2:  # the heads' BN over one sample is undefined
+        common.fail(f"--batch-size {args.batch_size} leaves 1 image per rank; the heads' BN needs 2 or more")
     augmentation = byol_augmentation(args)
     pretrain_set, *probe_sets = common.build_datasets(args, augmentation)
 

@@ -32,6 +32,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
+import barlow_twins
 import byol
 import colorization
 import common
@@ -45,6 +46,7 @@ import relative_position
 import rotation
 import simclr
 import simsiam
+import vicreg
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = ["--dataset", "imagefolder", "--arch", "resnet-tiny", "--image-size", "32", "--workers", "0",
@@ -57,7 +59,8 @@ METHODS = {"simclr": (simclr, []), "moco": (moco, ["--moco-k", "64", "--bn-split
            "jigsaw": (jigsaw, ["--num-permutations", "24"]), "context_encoder": (context_encoder, []), "cpc": (cpc, ["--context-blocks", "1"]),
            "denoising_autoencoder": (denoising_autoencoder, []), "relative_position": (relative_position, ["--fc-dim", "64"]),
            "colorization": (colorization, []), "byol": (byol, ["--hidden-dim", "64", "--proj-dim", "32"]),
-           "simsiam": (simsiam, ["--dim", "64", "--pred-dim", "16"])}
+           "simsiam": (simsiam, ["--dim", "64", "--pred-dim", "16"]),
+           "barlow_twins": (barlow_twins, ["--proj-dim", "64"]), "vicreg": (vicreg, ["--proj-dim", "64"])}
 
 
 class _Built(Exception):
@@ -1205,6 +1208,228 @@ def test_simsiam_beats_random_init_on_fashion_mnist_without_collapse(tmp_path):
           f"z_std {trained['z_std']:.4f}")
     assert trained["knn_top1"] >= trained["random_init_knn_top1"] + 5
     assert trained["z_std"] > 0.5 / 2048 ** 0.5  # above half of 1/sqrt(d): spread out, not collapsed (0 when it is)
+
+
+# ---------------------------------------------------------------------------------------
+# Barlow Twins: the loss, the global batch norm and cross-correlation, the two lrs, two ranks
+# ---------------------------------------------------------------------------------------
+def test_barlow_loss_is_the_squared_distance_of_c_from_the_identity_with_lambda_off_the_diagonal():
+    c = torch.tensor([[0.5, 0.2], [0.1, 1.0]])
+    assert barlow_twins.barlow_loss(c, 0.5).item() == pytest.approx((0.5 ** 2 + 0) + 0.5 * (0.2 ** 2 + 0.1 ** 2))
+
+
+def test_barlow_loss_is_zero_for_an_identity_cross_correlation_and_hand_computed_on_3_by_2():
+    orthogonal = torch.tensor([[1.0, 1.0], [1.0, -1.0], [-1.0, 1.0], [-1.0, -1.0]])  # each column mean 0, var 1, cov 0
+    c = barlow_twins.cross_correlation(orthogonal, orthogonal)
+    assert barlow_twins.barlow_loss(c, 0.0051).item() == pytest.approx(0, abs=1e-8)
+    z1, z2 = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 2.0]]), torch.tensor([[0.0, 0.0], [1.0, 0.0], [2.0, 3.0]])
+    # by hand, each column centred and divided by its (biased) std: z1 -> (0, -1, 1) / s and (-1, 0, 1) / s with
+    # s = sqrt(2/3); z2 -> (-1, 0, 1) / s and (-1, -1, 2) / sqrt(2); c_ij = the mean over the 3 samples of their products:
+    # c = [[1/2, sqrt(3)/2], [1, sqrt(3)/2]]
+    r = 3 ** 0.5 / 2
+    expected = (1 - 0.5) ** 2 + (1 - r) ** 2 + 0.5 * (r ** 2 + 1 ** 2)
+    assert barlow_twins.barlow_loss(barlow_twins.cross_correlation(z1, z2), 0.5).item() == pytest.approx(expected, rel=1e-4)
+
+
+def test_barlow_cross_correlation_is_of_the_batch_normalised_embeddings_over_the_batch():
+    g = torch.Generator().manual_seed(0)
+    z1, z2 = torch.randn(6, 3, generator=g) * 4 + 2, torch.randn(6, 3, generator=g)
+    c = barlow_twins.cross_correlation(z1, z2)
+    bn = lambda z: F.batch_norm(z, None, None, training=True, eps=1e-5)  # BatchNorm1d(affine=False) in training
+    torch.testing.assert_close(c, bn(z1).T @ bn(z2) / 6)
+    torch.testing.assert_close(torch.diagonal(barlow_twins.cross_correlation(z1, z1)), torch.ones(3), atol=1e-4, rtol=0)
+
+
+def test_barlow_projector_has_no_biases_and_a_bare_last_layer():
+    model = barlow_twins.BarlowTwins(barlow_twins.parse_args(["--arch", "resnet18", "--image-size", "224"]))
+    layers = list(model.encoder.projector)
+    assert [type(m) for m in layers] == [nn.Linear, nn.BatchNorm1d, nn.ReLU] * 2 + [nn.Linear]
+    assert [tuple(m.weight.shape) for m in layers if isinstance(m, nn.Linear)] == [(8192, 512), (8192, 8192), (8192, 8192)]
+    assert all(m.bias is None for m in layers if isinstance(m, nn.Linear))
+
+
+def test_barlow_two_lrs_warm_up_then_follow_a_cosine_to_a_thousandth(tiny_imagefolder, tmp_path):
+    out = str(tmp_path / "run")
+    barlow_twins.main(TINY + METHODS["barlow_twins"][1] + ["--data", tiny_imagefolder, "--batch-size", "16",
+                                                            "--epochs", "2", "--warmup-epochs", "1", "--lr", "0.4",
+                                                            "--probe-epochs", "0", "--out", out])
+    peak = 0.4 * 16 / 256  # 4 steps an epoch: warm-up over steps 0-3, the cosine over 4-7
+    factors = [k / 4 for k in range(4)] + [0.001 + 0.999 * (1 + math.cos(math.pi * (k - 4) / 4)) / 2 for k in range(4, 8)]
+    assert [m["lr"] for m in read_metrics(out) if "lr" in m] == pytest.approx([peak * f for f in factors])
+    weights, biases = load_state(out)["optimizer"]["param_groups"]
+    assert (weights["lr"], biases["lr"]) == pytest.approx((peak * factors[-1], 0.0048 * 16 / 256 * factors[-1]))
+    assert not weights["exclude"] and biases["exclude"] and weights["weight_decay"] == 1e-6
+
+
+def _barlow_steps(rank, world_size, out_file):
+    """Three Barlow Twins LARS steps on this rank's half of a fixed global batch; the trunk and projector without BN,
+    whose per-rank statistics need SyncBatchNorm (CUDA): the embedding's norm and c still span the global batch."""
+    torch.manual_seed(0)
+    args = barlow_twins.parse_args(["--arch", "resnet-tiny", "--image-size", "16", "--proj-dim", "16"])
+    model = barlow_twins.BarlowTwins(args)
+    _no_norms(model.encoder)
+    ddp = nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
+    optimizer = common.LARS(common.lars_groups(model), lr=0.5, weight_decay=1e-4)
+    g = torch.Generator().manual_seed(1)
+    for step in range(3):
+        y1, y2 = torch.randn(8, 3, 16, 16, generator=g), torch.randn(8, 3, 16, 16, generator=g)
+        n = 8 // world_size
+        loss = ddp(y1[rank * n:(rank + 1) * n], y2[rank * n:(rank + 1) * n])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    torch.save(model.state_dict(), f"{out_file}.{rank}")
+
+
+def _barlow_steps_summing_nothing(rank, world_size, out_file):
+    barlow_twins.all_reduce = lambda x: x  # each rank's c and moments of its own half only
+    _barlow_steps(rank, world_size, out_file)
+
+
+def _barlow_steps_official_all_reduce(rank, world_size, out_file):
+    def no_gradient(x):  # the official torch.distributed.all_reduce, which autograd does not see
+        summed = x.detach().clone()
+        dist.all_reduce(summed)
+        return x + (summed - x.detach())
+    barlow_twins.all_reduce = no_gradient
+    _barlow_steps(rank, world_size, out_file)
+
+
+def test_barlow_two_ranks_equal_one_process(tmp_path):
+    """c and the embedding's moments are summed over the ranks with their gradient: the same steps as one process.
+    Without the sums, or with the official all-reduce that has no gradient (barlowtwins#8), they differ."""
+    _barlow_steps(0, 1, tmp_path / "single")
+    two_ranks(_barlow_steps, tmp_path / "init", tmp_path / "ddp")
+    single, rank0, rank1 = (torch.load(tmp_path / name) for name in ("single.0", "ddp.0", "ddp.1"))
+    for key in single:
+        assert torch.equal(rank0[key], rank1[key]), key
+        torch.testing.assert_close(rank0[key], single[key], rtol=1e-5, atol=1e-6)
+    for variant in (_barlow_steps_summing_nothing, _barlow_steps_official_all_reduce):
+        two_ranks(variant, tmp_path / f"init_{variant.__name__}", tmp_path / variant.__name__)
+        other = torch.load(tmp_path / f"{variant.__name__}.0")
+        assert not all(torch.allclose(other[k], single[k], rtol=1e-3, atol=1e-5) for k in single), variant.__name__
+
+
+@real_data
+def test_barlow_twins_beats_random_init_on_fashion_mnist(tmp_path):
+    # measured here, 3 epochs: QUICK
+    trained = barlow_twins.main(FASHION + ["--batch-size", "256", "--epochs", "3", "--proj-dim", "1024", "--baselines",
+                                           "--out", str(tmp_path)])
+    print(f"kNN top-1: random init {trained['random_init_knn_top1']:.2f}, Barlow Twins {trained['knn_top1']:.2f}")
+    assert trained["knn_top1"] >= trained["random_init_knn_top1"] + 5
+
+
+# ---------------------------------------------------------------------------------------
+# VICReg: the three terms, the expander, the lr, two ranks
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["byol", "simsiam", "barlow_twins", "vicreg"])
+def test_one_image_per_rank_stops_before_training(method, tiny_imagefolder, tmp_path):
+    module, extra = METHODS[method]
+    expect_error(TINY + extra + ["--data", tiny_imagefolder, "--batch-size", "1", "--out", str(tmp_path)],
+                 "--batch-size 1 leaves 1 image per rank;", "needs 2 or more", module=module)
+    assert not os.path.exists(tmp_path / "checkpoint.pth")
+
+
+def test_vicreg_variance_of_a_constant_and_covariance_of_decorrelated_embeddings():
+    constant = torch.ones(4, 3)
+    _, (_, variance, covariance) = vicreg.vicreg_loss(constant, constant, 25.0, 25.0, 1.0)
+    assert variance.item() == pytest.approx(1 - 1e-4 ** 0.5)  # 1 - sqrt(eps) per dimension, half per branch
+    assert covariance.item() == 0
+    signs = torch.tensor([[1.0, 1.0], [1.0, -1.0], [-1.0, 1.0], [-1.0, -1.0]]) * (3 / 4) ** 0.5  # var 1, cov 0
+    loss, (invariance, variance, covariance) = vicreg.vicreg_loss(signs, signs, 25.0, 25.0, 1.0)
+    assert invariance.item() == 0 and covariance.item() == pytest.approx(0, abs=1e-12)
+    assert variance.item() == 0  # every std is sqrt(1 + 1e-4) > 1: no hinge
+
+
+def test_vicreg_terms_match_their_definitions_on_a_small_batch():
+    z_x = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 1.0], [0.0, 1.0]])
+    z_y = torch.tensor([[1.0, 1.0], [0.0, 0.0], [2.0, 1.0], [1.0, 1.0]])
+    loss, (inv, var, cov) = vicreg.vicreg_loss(z_x, z_y, 25.0, 25.0, 1.0)
+    assert inv.item() == pytest.approx((0 + 1 + 0 + 4 + 1 + 0 + 1 + 0) / 8)  # mean of the squared differences
+    hinge = 0.0
+    for z in (z_x, z_y):
+        for j in range(2):
+            column = z[:, j].tolist()
+            mean = sum(column) / 4
+            std = (sum((v - mean) ** 2 for v in column) / 3 + 1e-4) ** 0.5  # the unbiased variance
+            hinge += max(0.0, 1 - std) / 2 / 2  # mean over the dimension, half per branch
+    assert var.item() == pytest.approx(hinge)
+    expected_cov = 0.0
+    for z in (z_x, z_y):
+        centred = z - z.mean(0)
+        c01 = (centred[:, 0] * centred[:, 1]).sum().item() / 3
+        expected_cov += 2 * c01 ** 2 / 2  # both off-diagonal entries, over d = 2
+    assert cov.item() == pytest.approx(expected_cov)
+    assert loss.item() == pytest.approx(25 * inv.item() + 25 * var.item() + cov.item())
+
+
+def test_vicreg_expander_has_hidden_biases_and_a_bare_last_layer():
+    model = vicreg.VICReg(vicreg.parse_args(["--arch", "resnet18", "--image-size", "224"]))
+    linears = [m for m in model.encoder.expander if isinstance(m, nn.Linear)]
+    assert [tuple(m.weight.shape) for m in linears] == [(8192, 512), (8192, 8192), (8192, 8192)]
+    assert [m.bias is not None for m in linears] == [True, True, False]
+    assert [type(m) for m in model.encoder.expander][1:3] == [nn.BatchNorm1d, nn.ReLU]
+
+
+def test_vicreg_one_lr_warms_up_then_follows_a_cosine_to_a_thousandth(tiny_imagefolder, tmp_path):
+    out = str(tmp_path / "run")
+    vicreg.main(TINY + METHODS["vicreg"][1] + ["--data", tiny_imagefolder, "--batch-size", "16", "--epochs", "2",
+                                                "--warmup-epochs", "1", "--lr", "0.4", "--probe-epochs", "0",
+                                                "--out", out])
+    peak = 0.4 * 16 / 256
+    factors = [k / 4 for k in range(4)] + [0.001 + 0.999 * (1 + math.cos(math.pi * (k - 4) / 4)) / 2 for k in range(4, 8)]
+    assert [m["lr"] for m in read_metrics(out) if "lr" in m] == pytest.approx([peak * f for f in factors])
+    groups = load_state(out)["optimizer"]["param_groups"]
+    assert [g["lr"] for g in groups] == pytest.approx([peak * factors[-1]] * 2) and [g["exclude"] for g in groups] == [False, True]
+    final = read_metrics(out)[-1]
+    assert all(k in final for k in ("invariance", "variance", "covariance"))
+
+
+def _vicreg_steps(rank, world_size, out_file):
+    """Three VICReg LARS steps on this rank's half of a fixed global batch (trunk and expander without BN, whose
+    per-rank statistics need SyncBatchNorm): variance and covariance still span the gathered global batch."""
+    torch.manual_seed(0)
+    args = vicreg.parse_args(["--arch", "resnet-tiny", "--image-size", "16", "--proj-dim", "16"])
+    model = _no_norms(vicreg.VICReg(args))
+    ddp = nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
+    optimizer = common.LARS(common.lars_groups(model), lr=0.5, weight_decay=1e-4)
+    g = torch.Generator().manual_seed(1)
+    for step in range(3):
+        x, y = torch.randn(8, 3, 16, 16, generator=g), torch.randn(8, 3, 16, 16, generator=g)
+        n = 8 // world_size
+        loss, _ = ddp(x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    torch.save(model.state_dict(), f"{out_file}.{rank}")
+
+
+def _vicreg_steps_gathering_nothing(rank, world_size, out_file):
+    common.gather_with_grad = lambda x: x  # variance and covariance of each rank's own half only
+    _vicreg_steps(rank, world_size, out_file)
+
+
+def test_vicreg_two_ranks_equal_one_process(tmp_path):
+    """The embeddings gathered with gradient (FullGatherLayer) and DDP's average give one process's steps; without
+    the gather they differ."""
+    _vicreg_steps(0, 1, tmp_path / "single")
+    two_ranks(_vicreg_steps, tmp_path / "init", tmp_path / "ddp")
+    single, rank0, rank1 = (torch.load(tmp_path / name) for name in ("single.0", "ddp.0", "ddp.1"))
+    for key in single:
+        assert torch.equal(rank0[key], rank1[key]), key
+        torch.testing.assert_close(rank0[key], single[key], rtol=1e-5, atol=1e-6)
+    two_ranks(_vicreg_steps_gathering_nothing, tmp_path / "init_local", tmp_path / "local")
+    local = torch.load(tmp_path / "local.0")
+    assert not all(torch.allclose(local[k], single[k], rtol=1e-3, atol=1e-5) for k in single)
+
+
+@real_data
+def test_vicreg_beats_random_init_on_fashion_mnist(tmp_path):
+    # measured here, 3 epochs: QUICK
+    trained = vicreg.main(FASHION + ["--batch-size", "256", "--epochs", "3", "--proj-dim", "1024", "--baselines",
+                                     "--out", str(tmp_path)])
+    print(f"kNN top-1: random init {trained['random_init_knn_top1']:.2f}, VICReg {trained['knn_top1']:.2f}")
+    assert trained["knn_top1"] >= trained["random_init_knn_top1"] + 5
 
 
 # ---------------------------------------------------------------------------------------

@@ -13,9 +13,9 @@ For each method it reports, in images per second:
 - data: a data worker's stage alone on one CPU thread, on in-memory images (the colour ops of SimCLR, MoCo and
   InstDisc run on the device, inside the step); benchmarks/pipeline.py measures JPEGs at 224 px.
 
-With --peers (pip install lightly), BYOL and SimSiam are also timed as lightly builds them: its heads, loss and
-momentum update (its examples' training step), on a trunk of the same kind, the same batch and the same device colour
-stage, with the file's optimizer; "vs lightly" is the file's step img/s over lightly's.
+With --peers (pip install lightly), BYOL, SimSiam, Barlow Twins and VICReg are also timed as lightly builds them: its
+heads, loss and momentum update (its examples' training step), on a trunk of the same kind, the same batch and the same
+device colour stage, with the file's optimizer; "vs lightly" is the file's step img/s over lightly's.
 """
 import argparse
 import contextlib
@@ -35,8 +35,8 @@ sys.path.insert(0, ROOT)
 import common  # noqa: E402
 
 METHODS = ["simclr", "moco", "instdisc", "cpc", "rotation", "jigsaw", "context_encoder", "denoising_autoencoder",
-           "relative_position", "colorization", "byol", "simsiam"]
-PEERS = ["byol", "simsiam"]  # timed against lightly's with --peers
+           "relative_position", "colorization", "byol", "simsiam", "barlow_twins", "vicreg"]
+PEERS = ["byol", "simsiam", "barlow_twins", "vicreg"]  # timed against lightly's with --peers
 METHOD_FLAGS = {"instdisc": ["--nce-k", "4096"], "moco": ["--mlp", "--aug-plus"]}  # MoCo v2; lemniscate's K
 
 
@@ -187,10 +187,10 @@ def measure_trunk(state, args, device, amp):
 
 
 def measure_lightly(name, args, device, amp, state):
-    """lightly's BYOL or SimSiam step (lightly's examples: heads, NegativeCosineSimilarity, update_momentum before the
-    forward) on the batch the file's own step used, through the file's device colour stage, with the file's optimizer
-    (LARS for BYOL, SGD for SimSiam) -> img/s."""
-    from lightly.loss import NegativeCosineSimilarity
+    """lightly's step of the method (its examples: heads and loss; for BYOL update_momentum before the forward) on the
+    batch the file's own step used, through the file's device colour stage, with the file's optimizer (LARS; SGD for
+    SimSiam) -> img/s."""
+    from lightly.loss import BarlowTwinsLoss, NegativeCosineSimilarity, VICRegLoss
     from lightly.models.modules import heads
     from lightly.models.utils import deactivate_requires_grad, update_momentum
     torch.manual_seed(0)
@@ -202,11 +202,16 @@ def measure_lightly(name, args, device, amp, state):
         deactivate_requires_grad(target)
         trained = nn.ModuleList([online, predictor])
         optimizer = common.LARS(common.lars_groups(trained), lr=0.1, weight_decay=1e-6)
-    else:  # hidden width = the trunk's, as the official builder and simsiam.py (lightly's default is 2048 for all)
+    elif name == "simsiam":  # hidden width = the trunk's, as the official builder and simsiam.py (lightly's: 2048)
         online = nn.Sequential(trunk, heads.SimSiamProjectionHead(width, width, 2048))
         predictor, target = heads.SimSiamPredictionHead(2048, 512, 2048), None
         trained = nn.ModuleList([online, predictor])
         optimizer = torch.optim.SGD(trained.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    else:  # Barlow Twins, VICReg: one network, 8192 wide as the files' default, no predictor
+        head = heads.BarlowTwinsProjectionHead if name == "barlow_twins" else heads.VICRegProjectionHead
+        online, predictor, target = nn.Sequential(trunk, head(width, 8192, 8192)), None, None
+        optimizer = common.LARS(common.lars_groups(online), lr=0.1, weight_decay=1e-6)
+        pair_loss = BarlowTwinsLoss(lambda_param=0.0051) if name == "barlow_twins" else VICRegLoss()
     models = [m for m in (online, predictor, target) if m is not None]
     for m in models:
         m.to(device).train()
@@ -221,14 +226,21 @@ def measure_lightly(name, args, device, amp, state):
             update_momentum(online, target, m=0.99)
         with torch.autocast(device.type, torch.bfloat16, enabled=amp):
             z0, z1 = online(x0), online(x1)
+        if predictor is None:
+            loss = pair_loss(z0.float(), z1.float())
+        else:
+            loss = predicted(z0, z1, x0, x1)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    def predicted(z0, z1, x0, x1):
+        with torch.autocast(device.type, torch.bfloat16, enabled=amp):
             p0, p1 = predictor(z0), predictor(z1)
             if target is not None:
                 with torch.no_grad():
                     z0, z1 = target(x0), target(x1)
-            loss = 0.5 * (criterion(p0, z1.detach()) + criterion(p1, z0.detach()))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+            return 0.5 * (criterion(p0, z1.detach()) + criterion(p1, z0.detach()))
 
     for _ in range(args.warmup):
         step()
