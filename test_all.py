@@ -1312,7 +1312,7 @@ def test_barlow_two_ranks_equal_one_process(tmp_path):
 
 @real_data
 def test_barlow_twins_beats_random_init_on_fashion_mnist(tmp_path):
-    # measured here, 3 epochs: QUICK
+    # measured here, 3 epochs (all in the 10-epoch warm-up): kNN 64.0 against 53.0 at random init
     trained = barlow_twins.main(FASHION + ["--batch-size", "256", "--epochs", "3", "--proj-dim", "1024", "--baselines",
                                            "--out", str(tmp_path)])
     print(f"kNN top-1: random init {trained['random_init_knn_top1']:.2f}, Barlow Twins {trained['knn_top1']:.2f}")
@@ -1425,7 +1425,7 @@ def test_vicreg_two_ranks_equal_one_process(tmp_path):
 
 @real_data
 def test_vicreg_beats_random_init_on_fashion_mnist(tmp_path):
-    # measured here, 3 epochs: QUICK
+    # measured here, 3 epochs (all in the 10-epoch warm-up): kNN 62.4 against 53.0 at random init
     trained = vicreg.main(FASHION + ["--batch-size", "256", "--epochs", "3", "--proj-dim", "1024", "--baselines",
                                      "--out", str(tmp_path)])
     print(f"kNN top-1: random init {trained['random_init_knn_top1']:.2f}, VICReg {trained['knn_top1']:.2f}")
