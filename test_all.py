@@ -1326,7 +1326,7 @@ def test_barlow_twins_beats_random_init_on_fashion_mnist(tmp_path):
 def test_one_image_per_rank_stops_before_training(method, tiny_imagefolder, tmp_path):
     module, extra = METHODS[method]
     expect_error(TINY + extra + ["--data", tiny_imagefolder, "--batch-size", "1", "--out", str(tmp_path)],
-                 "--batch-size 1 leaves 1 image per rank;", "needs 2 or more", module=module)
+                 "--batch-size 1 leaves 1 image per rank;", "2 or more", module=module)
     assert not os.path.exists(tmp_path / "checkpoint.pth")
 
 
@@ -3081,7 +3081,8 @@ def test_cached_features_keep_the_range_of_a_trunk_without_normalisation(monkeyp
     trunk = nn.Linear(8, 16)  # activations of about 1e6, as CPC v1's unnormalised trunk can reach
     with torch.no_grad():
         trunk.weight.mul_(1e6)
-    args = argparse.Namespace(probe_stages=False, probe_epochs=5, knn_k=5, knn_t=0.1, seed=0, amp=False, print_freq=50)
+    args = argparse.Namespace(probe_stages=False, probe_epochs=5, probe_lars=False, knn_k=5, knn_t=0.1, seed=0, amp=False,
+                              print_freq=50)
     results = {}
     for dtype in (common.FEATURE_DTYPE["cuda"], torch.float16):
         monkeypatch.setattr(common, "FEATURE_DTYPE", {"cpu": dtype})
