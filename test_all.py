@@ -3724,7 +3724,8 @@ def test_speed_script_records_what_each_method_feeds_its_trunk():
                 "instdisc": "(8, 3, 32, 32)", "cpc": "(392, 3, 10, 10)", "rotation": "(32, 3, 32, 32)",
                 "jigsaw": "(72, 3, 9, 9)", "context_encoder": "(8, 3, 32, 32)",
                 "denoising_autoencoder": "(8, 3, 32, 32)", "relative_position": "(72, 3, 14, 14)",
-                "colorization": "(8, 3, 32, 32)"}
+                "colorization": "(8, 3, 32, 32)", "byol": "2 x (8, 3, 32, 32), 2 x (8, 3, 32, 32) no grad",
+                "simsiam": "2 x (8, 3, 32, 32)", "barlow_twins": "2 x (8, 3, 32, 32)", "vicreg": "2 x (8, 3, 32, 32)"}
     for name, row in rows.items():
         assert row["trunk_inputs"] == expected[name], (name, row["trunk_inputs"])
         assert row["step_img_s"] > 0 and row["trunk_img_s"] > 0 and row["data_img_s"] > 0
