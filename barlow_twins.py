@@ -83,7 +83,8 @@ class BarlowTwins(nn.Module):
     def forward(self, y1, y2):
         """-> the loss of the global batch (the same on every rank)."""
         z1, z2 = self.encoder(y1), self.encoder(y2)  # one forward per view: BN statistics per view, as official
-        return barlow_loss(cross_correlation(z1, z2), self.lambd)
+        with torch.autocast(z1.device.type, enabled=False):  # the moments and c in fp32, also under autocast
+            return barlow_loss(cross_correlation(z1, z2), self.lambd)
 
 
 def all_reduce(x):

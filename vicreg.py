@@ -83,7 +83,8 @@ class VICReg(nn.Module):
     def forward(self, x, y):
         """-> (loss, its three terms): invariance on this rank's batch, variance and covariance on the global one."""
         z_x, z_y = self.encoder(x), self.encoder(y)  # one forward per view: BN statistics per view, as official
-        return vicreg_loss(z_x.float(), z_y.float(), *self.coeffs)
+        with torch.autocast(z_x.device.type, enabled=False):  # the covariances in fp32, also under autocast
+            return vicreg_loss(z_x.float(), z_y.float(), *self.coeffs)
 
 
 # ALGO LOGIC: loss (Eq. 1-6, main_vicreg.py VICReg.forward). Invariance: MSE of this rank's pairs (DDP's average makes
