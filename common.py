@@ -16,6 +16,7 @@ build_backbone, its optimizer, train_loader, Run; per step the schedules, Augmen
 Run.after_step; at the end Run.final_evaluation. Each section's heading names the `args` fields it reads."""
 import argparse
 import atexit
+import collections
 import copy
 import datetime
 import functools
@@ -112,6 +113,8 @@ def add_common_args(p, method, arch="resnet50", epochs=100, batch_size=256, lr=0
     a("--probe-epochs", type=nonneg_int, default=100, help="epochs of the linear probe (0: kNN only)")
     a("--probe-lars", action="store_true", help="the linear probe with SimSiam's main_lincls optimiser: LARS (trust 0.001) "
       "at batch 4096, lr 1.6 (for ImageNet-sized sets: a few thousand rows give it too few steps)")
+    a("--probe-blocks", type=positive_int, default=1, help="ViT: the probes read the class tokens of the last N blocks, "
+      "each after the final LayerNorm, concatenated (DINO's eval_linear.py: 4 for ViT-S, 1 for its kNN)")
     a("--probe-stages", action="store_true",
       help="also probe the stem and each residual stage, average-pooled to about 4.5 x the final width")
     a("--eval-every", type=nonneg_int, default=0, help="kNN monitor every N epochs (0: only at the end)")
@@ -127,6 +130,8 @@ def add_common_args(p, method, arch="resnet50", epochs=100, batch_size=256, lr=0
 def parse(p, argv):
     args = p.parse_args(argv)
     args.image_size = args.image_size or DEFAULT_IMAGE_SIZE[args.dataset]
+    if args.probe_blocks > 1 and args.arch not in VIT:
+        fail(f"--probe-blocks {args.probe_blocks} reads a ViT's blocks; --arch {args.arch} has none (drop the flag)")
     if args.tensorboard:  # an optional package: without it the run stops here, not after training
         try:
             from torch.utils.tensorboard import SummaryWriter  # noqa: F401 (1.5 s: only runs with the flag pay it)
@@ -704,11 +709,17 @@ def probe_loaders(probe_sets, args):
 
 
 # ==== 4. Trunks. Reads no args: a file passes --arch and --image-size ================================================
-def build_backbone(arch, image_size, zero_init_residual=False, norm_layer=nn.BatchNorm2d):
+def build_backbone(arch, image_size, zero_init_residual=False, norm_layer=nn.BatchNorm2d, vit=False, drop_path=0.0):
     """torchvision ResNet (its Kaiming fan-out init) without fc -> (trunk, width). At <= 64 px the CIFAR stem
     (3x3 conv, stride 1, no max-pool) as SimCLR's CIFAR setup; zero_init_residual zeroes each block's last BN.
-    resnet-tiny: BasicBlock, one block per stage, widths 16-32-64-128, for CPU smoke runs."""
+    resnet-tiny: BasicBlock, one block per stage, widths 16-32-64-128, for CPU smoke runs. vit=True: a file whose
+    paper trains Vision Transformers also takes the VIT archs (ViT, with drop_path)."""
     from torchvision.models.resnet import BasicBlock
+    if arch in VIT and vit:
+        return ViT(arch, image_size, drop_path), VIT[arch][1]
+    if arch in VIT:
+        fail(f"--arch {arch}: this method is defined on ResNets (its paper's trunks); use a torchvision ResNet "
+             "(resnet50, resnet18, ...) or resnet-tiny")
     if arch == "resnet-tiny":
         net = torchvision.models.ResNet(BasicBlock, [1, 1, 1, 1], norm_layer=norm_layer)
         net.inplanes, net.conv1, net.bn1 = 16, nn.Conv2d(3, 16, 7, 2, 3, bias=False), norm_layer(16)
@@ -723,7 +734,8 @@ def build_backbone(arch, image_size, zero_init_residual=False, norm_layer=nn.Bat
     elif arch.startswith(("resnet", "wide_resnet", "resnext")) and hasattr(torchvision.models, arch):
         net = getattr(torchvision.models, arch)(zero_init_residual=zero_init_residual, norm_layer=norm_layer)
     else:
-        fail(f"unknown --arch {arch}: use a torchvision ResNet (resnet18, resnet50, ...) or resnet-tiny")
+        fail(f"unknown --arch {arch}: use a torchvision ResNet (resnet18, resnet50, ...) or resnet-tiny"
+             + (", or " + ", ".join(VIT) if vit else ""))
     if image_size <= 64:
         net.conv1 = nn.Conv2d(3, net.conv1.out_channels, 3, 1, 1, bias=False)
         nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
@@ -732,16 +744,81 @@ def build_backbone(arch, image_size, zero_init_residual=False, norm_layer=nn.Bat
     return net, width
 
 
+# Vision Transformers: (patch, width, depth, heads, MLP width). vit-small is DINO's ViT-S/16 (vision_transformer.py
+# vit_small), vit-base torchvision's vit_b_16; vit-tiny is for CPU runs at 28-32 px (7x7 or 8x8 patches)
+VIT = {"vit-tiny": (4, 96, 4, 3, 384), "vit-small": (16, 384, 12, 6, 1536), "vit-base": (16, 768, 12, 12, 3072)}
+
+
+class Block(torchvision.models.vision_transformer.EncoderBlock):
+    """torchvision's EncoderBlock (pre-norm attention, then the MLP) with drop path on both residual branches."""
+
+    def __init__(self, heads, width, mlp, drop_path):
+        super().__init__(heads, width, mlp, 0.0, 0.0, functools.partial(nn.LayerNorm, eps=1e-6))
+        self.drop_path = torchvision.ops.StochasticDepth(float(drop_path), "row")
+
+    def forward(self, x):
+        y = self.ln_1(x)
+        x = x + self.drop_path(self.dropout(self.self_attention(y, y, y, need_weights=False)[0]))
+        return x + self.drop_path(self.mlp(self.ln_2(x)))
+
+
+class ViT(torchvision.models.VisionTransformer):
+    """torchvision's VisionTransformer, its parameters and init, without a head: the class token after the final
+    LayerNorm is the feature. Its forward adds what DINO's ViT has and torchvision's lacks: the position embedding
+    interpolated for inputs of another size (96 px crops through a ViT built for 224), and drop path (stochastic
+    depth) on each residual branch, the rate rising linearly over the blocks to drop_path (DINO's dpr)."""
+
+    def __init__(self, arch, image_size, drop_path=0.0):
+        patch, width, depth, heads, mlp = VIT[arch]
+        if image_size % patch:
+            fail(f"--image-size {image_size} is not a multiple of {arch}'s patch size {patch}")
+        super().__init__(image_size, patch, depth, heads, width, mlp)
+        self.heads = nn.Identity()
+        self.encoder.layers = nn.Sequential(collections.OrderedDict(  # torchvision's block names and init
+            (f"encoder_layer_{i}", Block(heads, width, mlp, r)) for i, r in enumerate(torch.linspace(0, drop_path, depth))))
+
+    def position_embedding(self, h, w):
+        """DINO's interpolate_pos_encoding: the patch rows resized bicubically to an h x w grid (the 0.1 added to the
+        sizes as DINO's, so the scale factor's rounding gives h x w), the class token's row kept."""
+        pos = self.encoder.pos_embedding
+        side = math.isqrt(pos.shape[1] - 1)
+        if h == side and w == side:
+            return pos
+        grid = pos[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, scale_factor=((h + 0.1) / side, (w + 0.1) / side), mode="bicubic")
+        return torch.cat([pos[:, :1], grid.permute(0, 2, 3, 1).flatten(1, 2)], 1)
+
+    def forward(self, x):
+        """(B, 3, H, W), H and W multiples of the patch size -> the class token (B, width)."""
+        x = self.conv_proj(x)  # (B, width, H / patch, W / patch)
+        pos = self.position_embedding(*x.shape[2:])
+        x = torch.cat([self.class_token.expand(len(x), -1, -1), x.flatten(2).transpose(1, 2)], 1) + pos
+        return self.encoder.ln(self.encoder.layers(self.encoder.dropout(x)))[:, 0]
+
+
+def multi_crop(trunk, crops):
+    """The trunk's features of a list of crop batches, concatenated in order, with one forward per run of consecutive
+    batches of one size (DINO's MultiCropWrapper, SwAV's forward_backbone): BN statistics per resolution, as theirs."""
+    out, start = [], 0
+    for end in range(1, len(crops) + 1):
+        if end == len(crops) or crops[end].shape[-2:] != crops[start].shape[-2:]:
+            out.append(trunk(torch.cat(crops[start:end]) if end - start > 1 else crops[start]))
+            start = end
+    return torch.cat(out)
+
+
 # ==== 5. Optimisation: LARS, per-step schedules. Reads no args: a file passes its recipe's numbers ====================
 class LARS(torch.optim.Optimizer):
     """SGD with momentum and a layer-wise trust ratio eta ||w|| / ||g + wd w|| (You et al. 2017), weight decay added to
     the gradient first; groups with exclude=True get neither (they still get momentum and the lr). lr_in_momentum: the
     lr scales the update before it enters the momentum buffer (v = m v + lr u, w -= v: SimCLR's TF momentum
-    optimizer), else after it (v = m v + u, w -= lr v: BYOL's optax chain); they differ while the lr changes."""
+    optimizer), else after it (v = m v + u, w -= lr v: BYOL's optax chain); they differ while the lr changes.
+    larc: apex's LARC around SGD (clip off; SwAV's): the ratio eta ||w|| / (||g|| + wd ||w|| + 1e-8) times g + wd w,
+    and neither the ratio nor weight decay for a parameter whose weight or gradient is zero."""
 
-    def __init__(self, params, lr, weight_decay, momentum=0.9, eta=0.001, lr_in_momentum=False):
+    def __init__(self, params, lr, weight_decay, momentum=0.9, eta=0.001, lr_in_momentum=False, larc=False):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta, exclude=False))
-        self.lr_in_momentum = lr_in_momentum
+        self.lr_in_momentum, self.larc = lr_in_momentum, larc
 
     @torch.no_grad()
     def step(self):
@@ -750,7 +827,11 @@ class LARS(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 update = p.grad
-                if not group["exclude"]:
+                if self.larc:
+                    wd, w_norm, g_norm = group["weight_decay"], p.norm(), update.norm()
+                    ok = (w_norm > 0) & (g_norm > 0)
+                    update = (update + p * (wd * ok)) * torch.where(ok, group["eta"] * w_norm / (g_norm + wd * w_norm + 1e-8), 1.0)
+                elif not group["exclude"]:
                     update = update.add(p, alpha=group["weight_decay"])
                     w_norm, u_norm = p.norm(), update.norm()
                     update = update * torch.where((w_norm > 0) & (u_norm > 0), group["eta"] * w_norm / u_norm, 1.0)
@@ -777,6 +858,15 @@ def cosine_lr(step, total_steps, warmup_steps, peak, end=0.0):
         return peak * step / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return end + (peak - end) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def cosine_schedule(step, total_steps, warmup_steps, base, final, start=0.0):
+    """DINO's utils.cosine_scheduler at one step, SwAV's lr schedule too: np.linspace(start, base, warmup_steps) (its
+    last value is base), then final + (base - final)(1 + cos(pi t / (total_steps - warmup_steps))) / 2 over t = 0, 1..."""
+    if step < warmup_steps:
+        return start + (base - start) * step / max(1, warmup_steps - 1)
+    t = min(step - warmup_steps, total_steps - warmup_steps)
+    return final + (base - final) * 0.5 * (1 + math.cos(math.pi * t / max(1, total_steps - warmup_steps)))
 
 
 def cosine_momentum(step, total_steps, m0):
@@ -938,6 +1028,8 @@ class Run:
         self.next_check, self.first_step, self.cpu_clock = self.global_step + 1, self.global_step, None
         _stop["step"] = self.global_step + 1
         stem = "CIFAR stem: 3x3 conv, no max-pool" if args.image_size <= 64 else "ImageNet stem"
+        if args.arch in VIT:
+            stem = f"{VIT[args.arch][0]} px patches, {(args.image_size // VIT[args.arch][0]) ** 2} tokens and the class token"
         ends = f", --max-steps {args.max_steps}" if self.last_step < total_steps else ""
         print0(f"{args.method}: --arch {args.arch} ({stem}) at {args.image_size} px, batch {args.batch_size} "
                f"({args.batch_size // world()} on each of {world()} {self.device.type} ranks), peak lr {peak_lr:.4g}, "
@@ -983,10 +1075,11 @@ class Run:
         """On CPU, timed by the second step (the first also starts the workers): one line if an epoch takes an hour."""
         now, args = time.time(), self.args
         if self.global_step - self.first_step == 2 and (now - self.cpu_clock) * self.steps_per_epoch > 3600:
-            stem = ", whose CIFAR stem keeps full resolution through layer1," if args.image_size <= 64 else ""
+            vit, tiny = args.arch in VIT, "vit-tiny" if args.arch in VIT else "resnet-tiny"
+            stem = ", whose CIFAR stem keeps full resolution through layer1," if args.image_size <= 64 and not vit else ""
             print0(f"warning: one epoch of --arch {args.arch} at {args.image_size} px{stem} takes about "
                    f"{(now - self.cpu_clock) * self.steps_per_epoch / 3600:.1f} hours on this CPU; for a CPU run use "
-                   + "--arch resnet-tiny, " * (args.arch != "resnet-tiny") + "a smaller --image-size or --subset, or a GPU")
+                   + f"--arch {tiny}, " * (args.arch != tiny) + "a smaller --image-size or --subset, or a GPU")
         self.cpu_clock = now
 
     def progress(self, epoch, step, loss, lr):
@@ -1072,10 +1165,13 @@ def evaluate(features, probe_train_loader, probe_test_loader, device, args, line
     --probe-stages, also of its stem and stages (StageFeatures; as many per pass over the probe sets as
     PROBE_MEMORY_BYTES holds): knn_top1 etc. stay the final features', {stage}_knn_top1 etc. are each stage's, and
     best_stage_knn (best_stage_linear) names the best."""
+    if args.probe_blocks > 1 and isinstance(trunk, ViT):
+        features = LastBlocks(trunk, args.probe_blocks)
     if is_distributed():  # BN running stats drift apart without SyncBN (CPU): use rank 0's, as DDP does
         for buffer in features.buffers():
             dist.broadcast(buffer, 0)
-    stages = ["stem", *trunk_stages(trunk), "final"] if args.probe_stages and trunk is not None else ["final"]
+    stem = [] if isinstance(trunk, ViT) else ["stem"]
+    stages = [*stem, *trunk_stages(trunk), "final"] if args.probe_stages and trunk is not None else ["final"]
     linear, results = linear and args.probe_epochs > 0, {}
     progress = lambda what: lambda total: Progress(what, total, args.print_freq, device)  # lines as often as training's
     rows = len(probe_train_loader.sampler) + len(probe_test_loader.sampler)
@@ -1145,7 +1241,11 @@ def extract_features(trunk, loader, device, amp=False, progress=None):
 
 
 def trunk_stages(trunk):
-    """The residual stages a trunk holds layers in (CPC's v1 trunk stops after layer3: its layer4 is an Identity)."""
+    """The residual stages a trunk holds layers in (CPC's v1 trunk stops after layer3: its layer4 is an Identity); a
+    ViT's blocks at a quarter, half and three quarters of its depth (the last block's is the final feature)."""
+    if isinstance(trunk, ViT):
+        depth = len(trunk.encoder.layers)
+        return [f"block{depth * q // 4}" for q in (1, 2, 3) if depth * q // 4 > 0]
     return [s for s in STAGES[1:-1] if next(getattr(trunk, s).parameters(), None) is not None]
 
 
@@ -1161,13 +1261,21 @@ class StageFeatures(nn.Module):
         super().__init__()
         self.features, self.stages, self.maps = features, stages, {}
         self.train(features.training)  # as a module it has a mode: the features' own
-        last = trunk_stages(trunk)[-1] if trunk is not None else None
-        convs = [m for m in getattr(trunk, last).modules() if isinstance(m, nn.Conv2d)] if last else []
-        self.budget = 4.5 * convs[-1].out_channels if convs else 0  # 4.5 x the width of the trunk's last stage
-        hooked = {s: getattr(trunk, "relu" if s == "stem" else s) for s in stages if s != "final"}
+        self.norm = trunk.encoder.ln if isinstance(trunk, ViT) else None
+        if self.norm is not None:  # a block's class token after the final LayerNorm (DINO's get_intermediate_layers)
+            self.budget = trunk.hidden_dim
+            hooked = {s: trunk.encoder.layers[int(s[5:]) - 1] for s in stages if s != "final"}
+        else:
+            last = trunk_stages(trunk)[-1] if trunk is not None else None
+            convs = [m for m in getattr(trunk, last).modules() if isinstance(m, nn.Conv2d)] if last else []
+            self.budget = 4.5 * convs[-1].out_channels if convs else 0  # 4.5 x the width of the trunk's last stage
+            hooked = {s: getattr(trunk, "relu" if s == "stem" else s) for s in stages if s != "final"}
         self.hooks = [m.register_forward_hook(functools.partial(self.keep, s)) for s, m in hooked.items()]
 
     def keep(self, stage, module, inputs, output):
+        if self.norm is not None:
+            self.maps[stage] = self.norm(output[:, 0])
+            return
         C, H, W = output.shape[1:]
         self.maps[stage] = F.adaptive_avg_pool2d(output, max(1, min(H, W, round(math.sqrt(self.budget / C))))).flatten(1)
 
@@ -1178,6 +1286,26 @@ class StageFeatures(nn.Module):
     def remove_hooks(self):
         for hook in self.hooks:
             hook.remove()
+
+
+class LastBlocks(nn.Module):
+    """--probe-blocks n: a ViT's class tokens of its last n blocks, each after the final LayerNorm, concatenated
+    (DINO's eval_linear.py, get_intermediate_layers): n x its width."""
+
+    def __init__(self, trunk, n):
+        super().__init__()
+        self.trunk, self.n = trunk, n
+
+    def forward(self, x):
+        kept = []
+        hooks = [block.register_forward_hook(lambda m, i, out: kept.append(out[:, 0]))
+                 for block in self.trunk.encoder.layers[-self.n:]]
+        try:
+            self.trunk(x)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return torch.cat([self.trunk.encoder.ln(t) for t in kept], 1)
 
 
 def _pad_rows(x, rows, value=0):

@@ -13,7 +13,8 @@ import common
 
 def backbone(checkpoint, **kwargs):
     """backbone.pth -> the torchvision ResNet that wrote it, weights loaded, fc = Identity, in eval mode: model(x)
-    gives the trunk's pooled features (CPC's: of one patch). The file records how to rebuild it (method, arch,
+    gives the trunk's pooled features (CPC's: of one patch); or the ViT (common.ViT, torchvision's VisionTransformer
+    without its head): model(x) gives the class token. The file records how to rebuild it (method, arch,
     image_size: the CIFAR stem at <= 64 px; for CPC also norm and stacks); keyword arguments override the record, and
     a file written without one needs arch= and image_size= (for CPC also method="cpc", norm= and stacks=).
 
@@ -28,6 +29,6 @@ def backbone(checkpoint, **kwargs):
         from cpc import build_trunk
         model, _ = build_trunk(**recipe)
     else:  # every other method file's trunk
-        model, _ = common.build_backbone(**recipe)
+        model, _ = common.build_backbone(**recipe, vit=True)
     model.load_state_dict(state)
     return model.eval()

@@ -39,6 +39,7 @@ import common
 import context_encoder
 import cpc
 import denoising_autoencoder
+import dino
 import instdisc
 import jigsaw
 import moco
@@ -46,6 +47,7 @@ import relative_position
 import rotation
 import simclr
 import simsiam
+import swav
 import vicreg
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -60,7 +62,10 @@ METHODS = {"simclr": (simclr, []), "moco": (moco, ["--moco-k", "64", "--bn-split
            "denoising_autoencoder": (denoising_autoencoder, []), "relative_position": (relative_position, ["--fc-dim", "64"]),
            "colorization": (colorization, []), "byol": (byol, ["--hidden-dim", "64", "--proj-dim", "32"]),
            "simsiam": (simsiam, ["--dim", "64", "--pred-dim", "16"]),
-           "barlow_twins": (barlow_twins, ["--proj-dim", "64"]), "vicreg": (vicreg, ["--proj-dim", "64"])}
+           "barlow_twins": (barlow_twins, ["--proj-dim", "64"]), "vicreg": (vicreg, ["--proj-dim", "64"]),
+           "swav": (swav, ["--nmb-prototypes", "16", "--hidden-mlp", "32", "--nmb-crops", "2", "2", "--queue-length",
+                           "32", "--epoch-queue-starts", "1", "--freeze-prototypes-niters", "2"]),
+           "dino": (dino, ["--out-dim", "64", "--hidden-dim", "32", "--bottleneck-dim", "16", "--local-crops-number", "2"])}
 
 
 class _Built(Exception):
@@ -1429,6 +1434,421 @@ def test_vicreg_beats_random_init_on_fashion_mnist(tmp_path):
     trained = vicreg.main(FASHION + ["--batch-size", "256", "--epochs", "3", "--proj-dim", "1024", "--baselines",
                                      "--out", str(tmp_path)])
     print(f"kNN top-1: random init {trained['random_init_knn_top1']:.2f}, VICReg {trained['knn_top1']:.2f}")
+    assert trained["knn_top1"] >= trained["random_init_knn_top1"] + 5
+
+
+# ---------------------------------------------------------------------------------------
+# ViT trunks: torchvision's parameters, DINO's position-embedding interpolation, per-block features, the hub
+# ---------------------------------------------------------------------------------------
+def test_vit_small_is_torchvisions_configuration_and_forward():
+    trunk, width = common.build_backbone("vit-small", 224, vit=True)
+    reference = torchvision.models.VisionTransformer(224, 16, 12, 6, 384, 1536)  # ViT-S/16: width 384, 6 heads
+    shapes = {k: v.shape for k, v in reference.state_dict().items() if not k.startswith("heads.")}
+    assert width == 384 and {k: v.shape for k, v in trunk.state_dict().items()} == shapes
+    assert sum(p.numel() for p in trunk.parameters()) == sum(v.numel() for v in shapes.values()) == 21_665_664
+    reference.load_state_dict(trunk.state_dict(), strict=False)
+    reference.heads = nn.Identity()  # torchvision's own forward at the built size: the class token after the LN
+    x = torch.randn(2, 3, 224, 224)
+    torch.testing.assert_close(trunk.eval()(x), reference.eval()(x))
+    assert common.trunk_stages(trunk) == ["block3", "block6", "block9"]
+
+
+def test_vit_position_embedding_is_the_original_at_the_built_size_and_dinos_bicubic_resize_elsewhere():
+    trunk, _ = common.build_backbone("vit-tiny", 32, vit=True)  # 8 x 8 patches of 4 px
+    pos = trunk.encoder.pos_embedding
+    assert trunk.position_embedding(8, 8) is pos
+    small = trunk.position_embedding(4, 4)
+    grid = pos[:, 1:].reshape(1, 8, 8, 96).permute(0, 3, 1, 2)  # vision_transformer.py interpolate_pos_encoding
+    expected = F.interpolate(grid, scale_factor=(4.1 / 8, 4.1 / 8), mode="bicubic")[0].flatten(1).T
+    assert small.shape == (1, 17, 96) and torch.equal(small[0, 0], pos[0, 0])
+    torch.testing.assert_close(small[0, 1:], expected)
+    with torch.no_grad():
+        pos.fill_(0.5)  # a constant embedding resizes to itself
+    torch.testing.assert_close(trunk.position_embedding(3, 3), torch.full((1, 10, 96), 0.5))
+    assert trunk.eval()(torch.randn(2, 3, 12, 12)).shape == (2, 96)  # 12 px crops through a ViT built for 32
+
+
+def test_vit_drop_path_rises_linearly_over_the_blocks_and_is_off_in_eval():
+    trunk, _ = common.build_backbone("vit-tiny", 16, vit=True, drop_path=0.3)
+    assert [b.drop_path.p for b in trunk.encoder.layers] == pytest.approx([0.0, 0.1, 0.2, 0.3])
+    x = torch.randn(4, 3, 16, 16)
+    assert torch.equal(trunk.eval()(x), trunk(x))
+    torch.manual_seed(0)
+    assert not torch.equal(trunk.train()(x), trunk.eval()(x))
+
+
+def test_vit_stage_features_are_block_class_tokens_after_the_final_norm():
+    trunk, _ = common.build_backbone("vit-tiny", 16, vit=True)
+    trunk.eval()
+    kept = {}
+    hook = trunk.encoder.layers[1].register_forward_hook(lambda m, i, o: kept.update(out=o))
+    x = torch.randn(3, 3, 16, 16)
+    stages = common.StageFeatures(trunk, trunk, ["block2", "final"])(x)
+    hook.remove()
+    torch.testing.assert_close(stages["block2"], trunk.encoder.ln(kept["out"][:, 0]))
+    torch.testing.assert_close(stages["final"], trunk(x))
+
+
+def test_probe_blocks_concatenates_the_last_blocks_class_tokens_after_the_final_norm(tiny_imagefolder, tmp_path):
+    trunk, _ = common.build_backbone("vit-tiny", 16, vit=True)
+    trunk.eval()
+    outputs = []
+    hooks = [b.register_forward_hook(lambda m, i, o: outputs.append(o[:, 0])) for b in trunk.encoder.layers]
+    x = torch.randn(3, 3, 16, 16)
+    features = common.LastBlocks(trunk, 2)(x)
+    for h in hooks:
+        h.remove()
+    torch.testing.assert_close(features, torch.cat([trunk.encoder.ln(outputs[2]), trunk.encoder.ln(outputs[3])], 1))
+    torch.testing.assert_close(features[:, 96:], trunk(x))  # the last block's is the trunk's own feature
+    result = dino.main(TINY + METHODS["dino"][1] + ["--data", tiny_imagefolder, "--arch", "vit-tiny", "--batch-size",
+                                                    "16", "--max-steps", "1", "--probe-blocks", "4", "--out", str(tmp_path)])
+    assert 0 <= result["linear_top1"] <= 100
+    expect_error(TINY + ["--data", tiny_imagefolder, "--probe-blocks", "4"], "--probe-blocks 4 reads a ViT's blocks")
+
+
+@pytest.mark.parametrize("method", ["simclr", "byol", "swav"])
+def test_a_method_defined_on_resnets_refuses_a_vit_in_one_line(method, tiny_imagefolder, tmp_path):
+    expect_error(TINY + ["--data", tiny_imagefolder, "--arch", "vit-tiny", "--out", str(tmp_path)],
+                 "--arch vit-tiny: this method is defined on ResNets", module=METHODS[method][0])
+
+
+def test_dino_vit_backbone_loads_through_the_hub_and_into_torchvision(tiny_imagefolder, tmp_path, monkeypatch):
+    out, trunks = str(tmp_path / "run"), keep_trunks(monkeypatch)
+    dino.main(TINY + METHODS["dino"][1] + ["--data", tiny_imagefolder, "--arch", "vit-tiny", "--batch-size", "8",
+                                           "--max-steps", "1", "--probe-epochs", "0", "--out", out])
+    state = torch.load(os.path.join(out, "backbone.pth"))
+    assert state._metadata[""]["sslref"] == {"method": "dino", "arch": "vit-tiny", "image_size": 32}
+    trained = load_state(out)["model"]
+    assert all(torch.equal(v, trained["teacher.trunk." + k]) for k, v in state.items())  # the teacher's trunk
+    hub = torch.hub.load(HERE, "backbone", checkpoint=os.path.join(out, "backbone.pth"), source="local")
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(hub(x), trunks[0].eval()(x))
+    net = torchvision.models.VisionTransformer(32, 4, 4, 3, 96, 384)
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    assert sorted(missing) == ["heads.head.bias", "heads.head.weight"] and unexpected == []
+
+
+# ---------------------------------------------------------------------------------------
+# DINO: the loss, the centre, clipping, the schedules, the frozen last layer, two ranks
+# ---------------------------------------------------------------------------------------
+def test_dino_loss_is_the_mean_cross_entropy_over_pairs_of_different_views_and_ln_k_for_a_uniform_student():
+    g = torch.Generator().manual_seed(0)
+    ncrops, B, K = 4, 3, 5
+    s, t, center = (torch.randn(n, K, generator=g) for n in (ncrops * B, 2 * B, 1))
+    total, pairs = 0.0, 0
+    for iq in range(2):  # main_dino.py DINOLoss, one sample at a time
+        for v in range(ncrops):
+            if v == iq:
+                continue
+            for b in range(B):
+                q = F.softmax((t[iq * B + b] - center[0]) / 0.04, dim=0)
+                total += -(q * F.log_softmax(s[v * B + b] / 0.1, dim=0)).sum().item() / B
+            pairs += 1
+    assert pairs == 2 * ncrops - 2
+    assert dino.dino_loss(s, t, center, 0.04, 0.1, ncrops).item() == pytest.approx(total / pairs, rel=1e-5)
+    # a uniform student: every term is the cross-entropy of a distribution with the uniform one, ln K
+    assert dino.dino_loss(torch.zeros(ncrops * B, K), t, center, 0.04, 0.1, ncrops).item() == pytest.approx(math.log(K))
+    # the student's view 0 meets only the teacher's view 1: making it equal to the teacher's view 0 changes the loss
+    s2 = s.clone()
+    s2[:B] = 0.0
+    assert dino.dino_loss(s2, t, center, 0.04, 0.1, ncrops) != dino.dino_loss(s, t, center, 0.04, 0.1, ncrops)
+
+
+def _dino_args(*extra):
+    return dino.parse_args(["--arch", "vit-tiny", "--image-size", "16", "--out-dim", "32", "--hidden-dim", "16",
+                            "--bottleneck-dim", "8", "--local-crops-number", "2", "--drop-path", "0", *extra])
+
+
+def test_dino_centre_is_an_ema_of_the_teacher_outputs_batch_mean_and_the_teacher_an_ema_of_the_student():
+    torch.manual_seed(0)
+    model = dino.DINO(_dino_args())
+    assert all(torch.equal(a, b) for a, b in zip(model.student.parameters(), model.teacher.parameters()))
+    c0, t = torch.randn(1, 32), torch.randn(6, 32)
+    model.center.copy_(c0)
+    model.update_center(t)
+    torch.testing.assert_close(model.center, 0.9 * c0 + 0.1 * t.mean(0, keepdim=True))
+    with torch.no_grad():
+        for p in model.student.parameters():
+            p.add_(1.0)
+    before = [p.clone() for p in model.teacher.parameters()]
+    model.update_teacher(0.99)
+    for old, new, s in zip(before, model.teacher.parameters(), model.student.parameters()):
+        torch.testing.assert_close(new, 0.99 * old + 0.01 * s)  # the frozen weight-norm g too (main_dino.py)
+    g = model.student.head.last_layer.parametrizations.weight.original0
+    assert not g.requires_grad and torch.equal(g, torch.full_like(g, 2.0))  # norm_last_layer: 1 (+1 added above)
+    assert not any(p.requires_grad for p in model.teacher.parameters())
+
+
+def test_dino_clips_each_parameters_gradient_on_its_own():
+    m = nn.Linear(4, 3)
+    g = torch.Generator().manual_seed(0)
+    m.weight.grad, m.bias.grad = torch.randn(3, 4, generator=g) * 10, torch.randn(3, generator=g) * 0.1
+    expected = []
+    for p in m.parameters():  # utils.clip_gradients, transcribed
+        norm = p.grad.norm(2)
+        clip_coef = 3.0 / (norm + 1e-6)
+        expected.append(p.grad * clip_coef if clip_coef < 1 else p.grad.clone())
+    dino.clip_gradients(m, 3.0)
+    for p, e in zip(m.parameters(), expected):
+        torch.testing.assert_close(p.grad, e)
+    assert m.weight.grad.norm().item() == pytest.approx(3.0, rel=1e-5) and m.bias.grad.norm().item() < 3.0
+
+
+def _cosine_scheduler(base, final, epochs, niter_per_ep, warmup_epochs=0, start_warmup_value=0):
+    """utils.cosine_scheduler of facebookresearch/dino, transcribed."""
+    warmup = np.linspace(start_warmup_value, base, warmup_epochs * niter_per_ep) if warmup_epochs else np.array([])
+    iters = np.arange(epochs * niter_per_ep - warmup_epochs * niter_per_ep)
+    return np.concatenate((warmup, final + 0.5 * (base - final) * (1 + np.cos(np.pi * iters / len(iters)))))
+
+
+@pytest.mark.parametrize("base, final, warmup, start", [(2e-3, 1e-6, 10, 0.0), (0.04, 0.4, 0, 0.0), (0.996, 1.0, 0, 0.0),
+                                                       (4.8, 0.0048, 10, 0.3)])  # DINO's lr, wd, momentum; SwAV's lr
+def test_cosine_schedule_is_the_official_cosine_scheduler_at_start_middle_and_end(base, final, warmup, start):
+    reference = _cosine_scheduler(base, final, 100, 5, warmup, start)
+    for k in (0, 25, 49, 50, 275, 499):
+        assert common.cosine_schedule(k, 500, warmup * 5, base, final, start) == pytest.approx(reference[k], rel=1e-12)
+    assert common.cosine_schedule(0, 500, warmup * 5, base, final, start) == pytest.approx(start if warmup else base)
+
+
+def test_dino_teacher_temperature_warms_up_per_epoch_then_stays():
+    args = _dino_args("--warmup-teacher-temp", "0.04", "--teacher-temp", "0.07", "--warmup-teacher-temp-epochs", "30",
+                      "--epochs", "100")
+    schedule = np.concatenate((np.linspace(0.04, 0.07, 30), np.ones(70) * 0.07))  # DINOLoss.teacher_temp_schedule
+    for epoch in (0, 15, 29, 30, 99):
+        assert dino.teacher_temperature(epoch, args) == pytest.approx(schedule[epoch])
+    assert dino.teacher_temperature(0, _dino_args()) == 0.04  # main_dino.py's defaults: 0.04 throughout
+
+
+@pytest.mark.parametrize("freeze", ["1", "0"])
+def test_dino_last_layer_gets_no_update_in_the_first_epoch(freeze, tiny_imagefolder, tmp_path):
+    """The teacher starts as the student and follows it by EMA: while the student's last layer is frozen, the two
+    last layers stay equal, and the rest moves."""
+    dino.main(TINY + METHODS["dino"][1] + ["--data", tiny_imagefolder, "--batch-size", "16", "--max-steps", "3",
+                                           "--probe-epochs", "0", "--freeze-last-layer", freeze, "--warmup-epochs", "0",
+                                           "--out", str(tmp_path)])
+    state = load_state(str(tmp_path))["model"]
+    v = "head.last_layer.parametrizations.weight.original1"
+    assert torch.equal(state["student." + v], state["teacher." + v]) == (freeze == "1")
+    assert not torch.equal(state["student.head.mlp.0.weight"], state["teacher.head.mlp.0.weight"])
+
+
+def test_dino_weight_decay_follows_its_cosine_on_the_decayed_group_only(tiny_imagefolder, tmp_path):
+    dino.main(TINY + METHODS["dino"][1] + ["--data", tiny_imagefolder, "--batch-size", "16", "--epochs", "2",
+                                           "--max-steps", "5", "--probe-epochs", "0", "--warmup-epochs", "1",
+                                           "--out", str(tmp_path)])
+    groups = load_state(str(tmp_path))["optimizer"]["param_groups"]
+    assert groups[0]["weight_decay"] == pytest.approx(_cosine_scheduler(0.04, 0.4, 2, 4)[4]) and groups[1]["weight_decay"] == 0
+    lrs = [m["lr"] for m in read_metrics(str(tmp_path)) if "lr" in m]
+    assert lrs == pytest.approx(_cosine_scheduler(5e-4 * 16 / 256, 1e-6, 2, 4, warmup_epochs=1)[:5].tolist())
+
+
+def _dino_steps(rank, world_size, out_file):
+    """Three DINO steps (clipping, the EMA after each) of vit-tiny on this rank's share of a fixed global batch
+    of 2 global and 2 local crops."""
+    torch.manual_seed(0)
+    model = dino.DINO(_dino_args())
+    ddp = nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
+    # SGD: Adam would magnify the float noise of gradients that are zero in exact arithmetic (the attention's key bias)
+    optimizer = torch.optim.SGD(model.student.parameters(), lr=0.5, momentum=0.9, weight_decay=0.04)
+    g, n = torch.Generator().manual_seed(1), 8 // world_size
+    for step in range(3):
+        g1, g2, local = torch.randn(8, 3, 16, 16, generator=g), torch.randn(8, 3, 16, 16, generator=g), torch.randn(2, 8, 3, 8, 8, generator=g)
+        mine = [g1[rank * n:(rank + 1) * n], g2[rank * n:(rank + 1) * n], local[:, rank * n:(rank + 1) * n].flatten(0, 1)]
+        loss = ddp(mine, 0.04)
+        optimizer.zero_grad()
+        loss.backward()
+        dino.clip_gradients(model.student, 3.0)
+        optimizer.step()
+        model.update_teacher(0.9)
+    torch.save(model.state_dict(), f"{out_file}.{rank}")
+
+
+def _dino_steps_centring_each_rank_alone(rank, world_size, out_file):
+    common.all_reduce = lambda x, op="sum": x  # the centre of this rank's teacher outputs only
+    _dino_steps(rank, world_size, out_file)
+
+
+def test_dino_two_ranks_equal_one_process(tmp_path):
+    """DDP averages the student's gradients and the centre's batch mean is all-reduced: one process's steps, centre
+    included; without the all-reduce the centre differs."""
+    _dino_steps(0, 1, tmp_path / "single")
+    two_ranks(_dino_steps, tmp_path / "init", tmp_path / "ddp")
+    single, rank0, rank1 = (torch.load(tmp_path / name) for name in ("single.0", "ddp.0", "ddp.1"))
+    for key in single:
+        assert torch.equal(rank0[key], rank1[key]), key
+        torch.testing.assert_close(rank0[key], single[key], rtol=1e-4, atol=1e-6)
+    two_ranks(_dino_steps_centring_each_rank_alone, tmp_path / "init_local", tmp_path / "local")
+    assert not torch.allclose(torch.load(tmp_path / "local.0")["center"], single["center"], rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--arch", "vit-tiny", "--local-crops-size", "14"], "--local-crops-size 14 is not a multiple of vit-tiny's patch size 4"),
+    (["--arch", "vit-tiny", "--image-size", "30"], "--image-size 30 is not a multiple of vit-tiny's patch size 4"),
+    (["--local-crops-size", "48"], "--local-crops-size 48 is larger than the global crops' --image-size 32"),
+    (["--global-crops-scale", "0.9", "0.4"], "--global-crops-scale 0.9 0.4: give min <= max")])
+def test_bad_dino_flags_stop_before_training(flags, words, tiny_imagefolder, tmp_path):
+    expect_error(TINY + ["--data", tiny_imagefolder, "--out", str(tmp_path), *flags], words, module=dino)
+
+
+@real_data
+def test_dino_beats_random_init_on_fashion_mnist(tmp_path):
+    # measured here, 3 epochs: kNN RESULT against RANDOM at random init
+    trained = dino.main(FASHION + ["--batch-size", "256", "--epochs", "3", "--warmup-epochs", "1", "--out-dim", "4096",
+                                   "--local-crops-number", "2", "--baselines", "--out", str(tmp_path)])
+    print(f"kNN top-1: random init {trained['random_init_knn_top1']:.2f}, DINO {trained['knn_top1']:.2f}")
+    assert trained["knn_top1"] >= trained["random_init_knn_top1"] + 5
+
+
+# ---------------------------------------------------------------------------------------
+# SwAV: Sinkhorn-Knopp, the swapped loss, LARC, the queue, the frozen prototypes, two ranks
+# ---------------------------------------------------------------------------------------
+def _official_sinkhorn(out, epsilon=0.05, iterations=3):
+    """main_swav.py distributed_sinkhorn on one process, transcribed to numpy (float64)."""
+    Q = np.exp(out / epsilon).T
+    B, K = Q.shape[1], Q.shape[0]
+    Q /= Q.sum()
+    for _ in range(iterations):
+        Q /= Q.sum(axis=1, keepdims=True)
+        Q /= K
+        Q /= Q.sum(axis=0, keepdims=True)
+        Q /= B
+    return (Q * B).T
+
+
+def test_swav_sinkhorn_gives_the_official_sums_and_equals_a_numpy_transcription():
+    scores = torch.tensor([[0.9, 0.1, -0.3], [0.2, 0.8, 0.0], [-0.5, 0.4, 0.6], [0.3, 0.3, 0.3]])  # 4 samples, K = 3
+    q = swav.sinkhorn(scores, 0.05, 3)
+    np.testing.assert_allclose(q.numpy(), _official_sinkhorn(scores.double().numpy()), rtol=1e-5)
+    torch.testing.assert_close(q.sum(1), torch.ones(4))  # each sample's codes sum to 1 (columns normalised last)
+    # with enough iterations every prototype gets B / K of the samples (the equipartition constraint)
+    torch.testing.assert_close(swav.sinkhorn(scores, 0.05, 200).sum(0), torch.full((3,), 4 / 3), rtol=1e-4, atol=1e-4)
+    # by hand: scores whose rows are permutations of each other keep equal row sums, so Q is the rows' softmax
+    q = swav.sinkhorn(torch.tensor([[0.05, 0.0], [0.0, 0.05]]), 0.05, 3)
+    e = math.e
+    torch.testing.assert_close(q, torch.tensor([[e / (e + 1), 1 / (e + 1)], [1 / (e + 1), e / (e + 1)]]))
+
+
+def _swav_args(*extra):
+    return swav.parse_args(["--arch", "resnet-tiny", "--image-size", "16", "--nmb-crops", "2", "1", "--size-crops", "16",
+                            "8", "--nmb-prototypes", "12", "--hidden-mlp", "16", "--feat-dim", "8", "--batch-size", "8",
+                            *extra])
+
+
+def test_swav_swapped_loss_by_hand_on_two_crops():
+    """Two samples, two prototypes, two crops: the codes of crop 0 are the softmax of scores / 0.05 (rows that are
+    permutations of each other), predicted from crop 1's softmax at 0.1, and the other way round."""
+    args = _swav_args("--nmb-crops", "2", "--size-crops", "16", "--min-scale-crops", "0.14", "--max-scale-crops", "1")
+    scores = torch.tensor([[0.05, 0.0], [0.0, 0.05], [0.1, 0.0], [0.0, 0.1]], requires_grad=True)  # crop 0, crop 1
+    loss = swav.swav_loss(None, scores, None, args, None)
+    e = math.e
+    sigma, tau = e / (e + 1), e ** 2 / (e ** 2 + 1)  # the codes of crop 0 and of crop 1, sample 0 (sample 1 mirrored)
+    crop1_ce = math.log(e + 1) - sigma  # -(sigma log softmax(1, 0)[0] + (1 - sigma) log softmax(1, 0)[1])
+    crop0_ce = math.log(e ** 0.5 + 1) - 0.5 * tau
+    assert loss.item() == pytest.approx((crop1_ce + crop0_ce) / 2, rel=1e-5)
+    loss.backward()
+    assert scores.grad.abs().sum() > 0  # through the predictions; the codes are constants
+
+
+def test_larc_is_apex_larc_around_sgd():
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(4, 3, generator=g), torch.zeros(3)  # b: a zero weight gets neither the ratio nor decay
+    params = [w.clone().requires_grad_(), b.clone().requires_grad_()]
+    optimizer = common.LARS(params, lr=0.5, weight_decay=0.1, larc=True)
+    expected, buffers = [w.clone(), b.clone()], [None, None]
+    for step in range(2):
+        grads = [torch.randn(4, 3, generator=g), torch.randn(3, generator=g)]
+        for i, (p, grad) in enumerate(zip(expected, grads)):  # apex/parallel/LARC.py step, then torch's SGD
+            p_norm, g_norm = p.norm(), grad.norm()
+            if p_norm != 0 and g_norm != 0:
+                adaptive_lr = 0.001 * p_norm / (g_norm + p_norm * 0.1 + 1e-8)
+                grad = (grad + 0.1 * p) * adaptive_lr
+            buffers[i] = grad.clone() if buffers[i] is None else buffers[i] * 0.9 + grad
+            expected[i] = p - 0.5 * buffers[i]
+        for p, grad in zip(params, grads):
+            p.grad = grad
+        optimizer.step()
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p.detach(), e)
+
+
+def test_swav_recipe_follows_the_official_scripts_by_batch_size():
+    default, small = swav.parse_args([]), swav.parse_args(["--batch-size", "256"])
+    assert (default.lr, default.final_lr, default.warmup_epochs, default.start_warmup, default.queue_length,
+            default.freeze_prototypes_niters, default.epochs) == (4.8, 0.0048, 10, 0.3, 0, 313, 800)
+    assert (small.lr, small.final_lr, small.warmup_epochs, small.queue_length, small.freeze_prototypes_niters) == (
+        0.6, 0.0006, 0, 3840, 5005)
+    assert default.size_crops == [224, 96] and default.nmb_crops == [2, 6] and default.crops_for_assign == [0, 1]
+    assert swav.parse_args(["--batch-size", "256", "--queue-length", "0"]).queue_length == 0  # a flag given wins
+
+
+@pytest.mark.parametrize("freeze", ["100", "0"])
+def test_swav_prototypes_are_normalised_every_step_and_frozen_for_the_first_iterations(freeze, tiny_imagefolder, tmp_path):
+    swav.main(TINY + METHODS["swav"][1] + ["--data", tiny_imagefolder, "--batch-size", "16", "--max-steps", "2",
+                                           "--probe-epochs", "0", "--freeze-prototypes-niters", freeze,
+                                           "--out", str(tmp_path)])
+    state = load_state(str(tmp_path))
+    norms = state["model"]["prototypes.weight"].norm(dim=1)
+    assert torch.allclose(norms, torch.ones_like(norms), atol=1e-6) == (freeze == "100")  # frozen: as normalised
+    prototypes = [s for s in state["optimizer"]["state"].values() if s["momentum_buffer"].shape == (16, 128)]
+    assert len(prototypes) == (freeze == "0")  # frozen: no momentum either (LARC and SGD skip a None gradient)
+
+
+def _swav_steps(rank, world_size, out_file):
+    """Four SwAV LARC steps on this rank's share of a fixed global batch (2 crops of 16 px, 1 of 8), without BN; the
+    queue of 16 starts at step 1 and is read from step 3, when full."""
+    torch.manual_seed(0)
+    args = _swav_args("--queue-length", "16")
+    model = _no_norms(swav.SwAV(args))
+    ddp = nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
+    optimizer = common.LARS(model.parameters(), lr=0.5, weight_decay=1e-4, larc=True)
+    g, n = torch.Generator().manual_seed(1), 8 // world_size
+    for step in range(4):
+        model.normalize_prototypes()
+        globals_, local = torch.randn(2, 8, 3, 16, 16, generator=g), torch.randn(1, 8, 3, 8, 8, generator=g)
+        z, scores = ddp([c[:, rank * n:(rank + 1) * n].flatten(0, 1) for c in (globals_, local)])
+        loss = swav.swav_loss(z.detach(), scores, model, args, None if step == 0 else step >= 3)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    torch.save(model.state_dict(), f"{out_file}.{rank}")
+
+
+def _swav_steps_without_the_sinkhorn_all_reduce(rank, world_size, out_file):
+    common.all_reduce = lambda x, op="sum": x  # each rank's codes from its own samples only
+    _swav_steps(rank, world_size, out_file)
+
+
+def test_swav_two_ranks_equal_one_process(tmp_path):
+    """Sinkhorn's sums all-reduced and the queue gathered: one process's steps, queue included; without the
+    all-reduce they differ."""
+    _swav_steps(0, 1, tmp_path / "single")
+    two_ranks(_swav_steps, tmp_path / "init", tmp_path / "ddp")
+    single, rank0, rank1 = (torch.load(tmp_path / name) for name in ("single.0", "ddp.0", "ddp.1"))
+    assert single["queue"].abs().sum(-1).min() > 0  # filled
+    for key in single:
+        assert torch.equal(rank0[key], rank1[key]), key
+        torch.testing.assert_close(rank0[key], single[key], rtol=1e-4, atol=1e-6)
+    two_ranks(_swav_steps_without_the_sinkhorn_all_reduce, tmp_path / "init_local", tmp_path / "local")
+    local = torch.load(tmp_path / "local.0")
+    assert not all(torch.allclose(local[k], single[k], rtol=1e-3, atol=1e-5) for k in single)
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--nmb-crops", "0", "2"], "the first crop size holds the global crops"),
+    (["--size-crops", "32", "40"], "--size-crops 32 40: a local crop is larger than the global ones"),
+    (["--queue-length", "40"], "--queue-length 40 is not a multiple of --batch-size 16; use 32"),
+    (["--crops-for-assign", "0", "9"], "--crops-for-assign 0 9 needs crops numbered below 8")])
+def test_bad_swav_flags_stop_before_training(flags, words, tiny_imagefolder, tmp_path):
+    expect_error(TINY + ["--data", tiny_imagefolder, "--batch-size", "16", "--out", str(tmp_path), *flags], words,
+                 module=swav)
+
+
+@real_data
+def test_swav_beats_random_init_on_fashion_mnist(tmp_path):
+    # measured here, 3 epochs: kNN RESULT against RANDOM at random init
+    trained = swav.main(FASHION + ["--batch-size", "256", "--epochs", "3", "--nmb-prototypes", "300", "--nmb-crops", "2",
+                                   "2", "--baselines", "--out", str(tmp_path)])
+    print(f"kNN top-1: random init {trained['random_init_knn_top1']:.2f}, SwAV {trained['knn_top1']:.2f}")
     assert trained["knn_top1"] >= trained["random_init_knn_top1"] + 5
 
 
@@ -3665,13 +4085,16 @@ def test_benchmark_runner_writes_every_row(tiny_fashion, tmp_path):
         assert 0 <= row["knn_top1"] <= 100 and 0 <= row["linear_top1"] <= 100 and row["seconds"] > 0, row
         if row["method"] != "raw-pixels":  # every stage probed (CPC's trunk stops after layer3), and the best named
             stages = [s for s in common.STAGES[:-1] if not (row["method"] == "cpc" and s == "layer4")]
+            if row["method"].endswith("-vit"):  # vit-tiny's 4 blocks: the first three, and the last as the final
+                stages = ["block1", "block2", "block3"]
             assert {f"{s}_linear_top1" for s in stages} <= row["results"].keys(), row
-            assert row["results"]["best_stage_knn"] in common.STAGES
+            assert row["results"]["best_stage_knn"] in stages + ["final"]
     # each method really trained its 2 steps, and the table holds what the method's own run printed
     for name in benchmark.METHODS:
         metrics = read_metrics(str(tmp_path / "runs" / name))
         results = table["rows"][names.index((name, 0))]["results"]
-        assert metrics[-1]["step"] == 2 and all(metrics[-1][k] == results[k] for k in ("knn_top1", "layer2_linear_top1"))
+        stage = "block2" if name.endswith("-vit") else "layer2"
+        assert metrics[-1]["step"] == 2 and all(metrics[-1][k] == results[k] for k in ("knn_top1", f"{stage}_linear_top1"))
         assert 0 < table["rows"][names.index((name, 0))]["pretrain_seconds"] < table["rows"][names.index((name, 0))]["seconds"]
     rerun = table["rows"][-1]
     assert read_metrics(str(tmp_path / "runs" / "rotation_seed1"))[-1]["knn_top1"] == rerun["knn_top1"]
@@ -3708,7 +4131,7 @@ def test_benchmark_runner_writes_every_row(tiny_fashion, tmp_path):
         bench_args = benchmark.parse_args(["--protocol", protocol])
         for name in benchmark.METHODS:
             epochs = benchmark.PROTOCOLS[protocol]["epochs"][name]
-            parsed = METHODS[name][0].parse_args(benchmark.shared_flags(bench_args) + benchmark.RECIPES[name] +
+            parsed = METHODS[benchmark.MODULE.get(name, name)][0].parse_args(benchmark.shared_flags(bench_args) + benchmark.RECIPES[name] +
                                                  ["--epochs", str(epochs)])
             assert parsed.epochs == epochs and parsed.dataset == "fashion-mnist"
 
@@ -3725,7 +4148,9 @@ def test_speed_script_records_what_each_method_feeds_its_trunk():
                 "jigsaw": "(72, 3, 9, 9)", "context_encoder": "(8, 3, 32, 32)",
                 "denoising_autoencoder": "(8, 3, 32, 32)", "relative_position": "(72, 3, 14, 14)",
                 "colorization": "(8, 3, 32, 32)", "byol": "2 x (8, 3, 32, 32), 2 x (8, 3, 32, 32) no grad",
-                "simsiam": "2 x (8, 3, 32, 32)", "barlow_twins": "2 x (8, 3, 32, 32)", "vicreg": "2 x (8, 3, 32, 32)"}
+                "simsiam": "2 x (8, 3, 32, 32)", "barlow_twins": "2 x (8, 3, 32, 32)", "vicreg": "2 x (8, 3, 32, 32)",
+                "swav": "(16, 3, 32, 32), (48, 3, 14, 14)",  # a forward per crop size: 2 global, 6 local
+                "dino": "(16, 3, 32, 32) no grad, (16, 3, 32, 32), (64, 3, 14, 14)"}  # the teacher: global crops only
     for name, row in rows.items():
         assert row["trunk_inputs"] == expected[name], (name, row["trunk_inputs"])
         assert row["step_img_s"] > 0 and row["trunk_img_s"] > 0 and row["data_img_s"] > 0

@@ -31,9 +31,19 @@ sys.path.insert(0, ROOT)
 import common  # noqa: E402
 
 METHODS = ["simclr", "moco", "instdisc", "cpc", "rotation", "jigsaw", "context_encoder", "denoising_autoencoder",
-           "relative_position", "byol", "simsiam", "barlow_twins", "vicreg"]
+           "relative_position", "byol", "simsiam", "barlow_twins", "vicreg", "swav", "dino", "dino-vit"]
+MODULE = {"dino-vit": "dino"}  # a row of another trunk: its method file (the trunk is in its recipe)
 
 # Each method's short-run recipe; the method file's header gives its source.
+# SwAV: LARC at the batch-4096 recipe's lr 4.8 (batch 256's 0.6 moves the weights 0.06% a step: for 800 epochs), the
+# prototypes frozen for one epoch, 100 of them (10 classes), 2 + 2 crops
+SWAV_RECIPE = ["--batch-size", "256", "--lr", "4.8", "--final-lr", "0.0048", "--freeze-prototypes-niters", "39",
+               "--nmb-prototypes", "100", "--nmb-crops", "2", "2"]
+# DINO: batch 64 (4x the steps of 256), AdamW at 5e-4 after one epoch of warm-up, the teacher's momentum from 0.99
+# (0.996 moves it 37% of the way in 117 steps), K 1024, 2 + 2 crops
+DINO_RECIPE = ["--batch-size", "64", "--lr", "0.002", "--warmup-epochs", "1", "--momentum-teacher", "0.99",
+               "--out-dim", "1024", "--local-crops-number", "2"]
+DINO_VIT_RECIPE = DINO_RECIPE + ["--arch", "vit-tiny"]
 RECIPES = {
     # sqrt lr scaling at 0.075 (SimCLR App. B.1, small batches and few epochs), CIFAR's jitter 0.5, a short warm-up
     "simclr": ["--batch-size", "256", "--lr-scaling", "sqrt", "--lr", "0.075", "--warmup-epochs", "0.5",
@@ -65,6 +75,9 @@ RECIPES = {
     "barlow_twins": ["--batch-size", "256", "--proj-dim", "1024", "--warmup-epochs", "0.5"],
     # the official lr at batch 256, half an epoch of warm-up, an expander of 1024
     "vicreg": ["--batch-size", "256", "--proj-dim", "1024", "--warmup-epochs", "0.5"],
+    "swav": SWAV_RECIPE,
+    "dino": DINO_RECIPE,
+    "dino-vit": DINO_VIT_RECIPE,
 }
 
 # The `cpu` protocol gives every method the same wall-clock budget of pretraining on 2 CPU cores, about 4 minutes:
@@ -78,7 +91,7 @@ PROTOCOLS = {
                       "--eval-every", "1", "--monitor-subset", "2000"],
             "epochs": {"simclr": 13, "moco": 20, "instdisc": 27, "cpc": 3, "rotation": 8, "jigsaw": 6,
                        "context_encoder": 7, "denoising_autoencoder": 19, "relative_position": 7, "byol": 7, "simsiam": 10,
-                       "barlow_twins": 8, "vicreg": 8,
+                       "barlow_twins": 8, "vicreg": 8, "swav": 8, "dino": 6, "dino-vit": 6,
                        "supervised": 32},
             "noise": {"methods": ["simclr", "rotation"], "seeds": [1, 2]}},  # seed 0 is the table's run
     # one H100/H200: all 60,000 images, the same number of epochs for every method, the table in about 5 minutes
@@ -91,7 +104,8 @@ PROTOCOLS = {
               "supervised_batch": 16, "epochs": dict.fromkeys(METHODS + ["supervised"], 1),
               "noise": {"methods": ["rotation"], "seeds": [1]}},
 }
-ANCHORS = ["random-init", "raw-pixels", "supervised"]
+ANCHORS = ["random-init", "random-init-vit", "raw-pixels", "supervised"]
+UNTRAINED = ("random-init", "random-init-vit", "raw-pixels")  # rows not compared with random init
 
 
 def parse_args(argv=None):
@@ -131,7 +145,7 @@ def pretraining_seconds(records, batch_size):
 
 
 def run_method(name, args, seed=0):
-    module = __import__(name)
+    module = __import__(MODULE.get(name, name))
     epochs = PROTOCOLS[args.protocol]["epochs"][name]
     protocol = PROTOCOLS[args.protocol]
     override = protocol.get("override", []) + protocol.get("method_override", {}).get(name, [])
@@ -167,12 +181,17 @@ def run_anchor(name, args):
     train_tf = T.Compose([T.RandomCrop(size, padding=size // 8), T.RandomHorizontalFlip(), T.ToTensor(),
                           common.normalize("fashion-mnist")])
     margs, device, pretrain, probe_sets = probe_setup(args, train_tf)
-    trunk, width = (nn.Flatten(), None) if name == "raw-pixels" else common.build_backbone(margs.arch, margs.image_size)
+    margs.arch = "vit-tiny" if name == "random-init-vit" else margs.arch  # the ViT rows' trunk
+    trunk, width = (nn.Flatten(), None) if name == "raw-pixels" else common.build_backbone(margs.arch, margs.image_size,
+                                                                                           vit=True)
+    if name == "random-init-vit":  # as dino.py initialises its ViT (vision_transformer.py _init_weights)
+        __import__("dino").vit_init(trunk)
     trunk = trunk.to(device)
     run = common.Run(margs, device, probe_sets, trunk, model=trunk)
     stages = None if name == "raw-pixels" else trunk
     epochs, start, recipe = 0, time.time(), {"raw-pixels": "normalised pixels, 3 x 28 x 28",
-                                             "random-init": "kaiming init, BN statistics at init"}.get(name)
+                                             "random-init": "kaiming init, BN statistics at init",
+                                             "random-init-vit": "vit-tiny, DINO's init"}.get(name)
     if name == "supervised":
         epochs = PROTOCOLS[args.protocol]["epochs"]["supervised"]
         margs.batch_size = PROTOCOLS[args.protocol].get("supervised_batch", 128)
@@ -259,7 +278,7 @@ def write_tables(everything, out):
              "the pooled features).", ""]
     for protocol, table in everything.items():
         rows = [r for r in table["rows"] if not r.get("seed")]
-        anchor = {r["method"]: summary(r) for r in rows}.get("random-init")
+        anchors = {r["method"]: summary(r) for r in rows if r["method"] in UNTRAINED}
         later = sorted({f"{r['method']} at {r['commit']}" for r in rows if r.get("commit", table["commit"]) != table["commit"]})
         lines += [f"## `{protocol}` protocol ({table['hardware']}, commit {table['commit']}, {table['date']}, "
                   f"torch {table.get('torch', '?')}{'; rerun since: ' + ', '.join(later) if later else ''})", "",
@@ -268,7 +287,8 @@ def write_tables(everything, out):
         for row in rows:
             s = summary(row)
             vs = "-"
-            if anchor and row["method"] not in ANCHORS[:2] and s["linear"] is not None:
+            anchor = anchors.get("random-init-vit" if row["method"].endswith("-vit") else "random-init")
+            if anchor and row["method"] not in UNTRAINED and s["linear"] is not None:
                 vs = (f"{s['best_knn'][1] - anchor['best_knn'][1]:+.1f}, {s['best_linear'][1] - anchor['best_linear'][1]:+.1f}, "
                       f"{s['linear'] - anchor['linear']:+.1f}")
             lines.append(f"| {row['method']} | {s['best_knn'][0]} {fmt(s['best_knn'][1])} | {s['best_linear'][0]} "

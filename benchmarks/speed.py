@@ -13,9 +13,10 @@ For each method it reports, in images per second:
 - data: a data worker's stage alone on one CPU thread, on in-memory images (the colour ops of SimCLR, MoCo and
   InstDisc run on the device, inside the step); benchmarks/pipeline.py measures JPEGs at 224 px.
 
-With --peers (pip install lightly), BYOL, SimSiam, Barlow Twins and VICReg are also timed as lightly builds them: its
-heads, loss and momentum update (its examples' training step), on a trunk of the same kind, the same batch and the same
-device colour stage, with the file's optimizer; "vs lightly" is the file's step img/s over lightly's.
+With --peers (pip install lightly), BYOL, SimSiam, Barlow Twins, VICReg, SwAV and DINO are also timed as lightly builds
+them: its heads, loss and momentum update (its examples' training step), on a trunk of the same kind, the same batch
+(every crop) and the same device colour stage, with the file's optimizer; "vs lightly" is the file's step img/s over
+lightly's. The trunk is a ResNet (--arch), also for DINO.
 """
 import argparse
 import contextlib
@@ -35,8 +36,8 @@ sys.path.insert(0, ROOT)
 import common  # noqa: E402
 
 METHODS = ["simclr", "moco", "instdisc", "cpc", "rotation", "jigsaw", "context_encoder", "denoising_autoencoder",
-           "relative_position", "colorization", "byol", "simsiam", "barlow_twins", "vicreg"]
-PEERS = ["byol", "simsiam", "barlow_twins", "vicreg"]  # timed against lightly's with --peers
+           "relative_position", "colorization", "byol", "simsiam", "barlow_twins", "vicreg", "swav", "dino"]
+PEERS = ["byol", "simsiam", "barlow_twins", "vicreg", "swav", "dino"]  # timed against lightly's with --peers
 METHOD_FLAGS = {"instdisc": ["--nce-k", "4096"], "moco": ["--mlp", "--aug-plus"]}  # MoCo v2; lemniscate's K
 
 
@@ -194,7 +195,9 @@ def measure_lightly(name, args, device, amp, state):
     from lightly.models.modules import heads
     from lightly.models.utils import deactivate_requires_grad, update_momentum
     torch.manual_seed(0)
-    trunk, width = common.build_backbone(args.arch, args.image_size, zero_init_residual=True)
+    trunk, width = common.build_backbone(args.arch, args.image_size, zero_init_residual=name not in ("swav", "dino"))
+    if name in ("swav", "dino"):
+        return measure_lightly_multi_crop(name, trunk, width, args, device, amp, state)
     if name == "byol":  # the widths of the official code, which byol.py uses
         online = nn.Sequential(trunk, heads.BYOLProjectionHead(width, 4096, 256))
         predictor = heads.BYOLPredictionHead(256, 4096, 256)
@@ -241,6 +244,55 @@ def measure_lightly(name, args, device, amp, state):
                 with torch.no_grad():
                     z0, z1 = target(x0), target(x1)
             return 0.5 * (criterion(p0, z1.detach()) + criterion(p1, z0.detach()))
+
+    for _ in range(args.warmup):
+        step()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    sync(device)
+    return args.batch_size * args.steps / (time.perf_counter() - start)
+
+
+def measure_lightly_multi_crop(name, trunk, width, args, device, amp, state):
+    """lightly's SwAV (SwaVProjectionHead, SwaVPrototypes, SwaVLoss) or DINO (DINOProjectionHead, DINOLoss, the teacher
+    by update_momentum) step as its examples write it: the trunk once per crop, the widths of the files' defaults."""
+    from lightly.loss import DINOLoss, SwaVLoss
+    from lightly.models.modules import heads
+    from lightly.models.utils import deactivate_requires_grad, update_momentum
+    if name == "swav":
+        student = nn.Sequential(trunk, heads.SwaVProjectionHead(width, 2048, 128))
+        prototypes, teacher = heads.SwaVPrototypes(128, 3000), None
+        criterion, trained = SwaVLoss(), nn.ModuleList([student, prototypes])
+        optimizer = common.LARS(trained.parameters(), lr=0.1, weight_decay=1e-6, larc=True)
+    else:
+        student, prototypes = nn.Sequential(trunk, heads.DINOProjectionHead(width, 2048, 256, 65536)), None
+        teacher = copy.deepcopy(student)
+        deactivate_requires_grad(teacher)
+        criterion, trained = DINOLoss(65536, warmup_teacher_temp_epochs=0), student
+        optimizer = torch.optim.AdamW(trained.parameters(), lr=1e-4)
+    for m in (m for m in (trained, teacher, criterion) if m is not None):
+        m.to(device).train()
+        if device.type == "cuda":
+            m.to(memory_format=torch.channels_last)
+    (views, _, _), augmentation = state["batch"], state["dataset"].transform
+
+    def step():
+        crops = [c for group in augmentation.to_device(views, device) for c in group.chunk(len(group) // args.batch_size)]
+        with torch.autocast(device.type, torch.bfloat16, enabled=amp):
+            if name == "swav":
+                prototypes.normalize()
+                scores = [prototypes(nn.functional.normalize(student(c), dim=1)) for c in crops]
+                loss = criterion(scores[:2], scores[2:])
+            else:
+                update_momentum(student, teacher, m=0.996)
+                with torch.no_grad():
+                    t = [teacher(c) for c in crops[:2]]
+                loss = criterion(t, [student(c) for c in crops], epoch=0)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
 
     for _ in range(args.warmup):
         step()
