@@ -4,11 +4,12 @@
 2. Processes: setup, world, rank, print0, all_reduce, gather, gather_with_grad, step_generator, stop signals
 3. Data: build_datasets, Transformed, Augmentation of Views (ColorJitter, RandomGrayscale, GaussianBlur, Solarize),
    train_loader, eval_loader, dataset_labels, MEAN_STD, normalize
-4. Trunks: build_backbone
-5. Optimisation: LARS and its parameter groups, cosine_lr, cosine_momentum
+4. Trunks: build_backbone (torchvision ResNets; ViT, torchvision's VisionTransformer), multi_crop
+5. Optimisation: LARS (and apex's LARC) and its parameter groups, cosine_lr, cosine_schedule, cosine_momentum
 6. The run: Run (resume, start, after_step, done, final_evaluation), checkpoints, divergence and stop handling,
    log_metrics (metrics.jsonl, TensorBoard), plot_curves (curves.png)
-7. Evaluation: evaluate (kNN, linear probe, per-stage probes), extract_features, knn_classify, linear_probe
+7. Evaluation: evaluate (kNN, linear probe, per-stage probes, a ViT's last blocks), extract_features, knn_classify,
+   linear_probe
 8. Appendix: the tensor arithmetic of the device colour ops
 
 A method file calls them in that order: add_common_args, parse, setup, build_datasets (with its Augmentation),
@@ -750,11 +751,20 @@ VIT = {"vit-tiny": (4, 96, 4, 3, 384), "vit-small": (16, 384, 12, 6, 1536), "vit
 
 
 class Block(torchvision.models.vision_transformer.EncoderBlock):
-    """torchvision's EncoderBlock (pre-norm attention, then the MLP) with drop path on both residual branches."""
+    """torchvision's EncoderBlock (pre-norm attention, then the MLP) with drop path on both residual branches: each
+    sample's branch kept with probability 1 - rate and then divided by it (DINO's drop_path, torchvision's
+    StochasticDepth "row"), its draws from `generator` (ViT.draw_from) when set, else from torch's global RNG."""
+    generator = None
 
     def __init__(self, heads, width, mlp, drop_path):
         super().__init__(heads, width, mlp, 0.0, 0.0, functools.partial(nn.LayerNorm, eps=1e-6))
-        self.drop_path = torchvision.ops.StochasticDepth(float(drop_path), "row")
+        self.rate = float(drop_path)
+
+    def drop_path(self, x):
+        if not self.training or self.rate == 0:
+            return x
+        keep = torch.rand(len(x), 1, 1, generator=self.generator, device=x.device) < 1 - self.rate
+        return x * keep.to(x.dtype) / (1 - self.rate)
 
     def forward(self, x):
         y = self.ln_1(x)
@@ -776,6 +786,11 @@ class ViT(torchvision.models.VisionTransformer):
         self.heads = nn.Identity()
         self.encoder.layers = nn.Sequential(collections.OrderedDict(  # torchvision's block names and init
             (f"encoder_layer_{i}", Block(heads, width, mlp, r)) for i, r in enumerate(torch.linspace(0, drop_path, depth))))
+
+    def draw_from(self, generator):
+        """Drop path's draws from `generator` (a run's step generator: a resumed run draws the same); None: torch's."""
+        for block in self.encoder.layers:
+            block.generator = generator
 
     def position_embedding(self, h, w):
         """DINO's interpolate_pos_encoding: the patch rows resized bicubically to an h x w grid (the 0.1 added to the
@@ -1131,8 +1146,8 @@ class Run:
         return results
 
 
-# ==== 7. Evaluation: frozen features, kNN, linear probe. Reads args.probe_stages, probe_epochs, knn_k, knn_t, seed, ==
-# amp, image_size, print_freq
+# ==== 7. Evaluation: frozen features, kNN, linear probe. Reads args.probe_stages, probe_blocks, probe_epochs, knn_k, ==
+# knn_t, seed, amp, image_size, print_freq
 # Each rank keeps only the features of its own share of the probe sets (eval_loader), sharded through kNN and probe.
 KNN_MEMORY_BYTES = 2 ** 30  # the kNN's similarity block per rank, whatever the dataset size
 PROBE_MEMORY_BYTES = 4 * 2 ** 30  # per rank: the probe features held at once; stages beyond it take another pass
