@@ -5,8 +5,8 @@
 #   torchrun --nnodes=8 --nproc_per_node=8 swav.py --data /imagenet           # 800 epochs, batch 4096 (paper)
 #   torchrun --nproc_per_node=8 swav.py --data /imagenet --batch-size 256 --epochs 400   # the README's batch-256 run
 #   python swav.py --data /imagenet --batch-size 256 --epochs 200              # one 80 GB GPU: about 60 GiB (below)
-#   python swav.py --dataset fashion-mnist --arch resnet-tiny --subset 10000 --epochs 5 --batch-size 256 \
-#       --nmb-prototypes 300 --nmb-crops 2 2 --baselines                       # a quick CPU run
+#   python swav.py --dataset fashion-mnist --arch resnet-tiny --subset 10000 --epochs 7 --batch-size 256 --lr 4.8 \
+#       --final-lr 0.0048 --freeze-prototypes-niters 39 --nmb-prototypes 100 --nmb-crops 2 2 --baselines   # quick, CPU
 #
 # Published ImageNet linear top-1 of ResNet-50 (theirs, the official README): 75.3 at 800 epochs and batch 4096
 # (2 x 224 + 6 x 96 crops); 74.3 at 400 epochs and 72.7 at 200 with batch 256 and the queue. Memory: ResNet-50 keeps

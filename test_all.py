@@ -1718,16 +1718,16 @@ def test_bad_dino_flags_stop_before_training(flags, words, tiny_imagefolder, tmp
 
 @real_data
 def test_dino_learns_on_fashion_mnist(tmp_path):
-    """The benchmark's short recipe for 2 epochs: the loss starts at chance, ln K (a uniform student), and falls
+    """The benchmark's recipe, its first 2 of 5 epochs: the loss starts at chance, ln K (a uniform student), and falls
     clearly below it once the last layer trains (epoch 1). Measured here: 6.90 at step 100, 5.69 at step 312; kNN
     far above chance. Two epochs do not beat the trunk at its random init, which is not zero-initialised here (as
     theirs): the cpu protocol's rows measure that (README)."""
     sys.path.insert(0, os.path.join(HERE, "benchmarks"))
     import run as benchmark
-    trained = dino.main(FASHION + benchmark.DINO_RECIPE + ["--epochs", "2", "--out", str(tmp_path)])
+    trained = dino.main(FASHION + benchmark.DINO_RECIPE + ["--epochs", "5", "--max-steps", "312", "--out", str(tmp_path)])
     losses = step_losses(str(tmp_path))
     print(f"DINO losses {[round(v, 3) for v in losses]}, kNN top-1 {trained['knn_top1']:.2f}")
-    assert losses[0] > math.log(1024) - 0.2 and losses[-1] < math.log(1024) - 1.0
+    assert losses[0] > math.log(1024) - 0.2 and losses[-1] < math.log(1024) - 0.8
     assert trained["knn_top1"] > 50
 
 
@@ -1890,13 +1890,13 @@ def test_bad_swav_flags_stop_before_training(flags, words, tiny_imagefolder, tmp
 
 @real_data
 def test_swav_learns_on_fashion_mnist(tmp_path):
-    """The benchmark's short recipe for 2 epochs: the swapped prediction's loss falls below chance, ln K (a uniform
+    """The benchmark's recipe, its first 2 of 7 epochs: the swapped prediction's loss falls below chance, ln K (a uniform
     prediction). Measured here: 4.46 at step 39, 4.38 at step 78, 4.06 after 8 epochs (ln 100 = 4.61); kNN far above
     chance. Two epochs do not beat the trunk at its random init, which is not zero-initialised here (as theirs): the
     cpu protocol's rows measure that (README)."""
     sys.path.insert(0, os.path.join(HERE, "benchmarks"))
     import run as benchmark
-    trained = swav.main(FASHION + benchmark.SWAV_RECIPE + ["--epochs", "2", "--out", str(tmp_path)])
+    trained = swav.main(FASHION + benchmark.SWAV_RECIPE + ["--epochs", "7", "--max-steps", "78", "--out", str(tmp_path)])
     losses = step_losses(str(tmp_path))
     print(f"SwAV losses {[round(v, 3) for v in losses]}, kNN top-1 {trained['knn_top1']:.2f}")
     assert losses[-1] < math.log(100) - 0.15 and losses[-1] < losses[0]
@@ -3552,7 +3552,7 @@ def test_cached_features_keep_the_range_of_a_trunk_without_normalisation(monkeyp
     trunk = nn.Linear(8, 16)  # activations of about 1e6, as CPC v1's unnormalised trunk can reach
     with torch.no_grad():
         trunk.weight.mul_(1e6)
-    args = argparse.Namespace(probe_stages=False, probe_epochs=5, probe_lars=False, knn_k=5, knn_t=0.1, seed=0, amp=False,
+    args = argparse.Namespace(probe_stages=False, probe_epochs=5, probe_lars=False, probe_blocks=1, knn_k=5, knn_t=0.1, seed=0, amp=False,
                               print_freq=50)
     results = {}
     for dtype in (common.FEATURE_DTYPE["cuda"], torch.float16):

@@ -84,7 +84,7 @@ RECIPES = {
 # methods differ 8x in cost per epoch (CPC encodes 49 patches an image, InstDisc one view), so equal epochs would give
 # one method eight times another's compute. Epochs = 240 s / each method's measured seconds per epoch at this protocol
 # (simclr 18, moco 12, instdisc 9, cpc 72, rotation 31, jigsaw 41, context_encoder 32, denoising_autoencoder 12.4,
-# relative_position 33, byol 33, simsiam 24, supervised 7.5); the table
+# relative_position 33, byol 33, simsiam 24, swav 35, dino 50, supervised 7.5); the table
 # reports the minutes each run took. Every method is probed at every stage and monitored each epoch.
 PROTOCOLS = {
     "cpu": {"flags": ["--arch", "resnet-tiny", "--subset", "10000", "--workers", "2", "--probe-stages",

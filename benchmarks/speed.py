@@ -268,7 +268,7 @@ def measure_lightly_multi_crop(name, trunk, width, args, device, amp, state):
         optimizer = common.LARS(trained.parameters(), lr=0.1, weight_decay=1e-6, larc=True)
     else:
         student, prototypes = nn.Sequential(trunk, heads.DINOProjectionHead(width, 2048, 256, 65536)), None
-        teacher = copy.deepcopy(student)
+        teacher = nn.Sequential(copy.deepcopy(trunk), heads.DINOProjectionHead(width, 2048, 256, 65536))  # as its example
         deactivate_requires_grad(teacher)
         criterion, trained = DINOLoss(65536, warmup_teacher_temp_epochs=0), student
         optimizer = torch.optim.AdamW(trained.parameters(), lr=1e-4)
