@@ -249,7 +249,7 @@ def main(argv=None):
             crops = augmentation.to_device(views, device)  # a batch per group: global 1, global 2, the local crops
             if isinstance(model.student.trunk, common.ViT):  # drop path from the step's own draws: exact resume
                 model.student.trunk.draw_from(common.step_generator((args.seed, common.rank()), k, device))
-            with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
+            with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):  # bf16 (official: fp16 with a GradScaler): a deviation
                 loss = ddp_model(crops, teacher_temperature(epoch, args))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
