@@ -118,6 +118,13 @@ def add_common_args(p, method, arch="resnet50", epochs=100, batch_size=256, lr=0
       "each after the final LayerNorm, concatenated (DINO's eval_linear.py: 4 for ViT-S, 1 for its kNN)")
     a("--probe-stages", action="store_true",
       help="also probe the stem and each residual stage, average-pooled to about 4.5 x the final width")
+    a("--finetune-epochs", type=nonneg_int, default=0, help="also fine-tune a copy of the trunk end to end with a new "
+      "linear head on the labelled training images (MAE's main_finetune recipe) and report its top-1 (0: off)")
+    a("--finetune-batch-size", type=positive_int, default=1024, help="fine-tuning's GLOBAL batch size")
+    a("--finetune-lr", type=nonneg_float, default=5e-4, help="fine-tuning's base lr per 256 images (AdamW)")
+    a("--finetune-warmup-epochs", type=nonneg_float, default=5, help="fine-tuning's linear lr warm-up")
+    a("--layer-decay", type=unit_float, default=0.65, help="fine-tuning a ViT: the lr of block i is scaled by "
+      "layer_decay ** (depth + 1 - i), the patch and position embeddings' by layer_decay ** (depth + 1)")
     a("--eval-every", type=nonneg_int, default=0, help="kNN monitor every N epochs (0: only at the end)")
     a("--monitor-subset", type=nonneg_int, default=0,
       help="the monitor's kNN on N class-balanced images of each probe set (0: all)")
@@ -710,14 +717,16 @@ def probe_loaders(probe_sets, args):
 
 
 # ==== 4. Trunks. Reads no args: a file passes --arch and --image-size ================================================
-def build_backbone(arch, image_size, zero_init_residual=False, norm_layer=nn.BatchNorm2d, vit=False, drop_path=0.0):
+def build_backbone(arch, image_size, zero_init_residual=False, norm_layer=nn.BatchNorm2d, vit=False, drop_path=0.0,
+                   heads=None):
     """torchvision ResNet (its Kaiming fan-out init) without fc -> (trunk, width). At <= 64 px the CIFAR stem
     (3x3 conv, stride 1, no max-pool) as SimCLR's CIFAR setup; zero_init_residual zeroes each block's last BN.
     resnet-tiny: BasicBlock, one block per stage, widths 16-32-64-128, for CPU smoke runs. vit=True: a file whose
-    paper trains Vision Transformers also takes the VIT archs (ViT, with drop_path)."""
+    paper trains Vision Transformers also takes the VIT archs (ViT, with drop_path; heads: another number of attention
+    heads than VIT's, as MoCo v3's ViT-S with 12)."""
     from torchvision.models.resnet import BasicBlock
     if arch in VIT and vit:
-        return ViT(arch, image_size, drop_path), VIT[arch][1]
+        return ViT(arch, image_size, drop_path, heads), VIT[arch][1]
     if arch in VIT:
         fail(f"--arch {arch}: this method is defined on ResNets (its paper's trunks); use a torchvision ResNet "
              "(resnet50, resnet18, ...) or resnet-tiny")
@@ -778,8 +787,9 @@ class ViT(torchvision.models.VisionTransformer):
     interpolated for inputs of another size (96 px crops through a ViT built for 224), and drop path (stochastic
     depth) on each residual branch, the rate rising linearly over the blocks to drop_path (DINO's dpr)."""
 
-    def __init__(self, arch, image_size, drop_path=0.0):
-        patch, width, depth, heads, mlp = VIT[arch]
+    def __init__(self, arch, image_size, drop_path=0.0, heads=None):
+        patch, width, depth, default_heads, mlp = VIT[arch]
+        heads = heads or default_heads
         if image_size % patch:
             fail(f"--image-size {image_size} is not a multiple of {arch}'s patch size {patch}")
         super().__init__(image_size, patch, depth, heads, width, mlp)
@@ -1010,6 +1020,14 @@ class Run:
         self.args, self.device, self.trunk, self.features, self.state = args, device, trunk, features or trunk, state
         self.recipe = {"method": args.method, "arch": args.arch, "image_size": args.image_size, **(trunk_recipe or {})}
         self.probe_loaders, self.monitor_loaders = probe_loaders(probe_sets, args)
+        if args.finetune_epochs:  # what fine-tuning needs, checked before training
+            labels = dataset_labels(probe_sets[0])
+            if (labels < 0).all():
+                fail(f"--finetune-epochs needs labelled training images; {args.dataset}'s probe training set has no "
+                     "labels: drop --finetune-epochs or give a labelled set")
+            if len(labels) < args.finetune_batch_size or args.finetune_batch_size % world():
+                fail(f"--finetune-batch-size {args.finetune_batch_size} needs a multiple of the {world()} ranks and at "
+                     f"most the {len(labels)} labelled training images; lower it")
         # --baselines: the trunk as the method initialised it (before --resume), probed beside the trained one
         self.initial_trunk = copy.deepcopy(trunk.state_dict()) if args.baselines else None
         self.path, self.last_good, self.resumed = os.path.join(args.out, "checkpoint.pth"), None, False
@@ -1129,6 +1147,8 @@ class Run:
         print0("final evaluation of the " + ("trained trunk" if not self.args.eval_only else "trunk of --resume"
                                              if self.args.resume else "random-init trunk (--eval-only)"))
         results = evaluate(self.features, *self.probe_loaders, self.device, self.args, trunk=self.trunk)
+        if self.args.finetune_epochs:
+            results.update(finetune(self.features, self.probe_loaders, self.device, self.args))
         results.update(extra() if extra else {})
         if self.initial_trunk is not None:
             results.update(baselines(self.features, self.trunk, self.initial_trunk, self.probe_loaders, self.device, self.args))
@@ -1220,6 +1240,8 @@ def baselines(features, trunk, initial_trunk, loaders, device, args):
     trained = copy.deepcopy(trunk.state_dict())
     trunk.load_state_dict(initial_trunk)
     results = {f"random_init_{k}": v for k, v in evaluate(features, *loaders, device, args, trunk=trunk).items()}
+    if args.finetune_epochs:
+        results["random_init_finetune_top1"] = finetune(features, loaders, device, args)["finetune_top1"]
     trunk.load_state_dict(trained)
     if args.image_size <= 64:
         print0("baseline 2 of 2: the raw normalised pixels")
@@ -1410,6 +1432,114 @@ def linear_probe(train_f, train_y, test_f, test_y, epochs=100, lr=0.1, batch_siz
             correct += torch.stack([(top5[:, :1] == y).sum(), (top5 == y).sum()])
     correct = all_reduce(correct) / all_reduce(torch.tensor(float(len(test_f)), device=device))
     return (correct[0].item() * 100, correct[1].item() * 100)
+
+
+# Fine-tuning (--finetune-epochs): MAE's main_finetune recipe (FINETUNE.md's ViT-B command) with torchvision's parts
+FINETUNE = dict(weight_decay=0.05, min_lr=1e-6, drop_path=0.1, smoothing=0.1, mixup=0.8, cutmix=1.0, reprob=0.25)
+
+
+def finetune_transform(dataset, image_size):
+    """timm's create_transform as MAE's util/datasets.py calls it, with torchvision's ops: a bicubic random resized
+    crop (0.08-1), flip, RandAugment (2 ops at magnitude 9; timm's rand-m9-mstd0.5-inc1 draws the magnitude around 9
+    and has other ops: a deviation), and random erasing of a quarter of the images with per-pixel noise."""
+    return T.Compose([T.RandomResizedCrop(image_size, interpolation=T.InterpolationMode.BICUBIC),
+                      T.RandomHorizontalFlip(), T.RandAugment(num_ops=2, magnitude=9), T.ToTensor(), normalize(dataset),
+                      T.RandomErasing(p=FINETUNE["reprob"], value="random")])
+
+
+def layer_decay_groups(model, vit, layer_decay, weight_decay):
+    """MAE's util/lr_decay.py param_groups_lrd: with L = blocks + 1, the class token, position embedding and patch
+    projection are layer 0, block i is layer i + 1, the rest (the final norm, the head) layer L; each group's lr is
+    scaled by layer_decay ** (L - layer). No weight decay for 1-d parameters, the class token and the position
+    embedding. Without a ViT every parameter is in layer L (scale 1)."""
+    depth, names = (len(vit.encoder.layers), {id(p): n for n, p in vit.named_parameters()}) if vit else (0, {})
+    groups = {}
+    for p in model.parameters():
+        name, layer = names.get(id(p), ""), depth + 1
+        if name in ("class_token", "encoder.pos_embedding") or name.startswith("conv_proj"):
+            layer = 0
+        elif name.startswith("encoder.layers."):
+            layer = int(name.split(".")[2].rsplit("_", 1)[1]) + 1
+        no_decay = p.ndim == 1 or name in ("class_token", "encoder.pos_embedding")
+        group = groups.setdefault((layer, no_decay), {"params": [], "lr_scale": layer_decay ** (depth + 1 - layer),
+                                                      "weight_decay": 0.0 if no_decay else weight_decay})
+        group["params"].append(p)
+    return [groups[key] for key in sorted(groups)]
+
+
+def finetune(features, loaders, device, args):
+    """--finetune-epochs: a copy of the features' module (the trunk) and a new linear head trained end to end on the
+    labelled training images, then its top-1 on the test images (features and trunk left as they are). MAE's
+    main_finetune: AdamW at --finetune-lr x batch / 256, layer-wise lr decay for a ViT, weight decay 0.05, warm-up
+    then a cosine to 1e-6 per step, drop path 0.1 rising over the blocks, MixUp 0.8 / CutMix 1.0 (one of the two per
+    batch) with label smoothing 0.1, the head N(0, 2e-5). The head reads the class token after the final norm (DeiT,
+    MoCo v3; MAE's default pools the patch tokens into a new norm: a deviation). Randomness: the per-sample seed,
+    and (seed, rank, step) for the mixing and drop path."""
+    from torchvision.transforms import v2
+    probe_train, test_loader = loaders[0].dataset, loaders[1]
+    classes = int(all_reduce(dataset_labels(probe_train).max().to(device), "max")) + 1
+    dataset = Transformed(probe_train.base, finetune_transform(args.dataset, args.image_size), args.seed)
+    sampler = EpochSampler(dataset, args.finetune_batch_size // world(), num_replicas=world(), rank=rank(),
+                           shuffle=True, seed=args.seed, drop_last=True)
+    loader = Loader(dataset, batch_size=sampler.batch_size, sampler=sampler, drop_last=True, num_workers=args.workers,
+                    pin_memory=torch.cuda.is_available())
+    trunk = copy.deepcopy(features).requires_grad_(True)  # frozen parts in pretraining (a teacher, MoCo v3's patches) train
+    with torch.no_grad():
+        width = trunk.eval()(torch.zeros(2, 3, args.image_size, args.image_size, device=device)).shape[1]
+    head = nn.Linear(width, classes).to(device)
+    nn.init.trunc_normal_(head.weight, std=2e-5)
+    nn.init.zeros_(head.bias)
+    model = nn.Sequential(trunk, head).train()
+    vit = next((m for m in model.modules() if isinstance(m, ViT)), None)
+    if vit is not None:
+        for block, rate in zip(vit.encoder.layers, torch.linspace(0, FINETUNE["drop_path"], len(vit.encoder.layers))):
+            block.rate = float(rate)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+        if world() > 1:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    groups = layer_decay_groups(model, vit, args.layer_decay, FINETUNE["weight_decay"])
+    optimizer = torch.optim.AdamW(groups, lr=0.0)
+    ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
+        if world() > 1 else model
+    mix = v2.RandomChoice([v2.MixUp(alpha=FINETUNE["mixup"], num_classes=classes),
+                           v2.CutMix(alpha=FINETUNE["cutmix"], num_classes=classes)])
+    steps_per_epoch = len(sampler) // sampler.batch_size
+    total, warmup = args.finetune_epochs * steps_per_epoch, round(args.finetune_warmup_epochs * steps_per_epoch)
+    peak, step = args.finetune_lr * args.finetune_batch_size / 256, 0
+    tick = Progress("fine-tuning, step", total, args.print_freq, device)
+    for epoch in range(args.finetune_epochs):
+        sampler.set_epoch(epoch)
+        for x, y, _ in loader:
+            lr = cosine_lr(step, total, warmup, peak, FINETUNE["min_lr"])  # lr_sched.adjust_learning_rate per step
+            for group in groups:
+                group["lr"] = lr * group["lr_scale"]
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with torch.random.fork_rng(devices=[]):  # v2's MixUp / CutMix draw from torch's CPU generator
+                torch.default_generator.manual_seed(hash((args.seed, rank(), step)) & 0x7FFF_FFFF_FFFF_FFFF)
+                x, target = mix(x, y)
+            if vit is not None:
+                vit.draw_from(step_generator((args.seed, rank()), step, device))
+            with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
+                logits = ddp(x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x)
+            loss = F.cross_entropy(logits.float(), target, label_smoothing=FINETUNE["smoothing"])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            tick(step)
+    if vit is not None:
+        vit.draw_from(None)
+    model.eval()
+    correct = torch.zeros(2, device=device)
+    with torch.no_grad():
+        for x, y, _ in test_loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
+                logits = model(x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x)
+            correct += torch.stack([(logits.argmax(1) == y).sum(), y.new_tensor(len(y))]).float()
+    correct = all_reduce(correct)
+    return {"finetune_top1": 100.0 * correct[0].item() / max(1.0, correct[1].item())}
 
 
 # ==== 8. Appendix: the device stage's colour ops (section 3's ColorJitter, RandomGrayscale, GaussianBlur, Solarize) =
