@@ -32,7 +32,7 @@ def parse_args(argv=None):
     # official (CONFIG.md): batch 4096; ViTs: AdamW at 1.5e-4 per 256, wd 0.1; ResNet-50: LARS at 0.6 (100 epochs) or
     # 0.3 (300 and more), wd 1e-6
     common.add_common_args(p, "mocov3", arch="vit-small", epochs=300, batch_size=4096, lr=None, wd=None,
-                           device_augment=True, arch_help="vit-small (MoCo v3's ViT-S/16: 12 heads), vit-base "
+                           device_augment=True, arch_help="vit-small (ViT-S/16 of 12 heads), vit-base "
                            "(ViT-B/16), vit-tiny for CPU runs, or a torchvision ResNet (resnet50, ...) / resnet-tiny",
                            lr_help="base lr per 256 images; peak = lr * batch / 256" + by_trunk + " (ViT 1.5e-4, "
                            "ResNet 0.6 below 300 epochs, else 0.3)",
@@ -190,6 +190,8 @@ def main(argv=None):
     # TRY NOT TO MODIFY: distributed start-up, seeds, --out, data
     args = parse_args(argv)
     device = common.setup(args)
+    if args.batch_size // common.world() < 2:  # the heads' BN over one sample is undefined
+        common.fail(f"--batch-size {args.batch_size} leaves 1 image per rank; the heads' BN needs 2 or more")
     augmentation = mocov3_augmentation(args)
     pretrain_set, *probe_sets = common.build_datasets(args, augmentation)
 

@@ -42,7 +42,9 @@ import denoising_autoencoder
 import dino
 import instdisc
 import jigsaw
+import mae
 import moco
+import mocov3
 import relative_position
 import rotation
 import simclr
@@ -65,7 +67,10 @@ METHODS = {"simclr": (simclr, []), "moco": (moco, ["--moco-k", "64", "--bn-split
            "barlow_twins": (barlow_twins, ["--proj-dim", "64"]), "vicreg": (vicreg, ["--proj-dim", "64"]),
            "swav": (swav, ["--nmb-prototypes", "16", "--hidden-mlp", "32", "--nmb-crops", "2", "2", "--queue-length",
                            "32", "--epoch-queue-starts", "1", "--freeze-prototypes-niters", "2"]),
-           "dino": (dino, ["--out-dim", "64", "--hidden-dim", "32", "--bottleneck-dim", "16", "--local-crops-number", "2"])}
+           "dino": (dino, ["--out-dim", "64", "--hidden-dim", "32", "--bottleneck-dim", "16", "--local-crops-number", "2"]),
+           "mae": (mae, ["--arch", "vit-tiny", "--decoder-dim", "32", "--decoder-depth", "1", "--decoder-heads", "4"]),
+           "mocov3": (mocov3, ["--moco-mlp-dim", "32", "--moco-dim", "16"])}
+VIT_ONLY = {"mae"}  # files whose trunk is a ViT only (METHODS gives them vit-tiny)
 
 
 class _Built(Exception):
@@ -427,7 +432,8 @@ def run_on_simulated_cuda(module, argv, monkeypatch, steps=2):
     return sim, report
 
 
-@pytest.mark.parametrize("method, flags", [(m, []) for m in METHODS] + [("cpc", ["--v2"]), ("dino", ["--arch", "vit-tiny"])])
+@pytest.mark.parametrize("method, flags", [(m, []) for m in METHODS] + [("cpc", ["--v2"]), ("dino", ["--arch", "vit-tiny"]),
+                                          ("mocov3", ["--arch", "vit-tiny"])])
 def test_training_step_on_simulated_cuda(method, flags, tiny_imagefolder, tmp_path, monkeypatch):
     """Every method's own main() on a simulated CUDA device (SimulatedCuda), bf16 autocast on: no CPU tensor meets a
     CUDA one, step generators on the device, and the steady-state step copies nothing to the device but the batch and
@@ -444,7 +450,7 @@ def test_training_step_on_simulated_cuda(method, flags, tiny_imagefolder, tmp_pa
     assert sim.convs and all(dtype == torch.bfloat16 and weight_cl for dtype, _, weight_cl in sim.convs), sim.convs
     assert sim.convs[0][1], "the trunk's first convolution gets an NCHW input"
     stages = report["features"]
-    assert set(stages) >= ({"block1", "block2", "block3", "final"} if "vit-tiny" in flags else
+    assert set(stages) >= ({"block1", "block2", "block3", "final"} if "vit-tiny" in extra + flags else
                            {"stem", "layer1", "layer2", "layer3", "final"})
     assert all(f.dtype == torch.bfloat16 and f.device.type == "cuda" and f.dim() == 2 for f in stages.values())
 
@@ -520,7 +526,8 @@ RESUME_FLAGS = ["--batch-size", "16", "--epochs", "50", "--probe-epochs", "0", "
 @pytest.mark.parametrize("method, variant", [(m, []) for m in METHODS] + [
     ("cpc", ["--v2"]),  # four directions, 64-d targets, per-patch RandAugment and elastic warps
     ("context_encoder", ["--adv-weight", "0"]),  # dropout on the channel-wise FC, from the step generator
-    ("dino", ["--arch", "vit-tiny"])])  # drop path in the student ViT
+    ("dino", ["--arch", "vit-tiny"]),  # drop path in the student ViT
+    ("mocov3", ["--arch", "vit-tiny"])])  # a frozen patch projection, fixed position embedding
 def test_resume_reaches_the_same_weights(method, variant, tiny_imagefolder, tmp_path, monkeypatch, straight_run):
     """Straight run (2 workers) == stop at an epoch end + resume == kill -9 after a mid-epoch --save-every
     checkpoint + resume (0 workers): the same weights and method state, bit for bit."""
@@ -539,12 +546,13 @@ def test_resume_reaches_the_same_weights(method, variant, tiny_imagefolder, tmp_
                         "--resume", os.path.join(killed, "checkpoint.pth")])
     assert_same_state(load_state(straight), load_state(killed))
     # and the steps after the kill did change the weights
-    conv1 = trunk_prefix(method, tiny_imagefolder, monkeypatch, tmp_path) + ("conv_proj.weight" if "vit-tiny" in variant else "conv1.weight")
+    # (a ViT's class token: MoCo v3's patch projection is frozen)
+    conv1 = trunk_prefix(method, tiny_imagefolder, monkeypatch, tmp_path) + ("class_token" if "vit-tiny" in extra else "conv1.weight")
     assert not torch.equal(at_kill["model"][conv1], load_state(straight)["model"][conv1])
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", [m for m in METHODS if m not in VIT_ONLY])  # ViTs: test_vit_backbones_load_...
 def test_backbone_loads_into_torchvision(method, tiny_imagefolder, tmp_path, monkeypatch):
     module, extra = METHODS[method]
     out = str(tmp_path / "run")
@@ -734,8 +742,9 @@ def test_truncated_checkpoint(method, tiny_imagefolder, tmp_path, straight_run):
         f.write(data[: len(data) // 2])
     expect_error(args + ["--resume", path], "truncated or corrupt", module=module)
     # a good checkpoint, resumed with another architecture
-    expect_error(args + ["--resume", good, "--arch", "resnet18"], f"was written by {method}.py --arch resnet-tiny "
-                 f"--image-size 32, not {method}.py --arch resnet18 --image-size 32", module=module)
+    arch, other = ("vit-tiny", "vit-small") if method in VIT_ONLY else ("resnet-tiny", "resnet18")
+    expect_error(args + ["--resume", good, "--arch", other], f"was written by {method}.py --arch {arch} "
+                 f"--image-size 32, not {method}.py --arch {other} --image-size 32", module=module)
 
 
 @pytest.mark.slow
@@ -1522,22 +1531,6 @@ def test_a_method_defined_on_resnets_refuses_a_vit_in_one_line(method, tiny_imag
                  "--arch vit-tiny: this method is defined on ResNets", module=METHODS[method][0])
 
 
-def test_dino_vit_backbone_loads_through_the_hub_and_into_torchvision(tiny_imagefolder, tmp_path, monkeypatch):
-    out, trunks = str(tmp_path / "run"), keep_trunks(monkeypatch)
-    dino.main(TINY + METHODS["dino"][1] + ["--data", tiny_imagefolder, "--arch", "vit-tiny", "--batch-size", "8",
-                                           "--max-steps", "1", "--probe-epochs", "0", "--out", out])
-    state = torch.load(os.path.join(out, "backbone.pth"))
-    assert state._metadata[""]["sslref"] == {"method": "dino", "arch": "vit-tiny", "image_size": 32}
-    trained = load_state(out)["model"]
-    assert all(torch.equal(v, trained["teacher.trunk." + k]) for k, v in state.items())  # the teacher's trunk
-    hub = torch.hub.load(HERE, "backbone", checkpoint=os.path.join(out, "backbone.pth"), source="local")
-    x = torch.randn(2, 3, 32, 32)
-    torch.testing.assert_close(hub(x), trunks[0].eval()(x))
-    net = torchvision.models.VisionTransformer(32, 4, 4, 3, 96, 384)
-    missing, unexpected = net.load_state_dict(state, strict=False)
-    assert sorted(missing) == ["heads.head.bias", "heads.head.weight"] and unexpected == []
-
-
 # ---------------------------------------------------------------------------------------
 # DINO: the loss, the centre, clipping, the schedules, the frozen last layer, two ranks
 # ---------------------------------------------------------------------------------------
@@ -1901,6 +1894,419 @@ def test_swav_learns_on_fashion_mnist(tmp_path):
     print(f"SwAV losses {[round(v, 3) for v in losses]}, kNN top-1 {trained['knn_top1']:.2f}")
     assert losses[-1] < math.log(100) - 0.15 and losses[-1] < losses[0]
     assert trained["knn_top1"] > 50
+
+
+# ---------------------------------------------------------------------------------------
+# MAE: masking, unshuffle, the loss on removed patches, patchify, sin-cos embeddings, two ranks
+# ---------------------------------------------------------------------------------------
+MAE_TINY = ["--arch", "vit-tiny", "--image-size", "16", "--decoder-dim", "16", "--decoder-depth", "1", "--decoder-heads", "2"]
+
+
+def test_mae_masking_keeps_int_l_times_one_minus_ratio_and_unshuffle_restores_the_order():
+    g = torch.Generator().manual_seed(0)
+    N, L, D = 4, 10, 3
+    x = torch.arange(N * L * D, dtype=torch.float).reshape(N, L, D)
+    for ratio in (0.75, 0.5, 0.33):
+        noise = torch.rand(N, L, generator=g)
+        kept, mask, ids_restore = mae.random_masking(x, ratio, noise)
+        keep = int(L * (1 - ratio))
+        assert kept.shape == (N, keep, D) and (mask.sum(1) == L - keep).all()
+        for n in range(N):  # the kept patches are those of smallest noise, in the order of their noise
+            order = sorted(range(L), key=lambda i: noise[n, i].item())[:keep]
+            assert torch.equal(kept[n], x[n, order])
+            assert mask[n].tolist() == [0.0 if i in order else 1.0 for i in range(L)]
+        # the decoder's unshuffle: kept tokens then placeholders, gathered by ids_restore, give the image order back
+        full = torch.cat([kept, torch.full((N, L - keep, D), -1.0)], 1)
+        restored = torch.gather(full, 1, ids_restore[..., None].expand(-1, -1, D))
+        assert torch.equal(restored[mask == 0], x[mask == 0]) and (restored[mask == 1] == -1).all()
+
+
+def test_mae_patchify_lays_out_each_patch_row_major_with_channels_last_and_unpatchify_inverts_it():
+    imgs = torch.randn(2, 3, 12, 12, generator=torch.Generator().manual_seed(0))
+    x = mae.patchify(imgs, 4)
+    assert x.shape == (2, 9, 48)
+    for i, j, r, c, ch in ((0, 0, 0, 0, 0), (1, 2, 3, 1, 2), (2, 1, 0, 3, 1)):  # patch (i, j), pixel (r, c), channel
+        assert x[1, i * 3 + j, (r * 4 + c) * 3 + ch] == imgs[1, ch, i * 4 + r, j * 4 + c]
+    # models_mae.py's einsum layout
+    ref = torch.einsum("nchpwq->nhwpqc", imgs.reshape(2, 3, 3, 4, 3, 4)).reshape(2, 9, 48)
+    assert torch.equal(x, ref) and torch.equal(mae.unpatchify(x, 4), imgs)
+
+
+def test_mae_loss_counts_only_removed_patches_and_equals_the_direct_formula_with_and_without_norm_pix():
+    g = torch.Generator().manual_seed(0)
+    target, pred = torch.rand(2, 5, 6, generator=g), torch.randn(2, 5, 6, generator=g)
+    mask = torch.tensor([[1.0, 0, 1, 0, 0], [0, 1, 1, 1, 0]])
+    for norm_pix in (False, True):
+        loss = mae.mae_loss(target, pred, mask, norm_pix)
+        total = 0.0
+        for n in range(2):
+            for l in range(5):
+                t = target[n, l].tolist()
+                if norm_pix:
+                    mean = sum(t) / 6
+                    std = (sum((v - mean) ** 2 for v in t) / 5 + 1e-6) ** 0.5  # unbiased variance, as torch's .var
+                    t = [(v - mean) / std for v in t]
+                total += mask[n, l].item() * sum((p - v) ** 2 for p, v in zip(pred[n, l].tolist(), t)) / 6
+        assert loss.item() == pytest.approx(total / 5, rel=1e-6)
+        changed = torch.where(mask[..., None] == 0, torch.randn(2, 5, 6, generator=g), pred)  # kept patches' outputs
+        assert mae.mae_loss(target, changed, mask, norm_pix).item() == pytest.approx(loss.item(), rel=1e-6)
+
+
+def _official_mae_sincos(dim, side):
+    """util/pos_embed.py get_2d_sincos_pos_embed(dim, side, cls_token=True), transcribed to numpy."""
+    def one_d(d, pos):
+        omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
+        out = np.einsum("m,d->md", pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+    grid = np.stack(np.meshgrid(np.arange(side, dtype=np.float32), np.arange(side, dtype=np.float32)), 0)
+    grid = grid.reshape(2, 1, side, side)
+    emb = np.concatenate([one_d(dim // 2, grid[0]), one_d(dim // 2, grid[1])], axis=1)
+    return np.concatenate([np.zeros([1, dim]), emb], axis=0)
+
+
+def _official_mocov3_sincos(dim, side, temperature=10000.0):
+    """vits.py build_2d_sincos_position_embedding, transcribed (torch.meshgrid's "ij" default)."""
+    grid_w, grid_h = torch.meshgrid(torch.arange(side, dtype=torch.float32), torch.arange(side, dtype=torch.float32),
+                                    indexing="ij")
+    pos_dim = dim // 4
+    omega = 1.0 / (temperature ** (torch.arange(pos_dim, dtype=torch.float32) / pos_dim))
+    out_w, out_h = torch.einsum("m,d->md", grid_w.flatten(), omega), torch.einsum("m,d->md", grid_h.flatten(), omega)
+    pe = torch.cat([torch.sin(out_w), torch.cos(out_w), torch.sin(out_h), torch.cos(out_h)], dim=1)[None]
+    return torch.cat([torch.zeros(1, 1, dim), pe], dim=1)
+
+
+def test_sincos_position_embeddings_equal_the_official_functions_on_a_small_grid():
+    ours = mae.sincos_position_embedding(8, 3)
+    assert ours.shape == (1, 10, 8) and (ours[0, 0] == 0).all()
+    torch.testing.assert_close(ours[0], torch.from_numpy(_official_mae_sincos(8, 3)).float())
+    # by hand: patch (row 1, col 2) is token 1 + 5; its first channel is sin(col), its fifth sin(row)
+    assert ours[0, 6, 0].item() == pytest.approx(math.sin(2)) and ours[0, 6, 4].item() == pytest.approx(math.sin(1))
+    ours = mocov3.sincos_position_embedding(8, 3)
+    torch.testing.assert_close(ours, _official_mocov3_sincos(8, 3))
+    assert ours[0, 6, 0].item() == pytest.approx(math.sin(1)) and ours[0, 6, 4].item() == pytest.approx(math.sin(2))
+
+
+def test_mae_encoder_sees_only_the_kept_patches_and_the_embeddings_are_fixed():
+    args = mae.parse_args(MAE_TINY)
+    model = mae.MAE(args)
+    seen = []
+    model.trunk.encoder.layers[0].register_forward_hook(lambda m, i, out: seen.append(out.shape))
+    imgs = torch.randn(2, 3, 16, 16)
+    loss, pred, mask = model(imgs, torch.rand(2, 16))
+    assert seen == [(2, 1 + 4, 96)] and pred.shape == (2, 16, 48) and mask.sum().item() == 2 * 12
+    loss.backward()
+    assert model.trunk.encoder.pos_embedding.grad is None and model.decoder_pos_embed.grad is None
+    torch.testing.assert_close(model.trunk.encoder.pos_embedding.data, mae.sincos_position_embedding(96, 4))
+    assert model.trunk.class_token.grad is not None and model.mask_token.grad is not None
+    # the same trunk, unmasked, is the evaluated ViT: the class token after the final norm
+    assert model.trunk.eval()(imgs).shape == (2, 96)
+
+
+def _mae_steps(rank, world_size, out_file, ddp=True):
+    """Three MAE steps of vit-tiny on this rank's share of a fixed global batch; the masking noise drawn for the whole
+    batch from the step's generator and this rank's rows taken, as mae.py's loop."""
+    torch.manual_seed(0)
+    model = mae.MAE(mae.parse_args(MAE_TINY))
+    net = nn.parallel.DistributedDataParallel(model) if world_size > 1 and ddp else model
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5, momentum=0.9)
+    g, n = torch.Generator().manual_seed(1), 8 // world_size
+    for step in range(3):
+        imgs = torch.randn(8, 3, 16, 16, generator=g)
+        noise = torch.rand(8, 16, generator=common.step_generator(0, step, torch.device("cpu")))
+        loss, _, _ = net(imgs[rank * n:(rank + 1) * n], noise[rank * n:(rank + 1) * n])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    torch.save(model.state_dict(), f"{out_file}.{rank}")
+
+
+def _mae_steps_without_ddp(rank, world_size, out_file):
+    _mae_steps(rank, world_size, out_file, ddp=False)
+
+
+def test_mae_two_ranks_equal_one_process(tmp_path):
+    """Each rank's loss is the mean over its own removed patches (the same count per image), DDP averages the
+    gradients: one process's weights; without the all-reduce each rank drifts on its own half."""
+    _mae_steps(0, 1, tmp_path / "single")
+    two_ranks(_mae_steps, tmp_path / "init", tmp_path / "ddp")
+    single, rank0, rank1 = (torch.load(tmp_path / name) for name in ("single.0", "ddp.0", "ddp.1"))
+    for key in single:
+        assert torch.equal(rank0[key], rank1[key]), key
+        torch.testing.assert_close(rank0[key], single[key], rtol=1e-4, atol=1e-6)
+    two_ranks(_mae_steps_without_ddp, tmp_path / "init_alone", tmp_path / "alone")
+    alone = torch.load(tmp_path / "alone.0")
+    assert not torch.allclose(alone["decoder_pred.weight"], single["decoder_pred.weight"], rtol=1e-3, atol=1e-6)
+
+
+def test_mae_writes_reconstructions_and_its_adamw_follows_the_official_groups(tiny_imagefolder, tmp_path):
+    out = str(tmp_path)
+    mae.main(TINY + METHODS["mae"][1] + ["--data", tiny_imagefolder, "--batch-size", "16", "--epochs", "2",
+                                          "--max-steps", "4", "--warmup-epochs", "1", "--probe-epochs", "0", "--out", out])
+    grid = PIL.Image.open(os.path.join(out, "reconstruction_step4.png"))
+    assert grid.size == (2 + 8 * 34, 2 + 3 * 34)  # 8 images of 32 px in 3 rows, 2 px padding
+    groups = load_state(out)["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.05, 0.0] and groups[0]["betas"] == (0.9, 0.95)
+    model = mae.MAE(mae.parse_args(TINY + METHODS["mae"][1]))
+    named = dict(model.named_parameters())
+    decayed = [n for n, p in named.items() if p.requires_grad and not (p.ndim == 1 or n.endswith(".bias"))]
+    assert len(groups[0]["params"]) == len(decayed) and "trunk.class_token" in decayed and "mask_token" in decayed
+    assert "trunk.encoder.pos_embedding" not in decayed  # frozen: in neither group
+    lrs = [m["lr"] for m in read_metrics(out) if "lr" in m]  # 4 steps an epoch, 1 of warm-up from 0, cosine to 0
+    assert lrs == pytest.approx([common.cosine_lr(k, 8, 4, 1.5e-4 * 16 / 256) for k in range(4)])
+    assert lrs[0] == 0 and lrs[3] == pytest.approx(1.5e-4 * 16 / 256 * 3 / 4)
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--arch", "resnet-tiny"], "--arch resnet-tiny: MAE removes a ViT's patches"),
+    (["--arch", "vit-tiny", "--mask-ratio", "1"], "--mask-ratio 1.0 leaves nothing to see or nothing to predict"),
+    (["--arch", "vit-tiny", "--mask-ratio", "0"], "--mask-ratio 0.0 leaves nothing"),
+    (["--arch", "vit-tiny", "--image-size", "30"], "--image-size 30 is not a multiple of vit-tiny's patch size 4"),
+    (["--arch", "vit-tiny", "--decoder-dim", "30"], "--decoder-dim: width 30 must be a multiple of 4")])
+def test_bad_mae_flags_stop_before_training(flags, words, tiny_imagefolder, tmp_path):
+    expect_error(TINY + ["--data", tiny_imagefolder, "--out", str(tmp_path), *flags], words, module=mae)
+    assert not os.path.exists(tmp_path / "checkpoint.pth")
+
+
+# ---------------------------------------------------------------------------------------
+# MoCo v3: the 2T loss, the builder's MLPs, the frozen patch projection, the recipes, two ranks
+# ---------------------------------------------------------------------------------------
+def test_mocov3_loss_is_2t_times_the_cross_entropy_of_each_query_against_all_keys():
+    g = torch.Generator().manual_seed(0)
+    q, k, T = torch.randn(4, 5, generator=g), torch.randn(4, 5, generator=g), 0.2
+    total = 0.0
+    for i in range(4):
+        sims = [F.cosine_similarity(q[i], k[j], dim=0).item() / T for j in range(4)]
+        total += -sims[i] + math.log(sum(math.exp(s) for s in sims))
+    assert mocov3.contrastive_loss(q, k, T).item() == pytest.approx(2 * T * total / 4, rel=1e-5)
+    # the 2T factor: at T = 1 the loss is twice the mean cross-entropy; keys get no gradient through the loss's use
+    assert mocov3.contrastive_loss(q, k, 1.0).item() == pytest.approx(
+        2 * F.cross_entropy(F.normalize(q) @ F.normalize(k).T, torch.arange(4)).item(), rel=1e-6)
+
+
+def test_mocov3_heads_follow_the_official_builder_per_trunk():
+    for arch, projector_layers, predictor_last_bn in (("vit-tiny", 3, True), ("resnet-tiny", 2, False)):
+        args = mocov3.parse_args(["--arch", arch, "--image-size", "16", "--moco-mlp-dim", "32", "--moco-dim", "8"])
+        model = mocov3.MoCoV3(args)
+        linears = [m for m in model.base.projector if isinstance(m, nn.Linear)]
+        assert len(linears) == projector_layers and all(m.bias is None for m in linears)
+        assert isinstance(model.base.projector[-1], nn.BatchNorm1d) and not model.base.projector[-1].affine
+        assert [m.out_features for m in model.predictor if isinstance(m, nn.Linear)] == [32, 8]
+        assert isinstance(model.predictor[-1], nn.BatchNorm1d) == predictor_last_bn
+        assert not any(p.requires_grad for p in model.momentum.parameters())
+        for a, b in zip(model.base.state_dict().values(), model.momentum.state_dict().values()):
+            assert torch.equal(a, b)  # the momentum encoder starts as the base encoder
+    assert mocov3.MoCoV3(mocov3.parse_args(["--image-size", "32", "--moco-mlp-dim", "32"])).trunk.encoder.layers[0]\
+        .self_attention.num_heads == 12  # vits.py's ViT-S: 12 heads
+
+
+def test_mocov3_recipe_follows_config_md_by_trunk(capsys):
+    vit = mocov3.parse_args([])
+    assert (vit.optimizer, vit.lr, vit.wd, vit.moco_t, vit.warmup_epochs, vit.crop_min, vit.epochs, vit.batch_size) == \
+        ("adamw", 1.5e-4, 0.1, 0.2, 40, 0.08, 300, 4096)
+    for epochs, lr in ((100, 0.6), (300, 0.3), (1000, 0.3)):
+        r = mocov3.parse_args(["--arch", "resnet50", "--epochs", str(epochs)])
+        assert (r.optimizer, r.lr, r.wd, r.moco_t, r.warmup_epochs, r.crop_min) == ("lars", lr, 1e-6, 1.0, 10, 0.2)
+    assert mocov3.parse_args(["--arch", "resnet50", "--moco-t", "0.5"]).moco_t == 0.5  # a flag given wins
+
+
+def test_mocov3_vit_init_and_the_frozen_patch_projection_get_no_update(tiny_imagefolder, tmp_path):
+    args = mocov3.parse_args(["--arch", "vit-tiny", "--image-size", "32"])
+    torch.manual_seed(0)
+    trunk = mocov3.MoCoV3(args).trunk
+    bound = (6 / (3 * 16 + 96)) ** 0.5
+    assert trunk.conv_proj.weight.abs().max() <= bound and trunk.conv_proj.weight.abs().max() > 0.9 * bound
+    assert (trunk.conv_proj.bias == 0).all() and trunk.class_token.abs().max() < 1e-5
+    qkv = trunk.encoder.layers[0].self_attention.in_proj_weight
+    assert qkv.abs().max() <= (6 / 192) ** 0.5 and qkv.abs().max() > 0.9 * (6 / 192) ** 0.5
+    out = str(tmp_path)
+    mocov3.main(TINY + METHODS["mocov3"][1] + ["--arch", "vit-tiny", "--data", tiny_imagefolder, "--batch-size", "16",
+                                                "--max-steps", "3", "--probe-epochs", "0", "--lr", "0.01",
+                                                "--warmup-epochs", "0", "--out", out])
+    trained = load_state(out)["model"]
+    first = trunk.state_dict()
+    for key in ("conv_proj.weight", "conv_proj.bias", "encoder.pos_embedding"):  # frozen: still the initial values
+        assert torch.equal(trained["base.trunk." + key], first[key]), key
+    assert not torch.equal(trained["base.trunk.class_token"], first["class_token"])  # the rest trains
+    assert not torch.equal(trained["base.trunk.encoder.layers.encoder_layer_0.mlp.0.weight"],
+                           first["encoder.layers.encoder_layer_0.mlp.0.weight"])
+    out2 = str(tmp_path / "trained_patches")
+    mocov3.main(TINY + METHODS["mocov3"][1] + ["--arch", "vit-tiny", "--data", tiny_imagefolder, "--batch-size", "16",
+                                                "--max-steps", "3", "--probe-epochs", "0", "--lr", "0.01",
+                                                "--warmup-epochs", "0", "--no-stop-grad-conv1", "--out", out2])
+    assert not torch.equal(load_state(out2)["model"]["base.trunk.conv_proj.weight"], first["conv_proj.weight"])
+
+
+def test_mocov3_momentum_encoder_is_the_ema_of_the_base_and_keeps_its_own_buffers():
+    args = mocov3.parse_args(["--arch", "resnet-tiny", "--image-size", "16", "--moco-mlp-dim", "16", "--moco-dim", "8"])
+    model = mocov3.MoCoV3(args)
+    with torch.no_grad():
+        for p in model.base.parameters():
+            p.add_(1.0)
+    base, mom = [p.clone() for p in model.base.parameters()], [p.clone() for p in model.momentum.parameters()]
+    model.momentum.trunk.bn1.running_mean.fill_(3.0)
+    model.update_momentum(0.9)
+    for b, m, new in zip(base, mom, model.momentum.parameters()):
+        torch.testing.assert_close(new, 0.9 * m + 0.1 * b)
+    assert (model.momentum.trunk.bn1.running_mean == 3.0).all()
+    # the cosine from m to 1 of adjust_moco_momentum at the start, middle and end
+    assert [common.cosine_momentum(k, 10, 0.99) for k in (0, 5, 10)] == pytest.approx([0.99, 0.995, 1.0])
+
+
+def _mocov3_steps(rank, world_size, out_file):
+    """Three MoCo v3 steps (vit-tiny, BN removed, SGD; the momentum update before the keys) on this rank's share of a
+    fixed global batch."""
+    torch.manual_seed(0)
+    args = mocov3.parse_args(["--arch", "vit-tiny", "--image-size", "16", "--moco-mlp-dim", "16", "--moco-dim", "8"])
+    model = _no_norms(mocov3.MoCoV3(args))
+    ddp = nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5, momentum=0.9)
+    g, n = torch.Generator().manual_seed(1), 8 // world_size
+    for step in range(3):
+        x1, x2 = torch.randn(8, 3, 16, 16, generator=g), torch.randn(8, 3, 16, 16, generator=g)
+        model.update_momentum(common.cosine_momentum(step, 3, 0.9))
+        loss = ddp(x1[rank * n:(rank + 1) * n], x2[rank * n:(rank + 1) * n])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    torch.save(model.state_dict(), f"{out_file}.{rank}")
+
+
+def _mocov3_steps_with_local_keys(rank, world_size, out_file):
+    common.gather, common.rank = (lambda x: x), (lambda: 0)  # each rank's queries against its own keys only
+    _mocov3_steps(rank, world_size, out_file)
+
+
+def test_mocov3_two_ranks_equal_one_process(tmp_path):
+    """The keys gathered from every rank with labels offset by the rank, DDP averaging the gradients of the per-rank
+    mean: one process's weights; with each rank's own keys only, they differ."""
+    _mocov3_steps(0, 1, tmp_path / "single")
+    two_ranks(_mocov3_steps, tmp_path / "init", tmp_path / "ddp")
+    single, rank0, rank1 = (torch.load(tmp_path / name) for name in ("single.0", "ddp.0", "ddp.1"))
+    for key in single:
+        assert torch.equal(rank0[key], rank1[key]), key
+        torch.testing.assert_close(rank0[key], single[key], rtol=1e-4, atol=1e-6)
+    two_ranks(_mocov3_steps_with_local_keys, tmp_path / "init_local", tmp_path / "local")
+    local = torch.load(tmp_path / "local.0")
+    assert not torch.allclose(local["predictor.3.weight"], single["predictor.3.weight"], rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--arch", "vit-tiny", "--image-size", "30"], "--image-size 30 is not a multiple of vit-tiny's patch size 4"),
+    (["--batch-size", "1"], "--batch-size 1 leaves 1 image per rank;")])
+def test_bad_mocov3_flags_stop_before_training(flags, words, tiny_imagefolder, tmp_path):
+    expect_error(TINY + ["--data", tiny_imagefolder, "--out", str(tmp_path), *flags], words, module=mocov3)
+
+
+@pytest.mark.parametrize("method, key, heads", [("dino", "teacher.trunk.", 3), ("mae", "trunk.", 3),
+                                                 ("mocov3", "base.trunk.", 3)])
+def test_vit_backbones_load_through_the_hub_and_into_torchvision(method, key, heads, tiny_imagefolder, tmp_path,
+                                                                 monkeypatch):
+    out, trunks = str(tmp_path / "run"), keep_trunks(monkeypatch)
+    module, extra = METHODS[method]
+    module.main(TINY + extra + ["--data", tiny_imagefolder, "--arch", "vit-tiny", "--batch-size", "8", "--max-steps", "1",
+                                "--probe-epochs", "0", "--out", out])
+    state = torch.load(os.path.join(out, "backbone.pth"))
+    assert state._metadata[""]["sslref"] == {"method": method, "arch": "vit-tiny", "image_size": 32}
+    trained = load_state(out)["model"]
+    assert all(torch.equal(v, trained[key + k]) for k, v in state.items())  # the trunk the official evaluation reads
+    hub = torch.hub.load(HERE, "backbone", checkpoint=os.path.join(out, "backbone.pth"), source="local")
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(hub(x), trunks[0].eval()(x))
+    net = torchvision.models.VisionTransformer(32, 4, 4, heads, 96, 384)
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    assert sorted(missing) == ["heads.head.bias", "heads.head.weight"] and unexpected == []
+
+
+def test_mocov3_vit_small_backbone_rebuilds_with_its_12_heads(tiny_imagefolder, tmp_path, monkeypatch):
+    out, trunks = str(tmp_path / "run"), keep_trunks(monkeypatch)
+    mocov3.main(TINY + METHODS["mocov3"][1] + ["--data", tiny_imagefolder, "--arch", "vit-small", "--batch-size", "4",
+                                                "--subset", "8", "--max-steps", "1", "--probe-epochs", "0", "--out", out])
+    state = torch.load(os.path.join(out, "backbone.pth"))
+    assert state._metadata[""]["sslref"] == {"method": "mocov3", "arch": "vit-small", "image_size": 32, "heads": 12}
+    hub = torch.hub.load(HERE, "backbone", checkpoint=os.path.join(out, "backbone.pth"), source="local")
+    assert hub.encoder.layers[0].self_attention.num_heads == 12
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(hub(x), trunks[0].eval()(x))
+
+
+# ---------------------------------------------------------------------------------------
+# Fine-tuning as an evaluation: layer-wise lr decay, the recipe, its checks
+# ---------------------------------------------------------------------------------------
+def test_finetune_layer_decay_gives_each_block_its_lr_and_no_decay_to_norms_biases_and_embeddings():
+    vit, _ = common.build_backbone("vit-tiny", 16, vit=True)  # 4 blocks: L = 5
+    head = nn.Linear(96, 10)
+    model = nn.Sequential(vit, head)
+    groups = common.layer_decay_groups(model, vit, 0.5, 0.05)
+    scale = {id(p): (g["lr_scale"], g["weight_decay"]) for g in groups for p in g["params"]}
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    expect = {"class_token": (0.5 ** 5, 0.0), "encoder.pos_embedding": (0.5 ** 5, 0.0),
+              "conv_proj.weight": (0.5 ** 5, 0.05), "conv_proj.bias": (0.5 ** 5, 0.0),
+              "encoder.ln.weight": (1.0, 0.0)}
+    for i in range(4):
+        expect[f"encoder.layers.encoder_layer_{i}.mlp.0.weight"] = (0.5 ** (4 - i), 0.05)
+        expect[f"encoder.layers.encoder_layer_{i}.ln_1.weight"] = (0.5 ** (4 - i), 0.0)
+    named = dict(vit.named_parameters())
+    for name, want in expect.items():
+        assert scale[id(named[name])] == pytest.approx(want), name
+    assert scale[id(head.weight)] == (1.0, 0.05) and scale[id(head.bias)] == (1.0, 0.0)
+    # a ResNet: every parameter at the base lr
+    resnet, _ = common.build_backbone("resnet-tiny", 16)
+    assert {g["lr_scale"] for g in common.layer_decay_groups(resnet, None, 0.5, 0.05)} == {1.0}
+
+
+def test_finetune_trains_a_copy_with_the_recipe_and_reports_top1_beside_the_probes(tiny_imagefolder, tmp_path,
+                                                                                    monkeypatch):
+    """--finetune-epochs: the per-step lr (warm-up, cosine) scaled per group, drop path on, MixUp or CutMix soft
+    targets; the pretrained trunk is left as it was; the baseline fine-tunes the initial trunk too."""
+    seen, step = [], torch.optim.AdamW.step
+
+    def record(opt, *a, **k):
+        seen.append(sorted({(g["lr"], g["lr_scale"]) for g in opt.param_groups}))
+        return step(opt, *a, **k)
+    monkeypatch.setattr(torch.optim.AdamW, "step", record)
+    targets, cross_entropy = [], F.cross_entropy
+    monkeypatch.setattr(common.F, "cross_entropy", lambda x, t, **k: targets.append((t, k)) or cross_entropy(x, t, **k))
+    out = str(tmp_path)
+    result = dino.main(TINY + METHODS["dino"][1] + ["--arch", "vit-tiny", "--data", tiny_imagefolder, "--batch-size",
+                                                    "16", "--eval-only", "--finetune-epochs", "2",
+                                                    "--finetune-batch-size", "16", "--finetune-warmup-epochs", "1",
+                                                    "--layer-decay", "0.5", "--out", out])
+    assert 0 <= result["finetune_top1"] <= 100 and "finetune_top1" in read_metrics(out)[-1]
+    peak = 5e-4 * 16 / 256
+    assert len(seen) == 8  # 64 images / 16, 2 epochs
+    for k, groups in enumerate(seen):
+        lr = common.cosine_lr(k, 8, 4, peak, 1e-6)
+        assert {s: v for v, s in groups} == pytest.approx({s: lr * s for s in (0.5 ** 5, 0.5 ** 4, 0.5 ** 3, 0.5 ** 2,
+                                                                               0.5, 1.0)})
+    t, kwargs = next((t, k) for t, k in targets if "label_smoothing" in k)  # the probe's own calls have none
+    assert t.shape == (16, 2) and torch.allclose(t.sum(1), torch.ones(16)) and kwargs == {"label_smoothing": 0.1}
+    assert ((t > 0) & (t < 1)).any()  # mixed labels
+
+
+def test_finetune_leaves_the_trunk_and_fine_tunes_the_baseline_too(tiny_imagefolder, tmp_path):
+    out = str(tmp_path)
+    args = TINY + ["--data", tiny_imagefolder, "--batch-size", "16", "--finetune-batch-size", "16", "--out", out]
+    result = simclr.main(args + ["--max-steps", "1", "--finetune-epochs", "1", "--baselines"])
+    assert {"finetune_top1", "random_init_finetune_top1"} <= set(result)
+    again = simclr.main(args + ["--eval-only", "--resume", os.path.join(out, "backbone.pth")])
+    assert again["knn_top1"] == result["knn_top1"] and again["linear_top1"] == result["linear_top1"]
+
+
+def test_finetune_without_labels_or_with_a_batch_too_large_stops_before_training(tiny_imagefolder, tmp_path,
+                                                                                 monkeypatch):
+    expect_error(TINY + ["--data", tiny_imagefolder, "--finetune-epochs", "1", "--finetune-batch-size", "128",
+                         "--out", str(tmp_path)], "--finetune-batch-size 128 needs a multiple of the 1 ranks and at most "
+                 "the 64 labelled training images")
+    base = common.base_datasets
+
+    def unlabelled(name, root):
+        pretrain, probe_train, probe_test = base(name, root)
+        probe_train.targets = [-1] * len(probe_train.targets)
+        return pretrain, probe_train, probe_test
+    monkeypatch.setattr(common, "base_datasets", unlabelled)
+    expect_error(TINY + ["--data", tiny_imagefolder, "--finetune-epochs", "1", "--finetune-batch-size", "16",
+                         "--out", str(tmp_path)], "--finetune-epochs needs labelled training images")
+    assert not os.path.exists(tmp_path / "checkpoint.pth")
 
 
 # ---------------------------------------------------------------------------------------
@@ -4147,6 +4553,8 @@ def test_benchmark_runner_writes_every_row(tiny_fashion, tmp_path):
         stage = "block2" if name.endswith("-vit") else "layer2"
         assert metrics[-1]["step"] == 2 and all(metrics[-1][k] == results[k] for k in ("knn_top1", f"{stage}_linear_top1"))
         assert 0 < table["rows"][names.index((name, 0))]["pretrain_seconds"] < table["rows"][names.index((name, 0))]["seconds"]
+    for name in benchmark.FINETUNED:  # fine-tuned end to end too, the anchors included
+        assert 0 <= table["rows"][names.index((name, 0))]["results"]["finetune_top1"] <= 100, name
     rerun = table["rows"][-1]
     assert read_metrics(str(tmp_path / "runs" / "rotation_seed1"))[-1]["knn_top1"] == rerun["knn_top1"]
     saved = json.load(open(tmp_path / "results.json"))["smoke"]

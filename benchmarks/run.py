@@ -31,8 +31,11 @@ sys.path.insert(0, ROOT)
 import common  # noqa: E402
 
 METHODS = ["simclr", "moco", "instdisc", "cpc", "rotation", "jigsaw", "context_encoder", "denoising_autoencoder",
-           "relative_position", "byol", "simsiam", "barlow_twins", "vicreg", "swav", "dino", "dino-vit"]
-MODULE = {"dino-vit": "dino"}  # a row of another trunk: its method file (the trunk is in its recipe)
+           "relative_position", "byol", "simsiam", "barlow_twins", "vicreg", "swav", "dino", "dino-vit", "mae-vit",
+           "mocov3-vit"]
+MODULE = {"dino-vit": "dino", "mae-vit": "mae", "mocov3-vit": "mocov3"}  # a row of another trunk: its method file
+# the rows also fine-tuned end to end (--finetune-epochs, the protocol's "finetune" flags): MAE is judged by it
+FINETUNED = ["simclr", "dino-vit", "mae-vit", "mocov3-vit", "random-init", "random-init-vit"]
 
 # Each method's short-run recipe; the method file's header gives its source.
 # SwAV: LARC at the batch-4096 recipe's lr 4.8 (batch 256's 0.6 moves the weights 0.06% a step: for 800 epochs), the
@@ -44,6 +47,13 @@ SWAV_RECIPE = ["--batch-size", "256", "--lr", "4.8", "--final-lr", "0.0048", "--
 DINO_RECIPE = ["--batch-size", "64", "--lr", "0.002", "--warmup-epochs", "1", "--momentum-teacher", "0.99",
                "--out-dim", "1024", "--local-crops-number", "2"]
 DINO_VIT_RECIPE = DINO_RECIPE + ["--arch", "vit-tiny"]
+# MAE: AdamW at base lr 1e-3 (PRETRAIN.md's 1.5e-4 is for 800 epochs at batch 4096), one warm-up epoch, a decoder of
+# 2 blocks 128 wide (8 x 512 would be 20x the encoder's cost on 12 kept patches)
+MAE_VIT_RECIPE = ["--arch", "vit-tiny", "--batch-size", "256", "--lr", "1e-3", "--warmup-epochs", "1",
+                  "--decoder-dim", "128", "--decoder-depth", "2", "--decoder-heads", "4"]
+# MoCo v3: the ViT recipe (AdamW, T 0.2, frozen patch projection) at base lr 1e-3, one warm-up epoch, heads 1024 wide
+MOCOV3_VIT_RECIPE = ["--arch", "vit-tiny", "--batch-size", "256", "--lr", "1e-3", "--warmup-epochs", "1",
+                     "--moco-mlp-dim", "1024"]
 RECIPES = {
     # sqrt lr scaling at 0.075 (SimCLR App. B.1, small batches and few epochs), CIFAR's jitter 0.5, a short warm-up
     "simclr": ["--batch-size", "256", "--lr-scaling", "sqrt", "--lr", "0.075", "--warmup-epochs", "0.5",
@@ -78,6 +88,8 @@ RECIPES = {
     "swav": SWAV_RECIPE,
     "dino": DINO_RECIPE,
     "dino-vit": DINO_VIT_RECIPE,
+    "mae-vit": MAE_VIT_RECIPE,
+    "mocov3-vit": MOCOV3_VIT_RECIPE,
 }
 
 # The `cpu` protocol gives every method the same wall-clock budget of pretraining on 2 CPU cores, about 4 minutes:
@@ -91,17 +103,21 @@ PROTOCOLS = {
                       "--eval-every", "1", "--monitor-subset", "2000"],
             "epochs": {"simclr": 13, "moco": 20, "instdisc": 27, "cpc": 3, "rotation": 8, "jigsaw": 6,
                        "context_encoder": 7, "denoising_autoencoder": 19, "relative_position": 7, "byol": 7, "simsiam": 10,
-                       "barlow_twins": 8, "vicreg": 8, "swav": 7, "dino": 5, "dino-vit": 5,
-                       "supervised": 32},
+                       "barlow_twins": 8, "vicreg": 8, "swav": 7, "dino": 5, "dino-vit": 5, "mae-vit": 13,
+                       "mocov3-vit": 5, "supervised": 32},
+            # MAE's ViT-B recipe (AdamW 5e-4 per 256, layer decay 0.65, MixUp / CutMix, ...) for 5 epochs at batch 128
+            "finetune": ["--finetune-epochs", "5", "--finetune-batch-size", "128", "--finetune-warmup-epochs", "1"],
             "noise": {"methods": ["simclr", "rotation"], "seeds": [1, 2]}},  # seed 0 is the table's run
     # one H100/H200: all 60,000 images, the same number of epochs for every method, the table in about 5 minutes
     "gpu": {"flags": ["--arch", "resnet18", "--workers", str(min(16, os.cpu_count() or 1)), "--probe-stages"],
-            "epochs": dict.fromkeys(METHODS + ["supervised"], 2)},
+            "epochs": dict.fromkeys(METHODS + ["supervised"], 2),
+            "finetune": ["--finetune-epochs", "2", "--finetune-batch-size", "256"]},
     # the smoke test: two steps of batch 16 on whatever --data holds
     "smoke": {"flags": ["--arch", "resnet-tiny", "--subset", "64", "--workers", "0", "--max-steps", "2",
                         "--probe-epochs", "2", "--probe-stages", "--eval-every", "1", "--monitor-subset", "16"],
               "override": ["--batch-size", "16"], "method_override": {"jigsaw": ["--num-permutations", "24"]},
               "supervised_batch": 16, "epochs": dict.fromkeys(METHODS + ["supervised"], 1),
+              "finetune": ["--finetune-epochs", "1", "--finetune-batch-size", "16"],
               "noise": {"methods": ["rotation"], "seeds": [1]}},
 }
 ANCHORS = ["random-init", "random-init-vit", "raw-pixels", "supervised"]
@@ -123,10 +139,11 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def shared_flags(args):
-    """The flags every row gets: data, protocol, probe."""
+def shared_flags(args, name=None):
+    """The flags every row gets: data, protocol, probe; the fine-tuning flags for a FINETUNED row `name`."""
     return ["--dataset", "fashion-mnist", "--data", args.data, "--seed", "0", "--probe-epochs", "30",
-            "--print-freq", "100"] + PROTOCOLS[args.protocol]["flags"]
+            "--print-freq", "100"] + PROTOCOLS[args.protocol]["flags"] + (
+        PROTOCOLS[args.protocol].get("finetune", []) if name in FINETUNED else [])
 
 
 def read_metrics(out):
@@ -150,7 +167,7 @@ def run_method(name, args, seed=0):
     protocol = PROTOCOLS[args.protocol]
     override = protocol.get("override", []) + protocol.get("method_override", {}).get(name, [])
     out = os.path.join(args.runs, name if not seed else f"{name}_seed{seed}")
-    flags = shared_flags(args) + RECIPES[name] + override + ["--epochs", str(epochs), "--seed", str(seed), "--out", out]
+    flags = shared_flags(args, name) + RECIPES[name] + override + ["--epochs", str(epochs), "--seed", str(seed), "--out", out]
     for stale in ("checkpoint.pth", "metrics.jsonl"):  # a fresh run, never a silent resume
         if os.path.exists(os.path.join(out, stale)):
             os.remove(os.path.join(out, stale))
@@ -163,11 +180,11 @@ def run_method(name, args, seed=0):
     return results, epochs, " ".join(RECIPES[name] + ["--epochs", str(epochs)]), seconds, curve
 
 
-def probe_setup(args, train_transform):
+def probe_setup(args, train_transform, name=None):
     """The shared flags parsed (common.add_common_args), the datasets and the probe loaders, single process."""
     parser = argparse.ArgumentParser()
     common.add_common_args(parser, "benchmark", out=os.path.join(args.runs, "anchors"))
-    margs = common.parse(parser, shared_flags(args))
+    margs = common.parse(parser, shared_flags(args, name))
     device = common.setup(margs)
     pretrain, probe_train, probe_test = common.build_datasets(margs, train_transform)
     return margs, device, pretrain, (probe_train, probe_test)
@@ -180,7 +197,7 @@ def run_anchor(name, args):
     size = common.DEFAULT_IMAGE_SIZE["fashion-mnist"]
     train_tf = T.Compose([T.RandomCrop(size, padding=size // 8), T.RandomHorizontalFlip(), T.ToTensor(),
                           common.normalize("fashion-mnist")])
-    margs, device, pretrain, probe_sets = probe_setup(args, train_tf)
+    margs, device, pretrain, probe_sets = probe_setup(args, train_tf, name)
     margs.arch = "vit-tiny" if name == "random-init-vit" else margs.arch  # the ViT rows' trunk
     trunk, width = (nn.Flatten(), None) if name == "raw-pixels" else common.build_backbone(margs.arch, margs.image_size,
                                                                                            vit=True)
@@ -217,6 +234,8 @@ def run_anchor(name, args):
                 step += 1
     seconds = time.time() - start
     results = common.evaluate(trunk, *run.probe_loaders, device, margs, trunk=stages)
+    if margs.finetune_epochs:
+        results.update(common.finetune(trunk, run.probe_loaders, device, margs))
     monitor = common.evaluate(trunk, *run.monitor_loaders, device, margs, linear=False, trunk=stages)
     best = monitor.get("best_stage_knn", "final")
     level = monitor["knn_top1" if best == "final" else f"{best}_knn_top1"]
@@ -248,7 +267,7 @@ def best(row, kind):
 def summary(row):
     r = row["results"]
     return {"best_knn": best(row, "knn"), "best_linear": best(row, "linear") if "linear_top1" in r else ("-", None),
-            "knn": r["knn_top1"], "linear": r.get("linear_top1")}
+            "knn": r["knn_top1"], "linear": r.get("linear_top1"), "finetune": r.get("finetune_top1")}
 
 
 def fmt(v):
@@ -282,8 +301,9 @@ def write_tables(everything, out):
         later = sorted({f"{r['method']} at {r['commit']}" for r in rows if r.get("commit", table["commit"]) != table["commit"]})
         lines += [f"## `{protocol}` protocol ({table['hardware']}, commit {table['commit']}, {table['date']}, "
                   f"torch {table.get('torch', '?')}{'; rerun since: ' + ', '.join(later) if later else ''})", "",
-                  "| method | best kNN | best linear | final kNN | final linear | against random-init's best stage "
-                  "(kNN, linear) and final layer (linear) | epochs | pretraining | recipe |", "|---|---|---|---|---|---|---|---|---|"]
+                  "| method | best kNN | best linear | final kNN | final linear | fine-tuned | against random-init's best "
+                  "stage (kNN, linear), final layer (linear) and fine-tuned | epochs | pretraining | recipe |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for row in rows:
             s = summary(row)
             vs = "-"
@@ -291,8 +311,11 @@ def write_tables(everything, out):
             if anchor and row["method"] not in UNTRAINED and s["linear"] is not None:
                 vs = (f"{s['best_knn'][1] - anchor['best_knn'][1]:+.1f}, {s['best_linear'][1] - anchor['best_linear'][1]:+.1f}, "
                       f"{s['linear'] - anchor['linear']:+.1f}")
+                if s["finetune"] is not None and anchor["finetune"] is not None:
+                    vs += f", {s['finetune'] - anchor['finetune']:+.1f}"
             lines.append(f"| {row['method']} | {s['best_knn'][0]} {fmt(s['best_knn'][1])} | {s['best_linear'][0]} "
-                         f"{fmt(s['best_linear'][1])} | {fmt(s['knn'])} | {fmt(s['linear'])} | {vs} | {row['epochs']} | "
+                         f"{fmt(s['best_linear'][1])} | {fmt(s['knn'])} | {fmt(s['linear'])} | {fmt(s['finetune'])} | "
+                         f"{vs} | {row['epochs']} | "
                          f"{row['pretrain_seconds'] / 60:.1f} min | `{row['recipe']}` |")
         spread = [f"{r['method']} {r['results']['z_std']:.4f}" for r in rows if "z_std" in r["results"]]
         if spread:  # the methods without negatives report SimSiam's collapse check (Sec. 4.1) at the end of training

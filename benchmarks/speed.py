@@ -13,10 +13,13 @@ For each method it reports, in images per second:
 - data: a data worker's stage alone on one CPU thread, on in-memory images (the colour ops of SimCLR, MoCo and
   InstDisc run on the device, inside the step); benchmarks/pipeline.py measures JPEGs at 224 px.
 
-With --peers (pip install lightly), BYOL, SimSiam, Barlow Twins, VICReg, SwAV and DINO are also timed as lightly builds
-them: its heads, loss and momentum update (its examples' training step), on a trunk of the same kind, the same batch
-(every crop) and the same device colour stage, with the file's optimizer; "vs lightly" is the file's step img/s over
-lightly's. The trunk is a ResNet (--arch), also for DINO.
+With --peers (pip install lightly), BYOL, SimSiam, Barlow Twins, VICReg, SwAV, DINO, MAE and MoCo v3 are also timed as
+lightly builds them: its heads, loss and momentum update (its examples' training step), on a trunk of the same kind,
+the same batch (every crop) and the same device colour stage, with the file's optimizer; "vs lightly" is the file's
+step img/s over lightly's. The trunk is a ResNet (--arch), also for DINO; MAE and MoCo v3 run on a ViT (--vit-arch):
+MAE against lightly's MaskedVisionTransformerTorchvision and MAEDecoder (its torchvision example), MoCo v3 against its
+MoCoProjectionHead in v3's configuration (lightly has no MoCo v3 loss: its NTXentLoss at T 0.2, SimCLR's loss, stands
+in). A ViT's trunk column is the whole ViT on the images (MAE's encoder sees a quarter of the patches).
 """
 import argparse
 import contextlib
@@ -36,8 +39,9 @@ sys.path.insert(0, ROOT)
 import common  # noqa: E402
 
 METHODS = ["simclr", "moco", "instdisc", "cpc", "rotation", "jigsaw", "context_encoder", "denoising_autoencoder",
-           "relative_position", "colorization", "byol", "simsiam", "barlow_twins", "vicreg", "swav", "dino"]
-PEERS = ["byol", "simsiam", "barlow_twins", "vicreg", "swav", "dino"]  # timed against lightly's with --peers
+           "relative_position", "colorization", "byol", "simsiam", "barlow_twins", "vicreg", "swav", "dino", "mae", "mocov3"]
+PEERS = ["byol", "simsiam", "barlow_twins", "vicreg", "swav", "dino", "mae", "mocov3"]  # timed against lightly's with --peers
+ON_VIT = ("mae", "mocov3")  # timed on --vit-arch
 METHOD_FLAGS = {"instdisc": ["--nce-k", "4096"], "moco": ["--mlp", "--aug-plus"]}  # MoCo v2; lemniscate's K
 
 
@@ -45,6 +49,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--methods", nargs="*", default=METHODS)
     p.add_argument("--arch", default="resnet-tiny")
+    p.add_argument("--vit-arch", default="vit-tiny", help="the trunk of MAE and MoCo v3")
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=32, help="images per step")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (cudnn autotuning, compile)")
@@ -130,10 +135,12 @@ def measure_method(name, args, device, method_flags=None):
 
     def init(run, margs, *rest, **objects):
         run_init(run, margs, *rest, **objects)
-        for trunk in (m for m in objects["model"].modules() if isinstance(m, torchvision.models.ResNet)):
+        for trunk in (m for m in objects["model"].modules() if isinstance(m, (torchvision.models.ResNet, common.ViT))):
             state["trunks"][id(trunk)] = copy.deepcopy(trunk)
-            # on conv1, whose input is the trunk's: the context encoder runs the trunk's layers up to its feature map
-            trunk.conv1.register_forward_hook(lambda m, inputs, out, key=id(trunk): state["calls"].append(
+            # on conv1 (a ViT's patch projection), whose input is the trunk's: the context encoder runs the trunk's
+            # layers up to its feature map, MAE the ViT's blocks on the kept patches
+            first = trunk.conv_proj if isinstance(trunk, common.ViT) else trunk.conv1
+            first.register_forward_hook(lambda m, inputs, out, key=id(trunk): state["calls"].append(
                 (tuple(inputs[0].shape), torch.is_grad_enabled(), m.training, key)) if not state["marks"] else None)
 
     def timed_after_step(run, epoch, step, loss, lr):
@@ -142,7 +149,7 @@ def measure_method(name, args, device, method_flags=None):
             state["marks"].append(time.perf_counter())
         return after_step(run, epoch, step, loss, lr)
 
-    flags = ["--dataset", "imagefolder", "--arch", args.arch, "--image-size", str(args.image_size),
+    flags = ["--dataset", "imagefolder", "--arch", args.vit_arch if name in ON_VIT else args.arch, "--image-size", str(args.image_size),
              "--batch-size", str(args.batch_size), "--workers", "0", "--epochs", "1", "--max-steps", str(total),
              "--print-freq", str(10 ** 9), "--probe-epochs", "0", "--seed", "0"]
     flags += METHOD_FLAGS.get(name, []) if method_flags is None else method_flags
@@ -195,6 +202,8 @@ def measure_lightly(name, args, device, amp, state):
     from lightly.models.modules import heads
     from lightly.models.utils import deactivate_requires_grad, update_momentum
     torch.manual_seed(0)
+    if name in ON_VIT:
+        return measure_lightly_vit(name, args, device, amp, state)
     trunk, width = common.build_backbone(args.arch, args.image_size, zero_init_residual=name not in ("swav", "dino"))
     if name in ("swav", "dino"):
         return measure_lightly_multi_crop(name, trunk, width, args, device, amp, state)
@@ -290,6 +299,74 @@ def measure_lightly_multi_crop(name, trunk, width, args, device, amp, state):
                 with torch.no_grad():
                     t = [teacher(c) for c in crops[:2]]
                 loss = criterion(t, [student(c) for c in crops], epoch=0)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    for _ in range(args.warmup):
+        step()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    sync(device)
+    return args.batch_size * args.steps / (time.perf_counter() - start)
+
+
+def measure_lightly_vit(name, args, device, amp, state):
+    """lightly's MAE (MaskedVisionTransformerTorchvision, MAEDecoder of the file's default width and depth, its
+    random_token_mask, patchify and MSE: its torchvision example) or MoCo v3 (MoCoProjectionHead: a 3-layer projector
+    and 2-layer predictor with BN, 4096 wide, 256 out; update_momentum before the keys; NTXentLoss at T 0.2 both ways),
+    the patch projection frozen as mocov3.py's, AdamW as the files'."""
+    from lightly.loss import NTXentLoss
+    from lightly.models import utils
+    from lightly.models.modules import heads
+    from lightly.models.modules.masked_autoencoder import MAEDecoder
+    from lightly.models.modules.masked_vision_transformer_torchvision import MaskedVisionTransformerTorchvision
+    from lightly.models.utils import deactivate_requires_grad, update_momentum
+    vit, width = common.build_backbone(args.vit_arch, args.image_size, vit=True)
+    patch = common.VIT[args.vit_arch][0]
+    if name == "mae":
+        backbone = MaskedVisionTransformerTorchvision(vit=vit)
+        decoder = MAEDecoder(seq_length=vit.seq_length, num_layers=8, num_heads=16, embed_input_dim=width,
+                             hidden_dim=512, mlp_dim=2048, out_dim=patch ** 2 * 3)
+        mask_token = nn.Parameter(torch.zeros(1, 1, 512))
+        trained, momentum = nn.ModuleList([backbone, decoder]), None
+        params = [*trained.parameters(), mask_token]
+        optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
+    else:
+        vit.conv_proj.requires_grad_(False)
+        student = nn.Sequential(vit, heads.MoCoProjectionHead(width, 4096, 256, num_layers=3, batch_norm=True))
+        predictor = heads.MoCoProjectionHead(256, 4096, 256, num_layers=2, batch_norm=True)
+        momentum = copy.deepcopy(student)
+        deactivate_requires_grad(momentum)
+        trained, criterion = nn.ModuleList([student, predictor]), NTXentLoss(temperature=0.2, gather_distributed=True)
+        optimizer = torch.optim.AdamW([p for p in trained.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.1)
+    for m in (m for m in (trained, momentum) if m is not None):
+        m.to(device).train()
+    if name == "mae":
+        mask_token.data = mask_token.data.to(device)
+    (views, _, _), augmentation = state["batch"], state["dataset"].transform
+
+    def step():
+        x = augmentation.to_device(views, device)
+        with torch.autocast(device.type, torch.bfloat16, enabled=amp):
+            if name == "mae":
+                images = x[0].contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x[0]
+                idx_keep, idx_mask = utils.random_token_mask((len(images), vit.seq_length), 0.75, device=device)
+                encoded = backbone.encode(images, idx_keep=idx_keep)
+                tokens = utils.set_at_index(utils.repeat_token(mask_token, (len(images), vit.seq_length)), idx_keep,
+                                            decoder.embed(encoded).type_as(mask_token))
+                pred = decoder.predict(utils.get_at_index(decoder.decode(tokens), idx_mask))
+                target = utils.get_at_index(utils.patchify(images, patch), idx_mask - 1)
+                loss = nn.functional.mse_loss(pred.float(), target.float())
+            else:
+                update_momentum(student, momentum, m=0.99)
+                x0, x1 = x
+                p0, p1 = trained[1](student(x0)), trained[1](student(x1))
+                with torch.no_grad():
+                    k0, k1 = momentum(x0), momentum(x1)
+                loss = criterion(p0.float(), k1.float()) + criterion(p1.float(), k0.float())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
