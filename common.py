@@ -123,6 +123,9 @@ def add_common_args(p, method, arch="resnet50", epochs=100, batch_size=256, lr=0
     a("--finetune-batch-size", type=positive_int, default=1024, help="fine-tuning's GLOBAL batch size")
     a("--finetune-lr", type=nonneg_float, default=5e-4, help="fine-tuning's base lr per 256 images (AdamW)")
     a("--finetune-warmup-epochs", type=nonneg_float, default=5, help="fine-tuning's linear lr warm-up")
+    a("--finetune-mixup", type=nonneg_float, default=0.8, help="fine-tuning's MixUp alpha (0: off)")
+    a("--finetune-cutmix", type=nonneg_float, default=1.0, help="fine-tuning's CutMix alpha (0: off); with both on, "
+      "one of the two per batch")
     a("--layer-decay", type=unit_float, default=0.65, help="fine-tuning a ViT: the lr of block i is scaled by "
       "layer_decay ** (depth + 1 - i), the patch and position embeddings' by layer_decay ** (depth + 1)")
     a("--eval-every", type=nonneg_int, default=0, help="kNN monitor every N epochs (0: only at the end)")
@@ -1435,7 +1438,7 @@ def linear_probe(train_f, train_y, test_f, test_y, epochs=100, lr=0.1, batch_siz
 
 
 # Fine-tuning (--finetune-epochs): MAE's main_finetune recipe (FINETUNE.md's ViT-B command) with torchvision's parts
-FINETUNE = dict(weight_decay=0.05, min_lr=1e-6, drop_path=0.1, smoothing=0.1, mixup=0.8, cutmix=1.0, reprob=0.25)
+FINETUNE = dict(weight_decay=0.05, min_lr=1e-6, drop_path=0.1, smoothing=0.1, reprob=0.25)
 
 
 def finetune_transform(dataset, image_size):
@@ -1472,7 +1475,7 @@ def finetune(features, loaders, device, args):
     labelled training images, then its top-1 on the test images (features and trunk left as they are). MAE's
     main_finetune: AdamW at --finetune-lr x batch / 256, layer-wise lr decay for a ViT, weight decay 0.05, warm-up
     then a cosine to 1e-6 per step, drop path 0.1 rising over the blocks, MixUp 0.8 / CutMix 1.0 (one of the two per
-    batch) with label smoothing 0.1, the head N(0, 2e-5). The head reads the class token after the final norm (DeiT,
+    batch; --finetune-mixup, --finetune-cutmix) with label smoothing 0.1, the head N(0, 2e-5). The head reads the class token after the final norm (DeiT,
     MoCo v3; MAE's default pools the patch tokens into a new norm: a deviation). Randomness: the per-sample seed,
     and (seed, rank, step) for the mixing and drop path."""
     from torchvision.transforms import v2
@@ -1502,8 +1505,9 @@ def finetune(features, loaders, device, args):
     optimizer = torch.optim.AdamW(groups, lr=0.0)
     ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
         if world() > 1 else model
-    mix = v2.RandomChoice([v2.MixUp(alpha=FINETUNE["mixup"], num_classes=classes),
-                           v2.CutMix(alpha=FINETUNE["cutmix"], num_classes=classes)])
+    mixes = [kind(alpha=alpha, num_classes=classes) for kind, alpha in ((v2.MixUp, args.finetune_mixup),
+                                                                         (v2.CutMix, args.finetune_cutmix)) if alpha]
+    mix = v2.RandomChoice(mixes) if mixes else lambda x, y: (x, y)  # timm's Mixup: switch prob 0.5
     steps_per_epoch = len(sampler) // sampler.batch_size
     total, warmup = args.finetune_epochs * steps_per_epoch, round(args.finetune_warmup_epochs * steps_per_epoch)
     peak, step = args.finetune_lr * args.finetune_batch_size / 256, 0

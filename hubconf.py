@@ -15,8 +15,9 @@ def backbone(checkpoint, **kwargs):
     """backbone.pth -> the torchvision ResNet that wrote it, weights loaded, fc = Identity, in eval mode: model(x)
     gives the trunk's pooled features (CPC's: of one patch); or the ViT (common.ViT, torchvision's VisionTransformer
     without its head): model(x) gives the class token. The file records how to rebuild it (method, arch,
-    image_size: the CIFAR stem at <= 64 px; for CPC also norm and stacks); keyword arguments override the record, and
-    a file written without one needs arch= and image_size= (for CPC also method="cpc", norm= and stacks=).
+    image_size: the CIFAR stem at <= 64 px; for CPC also norm and stacks; for MoCo v3's ViT-S its 12 heads); keyword
+    arguments override the record, and a file written without one needs arch= and image_size= (for CPC also
+    method="cpc", norm= and stacks=).
 
     A new head goes where torchvision's was: model.fc = torch.nn.Linear(width, classes), width = model(x).shape[1]
     (512 for resnet18, 2048 for resnet50); call model.train() before fine-tuning."""

@@ -2281,6 +2281,13 @@ def test_finetune_trains_a_copy_with_the_recipe_and_reports_top1_beside_the_prob
     t, kwargs = next((t, k) for t, k in targets if "label_smoothing" in k)  # the probe's own calls have none
     assert t.shape == (16, 2) and torch.allclose(t.sum(1), torch.ones(16)) and kwargs == {"label_smoothing": 0.1}
     assert ((t > 0) & (t < 1)).any()  # mixed labels
+    targets.clear()  # --finetune-mixup 0 --finetune-cutmix 0: the labels themselves, smoothed
+    dino.main(TINY + METHODS["dino"][1] + ["--arch", "vit-tiny", "--data", tiny_imagefolder, "--batch-size", "16",
+                                           "--eval-only", "--probe-epochs", "0", "--finetune-epochs", "1",
+                                           "--finetune-batch-size", "16", "--finetune-mixup", "0", "--finetune-cutmix",
+                                           "0", "--out", out])
+    t, kwargs = next((t, k) for t, k in targets if "label_smoothing" in k)
+    assert t.dtype == torch.long and t.shape == (16,) and kwargs == {"label_smoothing": 0.1}
 
 
 def test_finetune_leaves_the_trunk_and_fine_tunes_the_baseline_too(tiny_imagefolder, tmp_path):
