@@ -9,7 +9,7 @@
 6. The run: Run (resume, start, after_step, done, final_evaluation), checkpoints, divergence and stop handling,
    log_metrics (metrics.jsonl, TensorBoard), plot_curves (curves.png)
 7. Evaluation: evaluate (kNN, linear probe, per-stage probes, a ViT's last blocks), extract_features, knn_classify,
-   linear_probe
+   linear_probe; finetune (end to end, layer_decay_groups)
 8. Appendix: the tensor arithmetic of the device colour ops
 
 A method file calls them in that order: add_common_args, parse, setup, build_datasets (with its Augmentation),
@@ -126,8 +126,8 @@ def add_common_args(p, method, arch="resnet50", epochs=100, batch_size=256, lr=0
     a("--finetune-mixup", type=nonneg_float, default=0.8, help="fine-tuning's MixUp alpha (0: off)")
     a("--finetune-cutmix", type=nonneg_float, default=1.0, help="fine-tuning's CutMix alpha (0: off); with both on, "
       "one of the two per batch")
-    a("--layer-decay", type=unit_float, default=0.65, help="fine-tuning a ViT: the lr of block i is scaled by "
-      "layer_decay ** (depth + 1 - i), the patch and position embeddings' by layer_decay ** (depth + 1)")
+    a("--layer-decay", type=unit_float, default=0.65, help="fine-tuning a ViT: the lr of block i (from 0) is scaled "
+      "by layer_decay ** (depth - i), the patch and position embeddings' by layer_decay ** (depth + 1)")
     a("--eval-every", type=nonneg_int, default=0, help="kNN monitor every N epochs (0: only at the end)")
     a("--monitor-subset", type=nonneg_int, default=0,
       help="the monitor's kNN on N class-balanced images of each probe set (0: all)")
@@ -904,7 +904,7 @@ def cosine_momentum(step, total_steps, m0):
 
 # ==== 6. The run: checkpoints, resume, progress, divergence, stops. Reads args.out, resume, eval_only, epochs, ====
 # max_steps, save_every, print_freq, eval_every, baselines, batch_size, tensorboard; method, arch, image_size
-# (backbone.pth's recipe; checkpoints record all of args)
+# (backbone.pth's recipe; checkpoints record all of args); finetune_epochs, finetune_batch_size (checked at the start)
 def save_atomic(obj, path):
     """torch.save to a temp file then rename: a crash mid-write never leaves a broken file."""
     tmp = f"{path}.tmp.{os.getpid()}"
@@ -1169,8 +1169,9 @@ class Run:
         return results
 
 
-# ==== 7. Evaluation: frozen features, kNN, linear probe. Reads args.probe_stages, probe_blocks, probe_epochs, knn_k, ==
-# knn_t, seed, amp, image_size, print_freq
+# ==== 7. Evaluation: frozen features, kNN, linear probe, fine-tuning. Reads args.probe_stages, probe_blocks, ==========
+# probe_epochs, knn_k, knn_t, seed, amp, image_size, print_freq; fine-tuning also finetune_epochs, finetune_batch_size,
+# finetune_lr, finetune_warmup_epochs, finetune_mixup, finetune_cutmix, layer_decay, dataset, workers
 # Each rank keeps only the features of its own share of the probe sets (eval_loader), sharded through kNN and probe.
 KNN_MEMORY_BYTES = 2 ** 30  # the kNN's similarity block per rank, whatever the dataset size
 PROBE_MEMORY_BYTES = 4 * 2 ** 30  # per rank: the probe features held at once; stages beyond it take another pass
@@ -1516,7 +1517,7 @@ def finetune(features, loaders, device, args):
         sampler.set_epoch(epoch)
         for x, y, _ in loader:
             lr = cosine_lr(step, total, warmup, peak, FINETUNE["min_lr"])  # lr_sched.adjust_learning_rate per step
-            for group in groups:
+            for group in optimizer.param_groups:
                 group["lr"] = lr * group["lr_scale"]
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with torch.random.fork_rng(devices=[]):  # v2's MixUp / CutMix draw from torch's CPU generator

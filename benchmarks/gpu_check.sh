@@ -6,13 +6,15 @@
 #   0. one line: torch, torchvision, the GPU, its memory (nvidia-smi);
 #   1. (by 15%) the tests that need CUDA (pytest -m cuda), then the bf16 tests (pytest -k bf16);
 #   2. (by 62%) every method file (each top-level *.py but common.py, test_all.py, conftest.py, hubconf.py; a new
-#      file joins as it is): 100 steps of ResNet-18, batch 256, on Fashion-MNIST, under torchrun --nproc_per_node=1 (NCCL, bf16):
+#      file joins as it is): 100 steps of ResNet-18 (MAE: vit-tiny), batch 256, on Fashion-MNIST, under torchrun
+#      --nproc_per_node=1 (NCCL, bf16):
 #      img/s of the last progress line, peak GPU memory, kNN top-1, from its metrics.jsonl. Colorization needs
 #      colour: it runs on 224 px JPEGs the script writes (batch 64, 2 epochs of 3200 files);
-#   3. (by 87%) at 224 px: MoCo v2 ResNet-50 end to end (pipeline.py --train-steps: fed by 16 workers, against the same
+#   3. (by 95%) at 224 px: MoCo v2 ResNet-50 end to end (pipeline.py --train-steps: fed by 16 workers, against the same
 #      steps on batches already on the device; the device stage's rate on CUDA), cpc.py's default trunk on the JPEGs
-#      (loss at every step: it must fall), dino.py's ViT-S/16 on the JPEGs (2 x 224 + 8 x 96 crops, batch 64), the
-#      input pipeline of 4 more methods, benchmarks/speed.py (ResNet-50);
+#      (loss at every step: it must fall), dino.py's ViT-S/16 on the JPEGs (2 x 224 + 8 x 96 crops, batch 64), mae.py's
+#      ViT-B/16 and mocov3.py's ViT-S/16 on the JPEGs (batch 64), the input pipeline of 4 more methods,
+#      benchmarks/speed.py (ResNet-50; MAE and MoCo v3 on ViT-S/16);
 #   4. (the rest) part 2 again with --compile, method by method while time is left.
 # Every timeout is computed from the time left before its part's end; RESERVE=20 s are kept for the table, so the
 # table always prints and the script ends by TOTAL, whatever any part costs. Exit status 1 if a run failed (exit N).
@@ -38,14 +40,17 @@ if [ "${1:-}" = --dry-run ]; then  # CPU, gloo, tiny sizes: checks the script, n
   PIPE="--images 16 --photos 2 --samples 2 --batch-size 4 --loader-batches 1 --image-size 96"
   CPC224="--arch resnet-tiny --batch-size 4 --max-steps 2 --image-size 64"
   DINO224="--arch vit-tiny --batch-size 4 --max-steps 2 --image-size 64 --out-dim 1024"
+  MAE224="--arch vit-tiny --batch-size 4 --max-steps 2 --image-size 64 --decoder-dim 32 --decoder-depth 1 --decoder-heads 4"
+  MOCOV3224="--arch vit-tiny --batch-size 4 --max-steps 2 --image-size 64 --moco-mlp-dim 64"
   SPEED="--methods rotation --steps 1 --warmup 1 --batch-size 4"
 else
-  TOTAL=${TOTAL:-480} ENDS=${ENDS:-"15 62 87"} GRACE=10 MIN=15 CMIN=40 CFIRST=""
+  TOTAL=${TOTAL:-480} ENDS=${ENDS:-"15 60 95"} GRACE=10 MIN=15 CMIN=40 CFIRST=""
   ARCH=resnet18 STEPS=100 BATCH=256 LOADERS=8 WORKERS=16 JPEGS=3200
   COLOUR="--batch-size 64 --epochs 2 --prior-images 512" BF16="bf16" E2E_STEPS=40 PIPE="--samples 64 --loader-batches 8"
-  CPC224="--batch-size 32 --max-steps 100" DINO224="--arch vit-small --batch-size 64 --max-steps 40" SPEED="--arch resnet50 --image-size 224 --batch-size 64"
+  CPC224="--batch-size 32 --max-steps 100" DINO224="--arch vit-small --batch-size 64 --max-steps 40" SPEED="--arch resnet50 --image-size 224 --batch-size 64 --vit-arch vit-small"
+  MAE224="--arch vit-base --batch-size 64 --max-steps 40" MOCOV3224="--arch vit-small --batch-size 64 --max-steps 40"
 fi
-declare -A EXTRA=([moco]="--mlp --aug-plus --moco-t 0.2 --cos --moco-k 4096" [instdisc]="--nce-k 4096")
+declare -A EXTRA=([moco]="--mlp --aug-plus --moco-t 0.2 --cos --moco-k 4096" [instdisc]="--nce-k 4096" [mae]="--arch vit-tiny")
 declare -A NEEDS_COLOUR=([colorization]=1)  # runs on the JPEGs (Fashion-MNIST is grey)
 ORDER="simclr moco instdisc cpc rotation jigsaw context_encoder denoising_autoencoder relative_position colorization"
 FILES=" $(ls ./*.py | sed -n 's|^\./\(.*\)\.py$|\1|p' | grep -vxE 'common|test_all|conftest|hubconf' | tr '\n' ' ')"
@@ -120,6 +125,12 @@ main() {
     jpegs "dino vit-small 224 px" "$(by "$END3")" && go "dino vit-small 224 px" "$(by "$END3")" torchrun --standalone \
       --nproc_per_node=1 dino.py --data "$WORK/jpegs" $DINO224 --epochs 1 --print-freq 10 --probe-epochs 0 \
       --workers "$WORKERS" --out "$WORK/runs/dino_224"
+    for m in mae mocov3; do
+      flags=MAE224 && [ $m = mocov3 ] && flags=MOCOV3224
+      jpegs "$m 224 px" "$(by "$END3")" && go "$m 224 px" "$(by "$END3")" torchrun --standalone --nproc_per_node=1 \
+        $m.py --data "$WORK/jpegs" ${!flags} --epochs 1 --print-freq 10 --probe-epochs 0 --workers "$WORKERS" \
+        --out "$WORK/runs/${m}_224"
+    done
     go "pipeline 224 px" "$(by "$END3")" python benchmarks/pipeline.py --workers "$WORKERS" $PIPE --methods simclr \
       "moco v1" instdisc rotation --out "$WORK/pipeline"
     go "speed.py" "$(by "$END3")" python benchmarks/speed.py $SPEED
@@ -160,9 +171,10 @@ if status.get("cpc 224 px") in ("ok", "timeout"):
     losses = " ".join(re.findall(r"step \d+/\d+ loss ([0-9.naif]+)", log))
     lines += ["", "cpc 224 px, {}: img/s {}, peak GiB {}, kNN {}; loss at every step: {}".format(
         status["cpc 224 px"], *[v or "-" for v in figures("cpc_224")], losses)]
-if status.get("dino vit-small 224 px") in ("ok", "timeout"):
-    lines += ["", "dino vit-small 224 px, {}: img/s {}, peak GiB {}, kNN {}".format(
-        status["dino vit-small 224 px"], *[v or "-" for v in figures("dino_224")])]
+for name, folder in (("dino vit-small 224 px", "dino_224"), ("mae 224 px", "mae_224"), ("mocov3 224 px", "mocov3_224")):
+    if status.get(name) in ("ok", "timeout"):
+        lines += ["", "{}, {}: img/s {}, peak GiB {}, kNN {}".format(name, status[name],
+                                                                   *[v or "-" for v in figures(folder)])]
 lines += ["", "other steps: " + "; ".join(f"{k}: {v}" for k, v in status.items() if k.split(" --")[0] not in methods)]
 text = "\n".join(lines) + "\n"
 open(os.path.join(out, "summary.md"), "w").write(text)
