@@ -6,13 +6,14 @@
 #   torchrun --nproc_per_node=8 mocov3.py --data /imagenet --arch vit-base  # ViT-B/16, the same recipe
 #   torchrun --nproc_per_node=8 mocov3.py --data /imagenet --arch resnet50 --epochs 100   # R-50, LARS, lr 0.6
 #   python mocov3.py --data /imagenet --batch-size 1024                     # ViT-S/16 on one 80 GB GPU (below)
-#   python mocov3.py --dataset fashion-mnist --arch vit-tiny --subset 10000 --epochs 10 --batch-size 128 \
-#       --lr 5e-4 --warmup-epochs 1 --moco-mlp-dim 512 --moco-dim 64 --baselines   # a quick CPU run
+#   python mocov3.py --dataset fashion-mnist --arch vit-tiny --subset 10000 --epochs 5 --batch-size 256 --lr 1e-3 \
+#       --warmup-epochs 1 --moco-mlp-dim 1024 --baselines                          # a quick CPU run (docs/mocov3.md)
 #
 # Published ImageNet linear top-1 (theirs, CONFIG.md, batch 4096): ViT-S/16 73.2, ViT-B/16 76.7 (300 epochs);
 # fine-tuned with DeiT's recipe 81.4 / 83.2. ResNet-50: 68.9 (100 epochs), 72.8 (300), 74.6 (1000: --lr 0.3
-# --wd 1.5e-6 --moco-m 0.996). Memory: ViT-S/16 keeps about 60 MiB an image (two views, base and momentum encoders)
-# for backward in bf16, counted on the CPU: 1024 images fit an 80 GB GPU.
+# --wd 1.5e-6 --moco-m 0.996). Memory: ViT-S/16 keeps about 63 MiB an image (two views through the base encoder)
+# for backward in bf16, counted on the CPU with the attention matrices: 1024 images take about 63 GiB of an 80 GB
+# GPU, 512 a GPU on 8 GPUs about 32 GiB.
 import argparse
 import copy
 
