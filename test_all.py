@@ -4659,7 +4659,9 @@ def test_speed_script_records_what_each_method_feeds_its_trunk():
                 "colorization": "(8, 3, 32, 32)", "byol": "2 x (8, 3, 32, 32), 2 x (8, 3, 32, 32) no grad",
                 "simsiam": "2 x (8, 3, 32, 32)", "barlow_twins": "2 x (8, 3, 32, 32)", "vicreg": "2 x (8, 3, 32, 32)",
                 "swav": "(16, 3, 32, 32), (48, 3, 14, 14)",  # a forward per crop size: 2 global, 6 local
-                "dino": "(16, 3, 32, 32) no grad, (16, 3, 32, 32), (64, 3, 14, 14)"}  # the teacher: global crops only
+                "dino": "(16, 3, 32, 32) no grad, (16, 3, 32, 32), (64, 3, 14, 14)",  # the teacher: global crops only
+                "mae": "(8, 3, 32, 32)",  # the patch projection's input: the encoder then keeps a quarter of the patches
+                "mocov3": "2 x (8, 3, 32, 32), 2 x (8, 3, 32, 32) no grad"}  # vit-tiny (--vit-arch)
     for name, row in rows.items():
         assert row["trunk_inputs"] == expected[name], (name, row["trunk_inputs"])
         assert row["step_img_s"] > 0 and row["trunk_img_s"] > 0 and row["data_img_s"] > 0

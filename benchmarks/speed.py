@@ -102,6 +102,18 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def timed(step, args, device):
+    """img/s of step() over --steps calls, after --warmup untimed ones, the device waited for at both ends."""
+    for _ in range(args.warmup):
+        step()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    sync(device)
+    return args.batch_size * args.steps / (time.perf_counter() - start)
+
+
 @contextlib.contextmanager
 def patched(obj, name, value):
     old = getattr(obj, name)
@@ -184,14 +196,7 @@ def measure_trunk(state, args, device, amp):
                 outputs.append(out.float().mean())
         torch.stack(outputs).sum().backward()
 
-    for _ in range(args.warmup):
-        step()
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    sync(device)
-    return args.batch_size * args.steps / (time.perf_counter() - start)
+    return timed(step, args, device)
 
 
 def measure_lightly(name, args, device, amp, state):
@@ -254,14 +259,7 @@ def measure_lightly(name, args, device, amp, state):
                     z0, z1 = target(x0), target(x1)
             return 0.5 * (criterion(p0, z1.detach()) + criterion(p1, z0.detach()))
 
-    for _ in range(args.warmup):
-        step()
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    sync(device)
-    return args.batch_size * args.steps / (time.perf_counter() - start)
+    return timed(step, args, device)
 
 
 def measure_lightly_multi_crop(name, trunk, width, args, device, amp, state):
@@ -303,14 +301,7 @@ def measure_lightly_multi_crop(name, trunk, width, args, device, amp, state):
         loss.backward()
         optimizer.step()
 
-    for _ in range(args.warmup):
-        step()
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    sync(device)
-    return args.batch_size * args.steps / (time.perf_counter() - start)
+    return timed(step, args, device)
 
 
 def measure_lightly_vit(name, args, device, amp, state):
@@ -371,14 +362,7 @@ def measure_lightly_vit(name, args, device, amp, state):
         loss.backward()
         optimizer.step()
 
-    for _ in range(args.warmup):
-        step()
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    sync(device)
-    return args.batch_size * args.steps / (time.perf_counter() - start)
+    return timed(step, args, device)
 
 
 def measure_data(dataset, n):
