@@ -1476,9 +1476,10 @@ def finetune(features, loaders, device, args):
     labelled training images, then its top-1 on the test images (features and trunk left as they are). MAE's
     main_finetune: AdamW at --finetune-lr x batch / 256, layer-wise lr decay for a ViT, weight decay 0.05, warm-up
     then a cosine to 1e-6 per step, drop path 0.1 rising over the blocks, MixUp 0.8 / CutMix 1.0 (one of the two per
-    batch; --finetune-mixup, --finetune-cutmix) with label smoothing 0.1, the head N(0, 2e-5). The head reads the class token after the final norm (DeiT,
-    MoCo v3; MAE's default pools the patch tokens into a new norm: a deviation). Randomness: the per-sample seed,
-    and (seed, rank, step) for the mixing and drop path."""
+    batch; --finetune-mixup, --finetune-cutmix) with label smoothing 0.1, the head N(0, 2e-5). Deviations: the head
+    reads the class token after the final norm (DeiT, MoCo v3; MAE's default pools the patch tokens into a new norm),
+    and the test images get the probes' bilinear resize (MAE's: bicubic). Randomness: the per-sample seed, and (seed,
+    rank, step) for the mixing and drop path."""
     from torchvision.transforms import v2
     probe_train, test_loader = loaders[0].dataset, loaders[1]
     classes = int(all_reduce(dataset_labels(probe_train).max().to(device), "max")) + 1
@@ -1536,14 +1537,15 @@ def finetune(features, loaders, device, args):
     if vit is not None:
         vit.draw_from(None)
     model.eval()
-    correct = torch.zeros(2, device=device)
+    correct, seen = torch.zeros((), device=device), 0  # the count on the host: no copy per batch
     with torch.no_grad():
         for x, y, _ in test_loader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
                 logits = model(x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x)
-            correct += torch.stack([(logits.argmax(1) == y).sum(), y.new_tensor(len(y))]).float()
-    correct = all_reduce(correct)
+            correct += (logits.argmax(1) == y).sum()
+            seen += len(y)
+    correct = all_reduce(torch.stack([correct.float(), torch.tensor(float(seen), device=device)]))
     return {"finetune_top1": 100.0 * correct[0].item() / max(1.0, correct[1].item())}
 
 
